@@ -1,0 +1,180 @@
+"""Service configuration: one Settings value built from flags and USERSERVICE_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "USERSERVICE_"
+DEV_JWT_SECRET = "dev-secret-do-not-use-in-production-0123456789"  # noqa: S105
+
+
+class ConfigError(ValueError):
+    """Configuration is invalid; the message says which setting and why."""
+
+
+def _setting(default: Any, help_text: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting; the environment name is USERSERVICE_ plus the upper-cased field name."""
+
+    listen_address: str = _setting("[::]:50051", "host:port the gRPC server binds")
+    database_url: str = _setting(
+        "sqlite:///var/userservice.db",
+        "sqlite:///relative.db, sqlite:////absolute.db or postgresql://user@host/db",
+    )
+    reflection: bool = _setting(False, "serve grpc.reflection.v1alpha")
+    shutdown_grace_seconds: float = _setting(10.0, "time in-flight RPCs get to finish")
+    shutdown_drain_seconds: float = _setting(
+        0.0, "wait after NOT_SERVING before refusing new RPCs (load balancers catch up)"
+    )
+    max_concurrent_rpcs: int = _setting(1000, "RPCs served at once; more wait in the queue")
+    max_message_bytes: int = _setting(4 * 1024 * 1024, "largest request or response message")
+    metrics_address: str = _setting("", "host:port for Prometheus /metrics; empty disables")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    dev: bool = _setting(False, "development run: allows the built-in development JWT secret")
+    uvloop: bool = _setting(True, "run the event loop on uvloop")
+    migrate_on_start: bool = _setting(True, "apply pending schema migrations at start")
+    page_token_secret: str = _setting(
+        "", "HMAC key for page tokens; share it across replicas (random per process if empty)"
+    )
+    db_pool_min_size: int = _setting(2, "PostgreSQL: connections kept open")
+    db_pool_max_size: int = _setting(10, "PostgreSQL: most connections per process")
+    db_connect_timeout_seconds: float = _setting(5.0, "PostgreSQL: connect timeout")
+    db_statement_timeout_seconds: float = _setting(10.0, "PostgreSQL: statement timeout")
+    event_retention: int = _setting(100_000, "change events kept for WatchUsers resume")
+    auth_jwt_secret: str = _setting("", "HS256 shared secret (at least 32 bytes)")
+    auth_jwt_public_key_file: str = _setting("", "PEM public key or JWKS file (RS256/ES256)")
+    auth_issuer: str = _setting("", "required iss claim, if set")
+    auth_audience: str = _setting("", "required aud claim, if set")
+    auth_leeway_seconds: float = _setting(30.0, "clock skew allowed for exp and nbf")
+    tls_cert_file: str = _setting("", "server certificate chain (PEM); enables TLS")
+    tls_key_file: str = _setting("", "server private key (PEM)")
+    tls_client_ca_file: str = _setting("", "CA bundle for client certificates; enables mTLS")
+    rate_limit_rps: float = _setting(200.0, "tokens per second per principal; 0 disables")
+    rate_limit_burst: int = _setting(400, "bucket size per principal")
+    rate_limit_redis_url: str = _setting("", "redis://host:port/db for a limit shared by replicas")
+    rate_limit_fail_open: bool = _setting(True, "allow calls when Redis is unreachable")
+
+    def validate(self) -> Settings:
+        """Return self, or raise ConfigError naming the first bad setting."""
+        _check_address("listen_address", self.listen_address)
+        if self.metrics_address:
+            _check_address("metrics_address", self.metrics_address)
+        if not self.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ConfigError(
+                "USERSERVICE_DATABASE_URL must start with sqlite:/// or postgresql://"
+            )
+        for name in ("shutdown_grace_seconds", "shutdown_drain_seconds", "auth_leeway_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_env_name(name)} must not be negative")
+        positive = (
+            "max_concurrent_rpcs",
+            "max_message_bytes",
+            "db_pool_max_size",
+            "db_connect_timeout_seconds",
+            "db_statement_timeout_seconds",
+            "event_retention",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be positive")
+        if not 0 <= self.db_pool_min_size <= self.db_pool_max_size:
+            raise ConfigError("USERSERVICE_DB_POOL_MIN_SIZE must be between 0 and the max size")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError("USERSERVICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if self.rate_limit_rps < 0 or (self.rate_limit_rps > 0 and self.rate_limit_burst < 1):
+            raise ConfigError("USERSERVICE_RATE_LIMIT_RPS must be >= 0 and the burst >= 1")
+        if self.auth_jwt_secret and self.auth_jwt_public_key_file:
+            raise ConfigError(
+                "set only one of USERSERVICE_AUTH_JWT_SECRET and USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE"
+            )
+        if not self.auth_jwt_secret and not self.auth_jwt_public_key_file:
+            raise ConfigError(
+                "authentication is required: set USERSERVICE_AUTH_JWT_SECRET or "
+                "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE (make run uses a development secret)"
+            )
+        if self.auth_jwt_secret == DEV_JWT_SECRET and not self.dev:
+            raise ConfigError(
+                "refusing to start with the development JWT secret; set a real "
+                "USERSERVICE_AUTH_JWT_SECRET, or --dev / USERSERVICE_DEV=true for a development run"
+            )
+        if self.auth_jwt_secret and len(self.auth_jwt_secret.encode()) < 32:
+            raise ConfigError("USERSERVICE_AUTH_JWT_SECRET must be at least 32 bytes")
+        for name in ("auth_jwt_public_key_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{_env_name(name)}: no such file {path!r}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("USERSERVICE_TLS_CERT_FILE and USERSERVICE_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("USERSERVICE_TLS_CLIENT_CA_FILE (mTLS) needs TLS: set the cert and key")
+        return self
+
+
+def _env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _check_address(name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{_env_name(name)} must be host:port, got {address!r}")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{_env_name(name)} must be true or false, got {raw!r}")
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    if kind in (bool, "bool"):
+        return _parse_bool(name, raw)
+    converter = {"int": int, "float": float, "str": str}.get(str(kind), kind)
+    try:
+        return converter(raw)
+    except ValueError:
+        raise ConfigError(f"{_env_name(name)}: {raw!r} is not a valid {converter.__name__}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per setting; flags win over the environment."""
+    for item in fields(Settings):
+        flag = "--" + item.name.replace("_", "-")
+        help_text = f"{item.metadata['help']} (env {_env_name(item.name)}, default {item.default!r})"
+        parser.add_argument(flag, dest=item.name, default=None, metavar="VALUE", help=help_text)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build and validate Settings: defaults, then environment, then explicit overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for item in fields(Settings):
+        raw = environ.get(_env_name(item.name))
+        if raw is not None:
+            values[item.name] = _convert(item.name, item.type, raw)
+        override = (overrides or {}).get(item.name)
+        if override is not None:
+            values[item.name] = (
+                _convert(item.name, item.type, override) if isinstance(override, str) else override
+            )
+    return dataclasses.replace(Settings(), **values).validate()
+
+
+def setting_names() -> Sequence[str]:
+    """Return every environment variable name the service reads."""
+    return [_env_name(item.name) for item in fields(Settings)]

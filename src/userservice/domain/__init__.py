@@ -1,0 +1,1 @@
+"""Pure domain layer: rules, validation, pagination and the repository protocol (no gRPC)."""

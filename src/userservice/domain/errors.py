@@ -1,0 +1,128 @@
+"""Typed domain errors with stable reason codes; transport maps them to gRPC statuses."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Reason(enum.StrEnum):
+    """Stable machine-readable reasons, sent to clients in google.rpc.ErrorInfo."""
+
+    USER_NOT_FOUND = "USER_NOT_FOUND"
+    EMAIL_ALREADY_EXISTS = "EMAIL_ALREADY_EXISTS"
+    ETAG_MISMATCH = "ETAG_MISMATCH"
+    INVALID_FIELD = "INVALID_FIELD"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+    SEQUENCE_EXPIRED = "SEQUENCE_EXPIRED"
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid request field (google.rpc.BadRequest.FieldViolation)."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every error the domain raises on purpose."""
+
+    reason: Reason
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgumentError(DomainError):
+    """The request is malformed; carries one violation per bad field."""
+
+    def __init__(
+        self,
+        violations: list[FieldViolation],
+        reason: Reason = Reason.INVALID_FIELD,
+    ) -> None:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {summary}")
+        self.reason = reason
+        self.violations = violations
+
+    @classmethod
+    def single(
+        cls, field: str, description: str, reason: Reason = Reason.INVALID_FIELD
+    ) -> InvalidArgumentError:
+        """Build the error for one bad field."""
+        return cls([FieldViolation(field, description)], reason)
+
+
+class UserNotFoundError(DomainError):
+    """No user has the requested id."""
+
+    reason = Reason.USER_NOT_FOUND
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id!r} not found")
+        self.user_id = user_id
+
+
+class EmailAlreadyExistsError(DomainError):
+    """Another user already has this email (compared without regard to case)."""
+
+    reason = Reason.EMAIL_ALREADY_EXISTS
+
+    def __init__(self) -> None:
+        super().__init__("a user with this email already exists")
+
+
+class EtagMismatchError(DomainError):
+    """The caller's etag is not the user's current one: re-read and retry."""
+
+    reason = Reason.ETAG_MISMATCH
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"etag does not match the current state of user {user_id!r}")
+        self.user_id = user_id
+
+
+class RequestIdReusedError(DomainError):
+    """An idempotency key was reused for a different request."""
+
+    reason = Reason.REQUEST_ID_REUSED
+
+    def __init__(self) -> None:
+        super().__init__("request_id was already used for a different user")
+
+
+class SequenceExpiredError(DomainError):
+    """A watch asked to resume before the oldest retained event."""
+
+    reason = Reason.SEQUENCE_EXPIRED
+
+    def __init__(self, requested: int, oldest: int) -> None:
+        super().__init__(
+            f"events after sequence {requested} are no longer retained; oldest is {oldest}"
+        )
+        self.requested = requested
+        self.oldest = oldest
+
+
+class StorageUnavailableError(DomainError):
+    """The store cannot be reached right now; the call may be retried."""
+
+    reason = Reason.STORAGE_UNAVAILABLE
+
+    def __init__(self, message: str = "storage is temporarily unavailable") -> None:
+        super().__init__(message)
+
+
+class ShuttingDownError(DomainError):
+    """The server is draining; the client should reconnect elsewhere."""
+
+    reason = Reason.SHUTTING_DOWN
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down")

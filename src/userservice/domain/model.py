@@ -1,0 +1,96 @@
+"""Domain value types shared by the service, the transport and the storage backends."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.IntEnum):
+    """A user's role; values equal the user.v1.UserRole numbers."""
+
+    VIEWER = 1
+    EDITOR = 2
+    ADMIN = 3
+
+
+class EventType(enum.IntEnum):
+    """Kind of change recorded in the event log; values equal user.v1.UserEventType."""
+
+    CREATED = 1
+    UPDATED = 2
+    DELETED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A stored user. Times are integer microseconds since the Unix epoch (UTC)."""
+
+    id: str
+    email: str
+    display_name: str
+    role: Role
+    create_time_us: int
+    update_time_us: int
+    revision: int
+
+    @property
+    def etag(self) -> str:
+        """Opaque checksum of this state (AIP-154): changes on every write."""
+        return f"{self.revision:x}-{self.update_time_us:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    """Validated input for a create: what the caller chose, before the store assigns the rest."""
+
+    email: str
+    display_name: str
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class UserChanges:
+    """Validated field changes for an update; None leaves a field as it is."""
+
+    email: str | None = None
+    display_name: str | None = None
+    role: Role | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserEvent:
+    """One entry of the change log that WatchUsers replays and follows."""
+
+    sequence: int
+    type: EventType
+    user: User
+    event_time_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class UserFilter:
+    """Parsed ListUsers/StreamUsers filter; every set field must match (AND)."""
+
+    role: Role | None = None
+    role_not: Role | None = None
+    email_equals: str | None = None
+    email_contains: str | None = None
+    display_name_contains: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a keyset scan in id order."""
+
+    users: list[User]
+    has_more: bool
+    total_size: int
+
+
+class SyncOutcome(enum.IntEnum):
+    """What an upsert by email did; values equal user.v1.SyncOutcome."""
+
+    CREATED = 1
+    UPDATED = 2
+    UNCHANGED = 3

@@ -1,0 +1,77 @@
+"""Shared fixtures: a fresh database per test (SQLite file or PostgreSQL database)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "USERSERVICE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("USERSERVICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REQUIRE_SERVICES = os.environ.get("USERSERVICE_REQUIRE_SERVICES", "").lower() in {"1", "true"}
+
+
+def _unavailable(what: str, error: BaseException) -> None:
+    message = f"{what} is not reachable ({error.__class__.__name__}: {error})"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message}; USERSERVICE_REQUIRE_SERVICES=1 makes this a failure")
+    pytest.skip(message)
+
+
+def _with_database(url: str, database: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{database}"
+
+
+@contextlib.asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """Create a PostgreSQL database for one test and drop it afterwards."""
+    import asyncpg
+
+    database = f"userservice_test_{uuid.uuid4().hex[:16]}"
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as error:
+        _unavailable(f"PostgreSQL at {POSTGRES_ADMIN_URL}", error)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    try:
+        yield _with_database(POSTGRES_ADMIN_URL, database)
+    finally:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest_asyncio.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """Return the URL of a PostgreSQL database that exists only for this test."""
+    async with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """Return the URL of a SQLite file that exists only for this test."""
+    return f"sqlite:///{tmp_path / 'userservice.db'}"
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Return a fresh database URL, once per storage backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'userservice.db'}"
+        return
+    async with fresh_postgres_database() as url:
+        yield url
