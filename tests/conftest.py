@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -75,3 +76,21 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         return
     async with fresh_postgres_database() as url:
         yield url
+
+
+@pytest_asyncio.fixture
+async def app(database_url: str) -> AsyncIterator[Any]:
+    """Run the real server on an ephemeral loopback port over a fresh database."""
+    from support import make_settings, running_app
+
+    async with running_app(make_settings(database_url)) as application:
+        yield application
+
+
+@pytest_asyncio.fixture
+async def client(app: Any) -> AsyncIterator[Any]:
+    """Return a client with every scope, connected to the app fixture's server."""
+    from support import connect
+
+    async with connect(app.port) as connected:
+        yield connected

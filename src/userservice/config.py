@@ -94,7 +94,8 @@ class Settings:
             raise ConfigError("USERSERVICE_RATE_LIMIT_RPS must be >= 0 and the burst >= 1")
         if self.auth_jwt_secret and self.auth_jwt_public_key_file:
             raise ConfigError(
-                "set only one of USERSERVICE_AUTH_JWT_SECRET and USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE"
+                "set only one of USERSERVICE_AUTH_JWT_SECRET and "
+                "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE"
             )
         if not self.auth_jwt_secret and not self.auth_jwt_public_key_file:
             raise ConfigError(
@@ -108,14 +109,21 @@ class Settings:
             )
         if self.auth_jwt_secret and len(self.auth_jwt_secret.encode()) < 32:
             raise ConfigError("USERSERVICE_AUTH_JWT_SECRET must be at least 32 bytes")
-        for name in ("auth_jwt_public_key_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        for name in (
+            "auth_jwt_public_key_file",
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_client_ca_file",
+        ):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{_env_name(name)}: no such file {path!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("USERSERVICE_TLS_CERT_FILE and USERSERVICE_TLS_KEY_FILE go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
-            raise ConfigError("USERSERVICE_TLS_CLIENT_CA_FILE (mTLS) needs TLS: set the cert and key")
+            raise ConfigError(
+                "USERSERVICE_TLS_CLIENT_CA_FILE (mTLS) needs TLS: set the cert and key"
+            )
         return self
 
 
@@ -145,14 +153,18 @@ def _convert(name: str, kind: Any, raw: str) -> Any:
     try:
         return converter(raw)
     except ValueError:
-        raise ConfigError(f"{_env_name(name)}: {raw!r} is not a valid {converter.__name__}") from None
+        raise ConfigError(
+            f"{_env_name(name)}: {raw!r} is not a valid {converter.__name__}"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one --flag per setting; flags win over the environment."""
     for item in fields(Settings):
         flag = "--" + item.name.replace("_", "-")
-        help_text = f"{item.metadata['help']} (env {_env_name(item.name)}, default {item.default!r})"
+        help_text = (
+            f"{item.metadata['help']} (env {_env_name(item.name)}, default {item.default!r})"
+        )
         parser.add_argument(flag, dest=item.name, default=None, metavar="VALUE", help=help_text)
 
 

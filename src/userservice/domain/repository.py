@@ -24,8 +24,10 @@ class UserRepository(Protocol):
       write changes nothing.
     - Emails are unique without regard to case (compared lower-cased), under
       concurrency: the database enforces it, not a read-then-write check.
-    - Event sequences are strictly increasing and become visible in sequence
-      order, so a reader that has seen N never later finds an event below N.
+    - Event sequences are contiguous (a rolled-back write leaves no hole),
+      strictly increasing, and become visible in sequence order, so a reader
+      that has seen N never later finds an event below N; a hole can only
+      mean retention pruned events, which WatchUsers reports.
     - Connectivity failures raise StorageUnavailableError; nothing else from
       the driver escapes except as a bug.
     """

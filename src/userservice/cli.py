@@ -1,0 +1,106 @@
+"""The `userservice` command: serve, migrate, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from userservice.config import ConfigError, Settings, add_arguments, load_settings
+from userservice.logs import configure_logging
+
+log = logging.getLogger("userservice.cli")
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_ttl(text: str) -> float:
+    unit = text[-1:].lower()
+    try:
+        seconds = float(text[:-1]) * _TTL_UNITS[unit] if unit in _TTL_UNITS else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use 90s, 15m, 1h)") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="userservice", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the gRPC API until SIGTERM/SIGINT")
+    add_arguments(serve)
+    migrate = commands.add_parser("migrate", help="apply pending schema migrations and exit")
+    add_arguments(migrate)
+    token = commands.add_parser("token", help="mint a development JWT (HS256, configured secret)")
+    add_arguments(token)
+    token.add_argument("--subject", required=True, help="the sub claim (the principal)")
+    token.add_argument(
+        "--scopes", default="users.read", help='space-separated, e.g. "users.read users.write"'
+    )
+    token.add_argument("--ttl", type=_parse_ttl, default=3600.0, help="lifetime: 90s, 15m, 1h")
+    return parser
+
+
+def _settings(arguments: argparse.Namespace) -> Settings:
+    names = set(Settings.__dataclass_fields__)
+    overrides = {k: v for k, v in vars(arguments).items() if k in names and v is not None}
+    return load_settings(overrides=overrides)
+
+
+async def _migrate(settings: Settings) -> list[str]:
+    url = settings.database_url
+    if url.startswith("sqlite:"):
+        from userservice.storage import parse_sqlite_path
+        from userservice.storage.sqlite import migrate_sqlite
+
+        return await asyncio.to_thread(migrate_sqlite, parse_sqlite_path(url))
+    from userservice.storage.postgres import migrate_postgres
+
+    return await migrate_postgres(url, connect_timeout=settings.db_connect_timeout_seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    arguments = build_parser().parse_args(argv)
+    try:
+        settings = _settings(arguments)
+    except ConfigError as error:
+        print(f"userservice: configuration error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if arguments.command == "token":
+        if not settings.auth_jwt_secret:
+            print("userservice: token needs USERSERVICE_AUTH_JWT_SECRET (HS256)", file=sys.stderr)
+            return 2
+        from userservice.interceptors.auth import mint_token
+
+        print(
+            mint_token(
+                settings.auth_jwt_secret,
+                arguments.subject,
+                arguments.scopes.split(),
+                arguments.ttl,
+                issuer=settings.auth_issuer,
+                audience=settings.auth_audience,
+            )
+        )
+        return 0
+    if arguments.command == "migrate":
+        applied = asyncio.run(_migrate(settings))
+        log.info("migrations applied", extra={"applied": applied})
+        return 0
+    from userservice.server import run
+
+    if settings.dev:
+        log.warning(
+            "development run: mint a token with `make token` or "
+            "`userservice token --subject you --scopes 'users.read users.write' --ttl 1h`"
+        )
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The user service: business rules over a UserRepository, free of any transport concern."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from userservice.domain.errors import (
+    DomainError,
+    FieldViolation,
+    InvalidArgumentError,
+    SequenceExpiredError,
+    ShuttingDownError,
+    UserNotFoundError,
+)
+from userservice.domain.filtering import canonical_filter, parse_filter
+from userservice.domain.ids import new_user_id, now_us
+from userservice.domain.model import NewUser, SyncOutcome, User, UserChanges, UserEvent
+from userservice.domain.pagination import PageTokenCodec, effective_page_size
+from userservice.domain.repository import UserRepository
+from userservice.domain.validation import (
+    UserInput,
+    check_display_name,
+    check_email,
+    check_request_id,
+    check_role,
+    check_user_id,
+    fingerprint,
+    validate_new_user,
+)
+
+MAX_BATCH_GET = 100
+IMPORT_BATCH_SIZE = 500
+MAX_REPORTED_REJECTIONS = 1000
+STREAM_BATCH_SIZE = 256
+WATCH_BATCH_SIZE = 256
+WATCH_POLL_SECONDS = 5.0
+MUTABLE_FIELDS = ("email", "display_name", "role")
+IMMUTABLE_FIELDS = frozenset({"id", "create_time", "update_time", "etag"})
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult:
+    """One ListUsers page."""
+
+    users: list[User]
+    next_page_token: str
+    total_size: int
+
+
+@dataclass(slots=True)
+class ImportResult:
+    """Outcome of a bulk import: counts and the first rejections with their stream index."""
+
+    created_count: int = 0
+    rejected_count: int = 0
+    rejections: list[tuple[int, DomainError]] = field(default_factory=list)
+
+    def reject(self, index: int, error: DomainError) -> None:
+        """Count a rejected row, keeping its details while under the reporting cap."""
+        self.rejected_count += 1
+        if len(self.rejections) < MAX_REPORTED_REJECTIONS:
+            self.rejections.append((index, error))
+
+
+class UserService:
+    """Validates requests, applies the rules and delegates persistence to the repository."""
+
+    def __init__(
+        self,
+        repository: UserRepository,
+        page_tokens: PageTokenCodec,
+        *,
+        clock: Callable[[], int] = now_us,
+        id_factory: Callable[[], str] = new_user_id,
+    ) -> None:
+        self._repository = repository
+        self._page_tokens = page_tokens
+        self._clock = clock
+        self._new_id = id_factory
+        self._shutting_down = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """End open watches so a draining server is not held open by them."""
+        self._shutting_down.set()
+
+    def _build_user(self, new: NewUser) -> User:
+        timestamp = self._clock()
+        return User(
+            id=self._new_id(),
+            email=new.email,
+            display_name=new.display_name,
+            role=new.role,
+            create_time_us=timestamp,
+            update_time_us=timestamp,
+            revision=1,
+        )
+
+    async def create_user(self, user: UserInput, request_id: str) -> User:
+        """Create a user; a repeated request_id with the same input returns the first result."""
+        new = validate_new_user(user)
+        key = check_request_id(request_id)
+        return await self._repository.create(self._build_user(new), key, fingerprint(new))
+
+    async def get_user(self, user_id: str) -> User:
+        """Return a user by id."""
+        found = await self._repository.get(check_user_id(user_id, "id"))
+        if found is None:
+            raise UserNotFoundError(user_id)
+        return found
+
+    async def batch_get_users(self, user_ids: Sequence[str]) -> tuple[list[User], list[str]]:
+        """Return the users found (request order, duplicates once) and the ids not found."""
+        if not user_ids:
+            raise InvalidArgumentError.single("ids", "at least one id is required")
+        if len(user_ids) > MAX_BATCH_GET:
+            raise InvalidArgumentError.single("ids", f"at most {MAX_BATCH_GET} ids per call")
+        unique = list(dict.fromkeys(user_ids))
+        violations = [
+            FieldViolation(f"ids[{index}]", "must be a user id (a lower-case UUID)")
+            for index, user_id in enumerate(user_ids)
+            if not check_id_quietly(user_id)
+        ]
+        if violations:
+            raise InvalidArgumentError(violations)
+        found = await self._repository.get_many(unique)
+        users = [found[user_id] for user_id in unique if user_id in found]
+        missing = [user_id for user_id in unique if user_id not in found]
+        return users, missing
+
+    async def list_users(self, page_size: int, page_token: str, filter_text: str) -> ListResult:
+        """Return one page in id order with the exact total and the next page's token."""
+        limit = effective_page_size(page_size)
+        user_filter = parse_filter(filter_text)
+        filter_key = canonical_filter(user_filter)
+        after_id = self._page_tokens.decode(page_token, filter_key) if page_token else None
+        page = await self._repository.list_page(user_filter, after_id, limit, with_total=True)
+        next_token = (
+            self._page_tokens.encode(page.users[-1].id, filter_key)
+            if page.has_more and page.users
+            else ""
+        )
+        return ListResult(page.users, next_token, page.total_size)
+
+    async def stream_users(self, filter_text: str) -> AsyncIterator[User]:
+        """Yield every matching user in id order, one bounded batch in memory at a time."""
+        user_filter = parse_filter(filter_text)
+        after_id: str | None = None
+        while True:
+            page = await self._repository.list_page(
+                user_filter, after_id, STREAM_BATCH_SIZE, with_total=False
+            )
+            for user in page.users:
+                yield user
+            if not page.has_more or not page.users:
+                return
+            after_id = page.users[-1].id
+
+    async def update_user(
+        self, user_id: str, user: UserInput, mask_paths: Sequence[str], etag: str
+    ) -> User:
+        """Apply the fields named by the mask (AIP-134); a stale etag fails the update."""
+        check_user_id(user_id, "user.id")
+        changes = _changes_from_mask(user, mask_paths)
+        return await self._repository.update(user_id, changes, etag or None, self._clock())
+
+    async def delete_user(self, user_id: str, etag: str) -> None:
+        """Delete a user; a stale etag fails the delete."""
+        await self._repository.delete(check_user_id(user_id, "id"), etag or None, self._clock())
+
+    async def import_users(self, users: AsyncIterable[UserInput]) -> ImportResult:
+        """Create users from a stream; valid rows commit in batches, bad rows are reported."""
+        result = ImportResult()
+        batch: list[tuple[int, User]] = []
+        index = -1
+        async for index, user in _enumerate(users):
+            try:
+                batch.append((index, self._build_user(validate_new_user(user))))
+            except InvalidArgumentError as error:
+                result.reject(index, error)
+            if len(batch) >= IMPORT_BATCH_SIZE:
+                await self._flush_import(batch, result)
+                batch = []
+        if batch:
+            await self._flush_import(batch, result)
+        return result
+
+    async def _flush_import(self, batch: list[tuple[int, User]], result: ImportResult) -> None:
+        outcomes = await self._repository.create_many([user for _, user in batch])
+        for (index, _), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, DomainError):
+                result.reject(index, outcome)
+            else:
+                result.created_count += 1
+
+    async def sync_user(self, user: UserInput) -> tuple[SyncOutcome, User]:
+        """Upsert by email: create, update display_name and role, or report unchanged."""
+        return await self._repository.upsert_by_email(self._build_user(validate_new_user(user)))
+
+    async def watch_users(self, after_sequence: int | None) -> AsyncIterator[UserEvent]:
+        """Yield events after a sequence (or from now), then follow new ones until shutdown."""
+        oldest, latest = await self._repository.event_bounds()
+        if after_sequence is None:
+            cursor = latest
+        elif after_sequence < 0 or after_sequence > latest:
+            raise InvalidArgumentError.single(
+                "after_sequence", f"must be between 0 and the latest sequence {latest}"
+            )
+        elif after_sequence < oldest:
+            raise SequenceExpiredError(after_sequence, oldest)
+        else:
+            cursor = after_sequence
+        shutdown: asyncio.Future[bool] = asyncio.ensure_future(self._shutting_down.wait())
+        try:
+            while not shutdown.done():
+                events = await self._repository.events_after(cursor, WATCH_BATCH_SIZE)
+                if events and events[0].sequence != cursor + 1:
+                    # Sequences are contiguous, so a hole means retention pruned
+                    # events this watcher had not read yet: resuming would skip them.
+                    raise SequenceExpiredError(cursor, events[0].sequence - 1)
+                for event in events:
+                    yield event
+                    cursor = event.sequence
+                if len(events) < WATCH_BATCH_SIZE:
+                    await _first_of(
+                        self._repository.wait_for_events(cursor, WATCH_POLL_SECONDS), shutdown
+                    )
+            raise ShuttingDownError()
+        finally:
+            shutdown.cancel()
+
+
+def check_id_quietly(user_id: str) -> bool:
+    """Tell whether an id is well-formed without raising."""
+    try:
+        check_user_id(user_id, "id")
+    except InvalidArgumentError:
+        return False
+    return True
+
+
+def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChanges:
+    paths = list(mask_paths)
+    if paths == ["*"]:
+        paths = list(MUTABLE_FIELDS)
+    elif not paths:
+        paths = [
+            name
+            for name, is_set in (
+                ("email", bool(user.email)),
+                ("display_name", bool(user.display_name)),
+                ("role", user.role != 0),
+            )
+            if is_set
+        ]
+        if not paths:
+            raise InvalidArgumentError.single("update_mask", "names no field to update")
+    violations: list[FieldViolation] = []
+    for path in paths:
+        if path in IMMUTABLE_FIELDS:
+            violations.append(
+                FieldViolation("update_mask", f"'{path}' is output only or immutable")
+            )
+        elif path not in MUTABLE_FIELDS:
+            violations.append(FieldViolation("update_mask", f"unknown field path '{path}'"))
+    if violations:
+        raise InvalidArgumentError(violations)
+    email = check_email(user.email, "user.email", violations) if "email" in paths else None
+    display_name = (
+        check_display_name(user.display_name, "user.display_name", violations)
+        if "display_name" in paths
+        else None
+    )
+    role = check_role(user.role, "user.role", violations, default=None) if "role" in paths else None
+    if violations:
+        raise InvalidArgumentError(violations)
+    return UserChanges(email=email, display_name=display_name, role=role)
+
+
+async def _enumerate(items: AsyncIterable[UserInput]) -> AsyncIterator[tuple[int, UserInput]]:
+    index = 0
+    async for item in items:
+        yield index, item
+        index += 1
+
+
+async def _first_of(waiting: Awaitable[None], shutdown: asyncio.Future[bool]) -> None:
+    task = asyncio.ensure_future(waiting)
+    try:
+        pending: set[asyncio.Future[Any]] = {task, shutdown}
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        elif not task.cancelled():
+            task.result()

@@ -1,0 +1,113 @@
+"""Input validation: turns raw caller input into validated domain values or field violations."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass
+
+from email_validator import EmailNotValidError, validate_email
+
+from userservice.domain.errors import FieldViolation, InvalidArgumentError
+from userservice.domain.ids import is_valid_id
+from userservice.domain.model import NewUser, Role
+
+MAX_EMAIL_LENGTH = 254
+MAX_DISPLAY_NAME_LENGTH = 100
+ROLE_UNSPECIFIED = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UserInput:
+    """User fields as the caller sent them, before validation (role is the raw enum number)."""
+
+    email: str = ""
+    display_name: str = ""
+    role: int = ROLE_UNSPECIFIED
+
+
+def check_email(email: str, field: str, violations: list[FieldViolation]) -> str:
+    """Return the normalised email, or record why it is invalid."""
+    if not email:
+        violations.append(FieldViolation(field, "is required"))
+        return ""
+    if len(email) > MAX_EMAIL_LENGTH:
+        violations.append(FieldViolation(field, f"must be at most {MAX_EMAIL_LENGTH} characters"))
+        return ""
+    try:
+        return validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError as error:
+        violations.append(FieldViolation(field, f"is not a valid email address: {error}"))
+        return ""
+
+
+def check_display_name(name: str, field: str, violations: list[FieldViolation]) -> str:
+    """Return the trimmed display name, or record why it is invalid."""
+    trimmed = name.strip()
+    if not trimmed:
+        violations.append(FieldViolation(field, "is required"))
+    elif len(trimmed) > MAX_DISPLAY_NAME_LENGTH:
+        violations.append(
+            FieldViolation(field, f"must be at most {MAX_DISPLAY_NAME_LENGTH} characters")
+        )
+    elif any(unicodedata.category(char) in {"Cc", "Cf"} for char in trimmed):
+        violations.append(FieldViolation(field, "must not contain control characters"))
+    return trimmed
+
+
+def check_role(
+    raw: int, field: str, violations: list[FieldViolation], *, default: Role | None
+) -> Role:
+    """Return the role for a raw enum number (default for UNSPECIFIED), or record a violation."""
+    if raw == ROLE_UNSPECIFIED and default is not None:
+        return default
+    try:
+        return Role(raw)
+    except ValueError:
+        violations.append(
+            FieldViolation(field, f"must be a known UserRole other than UNSPECIFIED, got {raw}")
+        )
+        return Role.VIEWER
+
+
+def validate_new_user(user: UserInput, prefix: str = "user") -> NewUser:
+    """Validate a user to create; raise InvalidArgumentError listing every bad field."""
+    violations: list[FieldViolation] = []
+    email = check_email(user.email, f"{prefix}.email", violations)
+    display_name = check_display_name(user.display_name, f"{prefix}.display_name", violations)
+    role = check_role(user.role, f"{prefix}.role", violations, default=Role.VIEWER)
+    if violations:
+        raise InvalidArgumentError(violations)
+    return NewUser(email=email, display_name=display_name, role=role)
+
+
+def check_user_id(user_id: str, field: str) -> str:
+    """Return the id if it has the UUID form, else raise InvalidArgumentError."""
+    if not user_id:
+        raise InvalidArgumentError.single(field, "is required")
+    if not is_valid_id(user_id):
+        raise InvalidArgumentError.single(field, "must be a user id (a lower-case UUID)")
+    return user_id
+
+
+_REQUEST_ID_RE = re.compile(r"^[0-9a-fA-F-]{32,36}$")
+
+
+def check_request_id(request_id: str) -> str | None:
+    """Return the canonical request id (a UUID, AIP-155), None when unset, or raise."""
+    if not request_id:
+        return None
+    try:
+        if not _REQUEST_ID_RE.match(request_id):
+            raise ValueError(request_id)
+        return str(uuid.UUID(request_id))
+    except ValueError:
+        raise InvalidArgumentError.single("request_id", "must be a UUID") from None
+
+
+def fingerprint(user: NewUser) -> str:
+    """Return a digest of what a create asked for, to tell a retry from a reuse of its key."""
+    material = f"{user.email.lower()}\x00{user.display_name}\x00{int(user.role)}"
+    return hashlib.sha256(material.encode()).hexdigest()

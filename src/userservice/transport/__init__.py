@@ -1,0 +1,1 @@
+"""gRPC transport: protobuf ⇄ domain mapping and domain errors ⇄ gRPC status."""

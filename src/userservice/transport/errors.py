@@ -1,0 +1,118 @@
+"""Domain errors → gRPC status codes with google.rpc rich details (via grpcio-status)."""
+
+from __future__ import annotations
+
+# One module per import: mypy resolves google.rpc (a namespace package whose
+# stubs lack py.typed) only this way.
+import google.rpc.code_pb2 as code_pb2
+import google.rpc.error_details_pb2 as error_details_pb2
+import google.rpc.status_pb2 as status_pb2
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from grpc_status import rpc_status
+
+from userservice.domain.errors import (
+    DomainError,
+    EmailAlreadyExistsError,
+    EtagMismatchError,
+    InvalidArgumentError,
+    RequestIdReusedError,
+    SequenceExpiredError,
+    ShuttingDownError,
+    StorageUnavailableError,
+    UserNotFoundError,
+)
+
+ERROR_DOMAIN = "userservice"
+USER_RESOURCE_TYPE = "user.v1.User"
+_RETRY_AFTER_UNAVAILABLE = duration_pb2.Duration(seconds=1)
+
+_CODES: dict[type[DomainError], grpc.StatusCode] = {
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestIdReusedError: grpc.StatusCode.INVALID_ARGUMENT,
+    UserNotFoundError: grpc.StatusCode.NOT_FOUND,
+    EmailAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    EtagMismatchError: grpc.StatusCode.ABORTED,
+    SequenceExpiredError: grpc.StatusCode.OUT_OF_RANGE,
+    StorageUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(error: DomainError) -> grpc.StatusCode:
+    """Return the gRPC code a domain error maps to."""
+    return _CODES.get(type(error), grpc.StatusCode.INTERNAL)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _details(error: DomainError) -> list[any_pb2.Any]:
+    metadata: dict[str, str] = {}
+    details: list[any_pb2.Any] = []
+    if isinstance(error, InvalidArgumentError):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=violation.field, description=violation.description
+                        )
+                        for violation in error.violations
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, RequestIdReusedError):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field="request_id", description=error.message
+                        )
+                    ]
+                )
+            )
+        )
+    elif isinstance(error, UserNotFoundError | EtagMismatchError):
+        details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type=USER_RESOURCE_TYPE,
+                    resource_name=error.user_id,
+                    description=error.message,
+                )
+            )
+        )
+    elif isinstance(error, SequenceExpiredError):
+        metadata["oldest_sequence"] = str(error.oldest)
+    elif isinstance(error, StorageUnavailableError | ShuttingDownError):
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_UNAVAILABLE)))
+    details.insert(
+        0,
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
+        ),
+    )
+    return details
+
+
+def status_proto(error: DomainError) -> status_pb2.Status:
+    """Return the google.rpc.Status for a domain error (also used inside stream responses)."""
+    code = status_code(error)
+    return status_pb2.Status(
+        code=getattr(code_pb2, code.name),
+        message=error.message,
+        details=_details(error),
+    )
+
+
+async def abort_with_domain_error(
+    context: grpc.aio.ServicerContext[object, object], error: DomainError
+) -> None:
+    """End the call with the mapped status and rich details; never returns."""
+    await context.abort_with_status(rpc_status.to_status(status_proto(error)))

@@ -1,0 +1,184 @@
+"""user.v1.UserService over grpc.aio: each method maps protobuf to domain and delegates."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from user.v1 import user_service_pb2 as pb
+from user.v1 import user_service_pb2_grpc as pb_grpc
+from userservice.domain.errors import DomainError, ShuttingDownError, StorageUnavailableError
+from userservice.domain.service import UserService
+from userservice.domain.validation import UserInput
+from userservice.transport.errors import abort_with_domain_error, status_proto
+from userservice.transport.mapping import event_to_proto, user_input, user_to_proto
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def maps_domain_errors(method: _Method) -> _Method:
+    """End the call with the mapped status when the domain raises; unary and streaming alike."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except DomainError as error:
+                await abort_with_domain_error(context, error)
+
+        return cast(_Method, stream_wrapper)
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: Any, request: Any, context: Context) -> Any:
+        try:
+            return await method(self, request, context)
+        except DomainError as error:
+            await abort_with_domain_error(context, error)
+
+    return cast(_Method, unary_wrapper)
+
+
+class UserServiceServicer(pb_grpc.UserServiceServicer):
+    """The transport for UserService; business rules live in the domain service."""
+
+    def __init__(self, service: UserService) -> None:
+        self._service = service
+
+    @maps_domain_errors
+    async def CreateUser(
+        self, request: pb.CreateUserRequest, context: Context
+    ) -> pb.CreateUserResponse:
+        """Create a user."""
+        user = await self._service.create_user(user_input(request.user), request.request_id)
+        return pb.CreateUserResponse(user=user_to_proto(user))
+
+    @maps_domain_errors
+    async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
+        """Return one user."""
+        return pb.GetUserResponse(user=user_to_proto(await self._service.get_user(request.id)))
+
+    @maps_domain_errors
+    async def BatchGetUsers(
+        self, request: pb.BatchGetUsersRequest, context: Context
+    ) -> pb.BatchGetUsersResponse:
+        """Return the users found and the ids not found."""
+        users, missing = await self._service.batch_get_users(list(request.ids))
+        return pb.BatchGetUsersResponse(
+            users=[user_to_proto(user) for user in users], not_found_ids=missing
+        )
+
+    @maps_domain_errors
+    async def ListUsers(
+        self, request: pb.ListUsersRequest, context: Context
+    ) -> pb.ListUsersResponse:
+        """Return one page of users."""
+        page = await self._service.list_users(request.page_size, request.page_token, request.filter)
+        return pb.ListUsersResponse(
+            users=[user_to_proto(user) for user in page.users],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
+
+    @maps_domain_errors
+    async def UpdateUser(
+        self, request: pb.UpdateUserRequest, context: Context
+    ) -> pb.UpdateUserResponse:
+        """Apply a masked update."""
+        user = await self._service.update_user(
+            request.user.id,
+            user_input(request.user),
+            list(request.update_mask.paths),
+            request.user.etag,
+        )
+        return pb.UpdateUserResponse(user=user_to_proto(user))
+
+    @maps_domain_errors
+    async def DeleteUser(
+        self, request: pb.DeleteUserRequest, context: Context
+    ) -> pb.DeleteUserResponse:
+        """Delete a user."""
+        await self._service.delete_user(request.id, request.etag)
+        return pb.DeleteUserResponse()
+
+    @maps_domain_errors
+    async def StreamUsers(
+        self, request: pb.StreamUsersRequest, context: Context
+    ) -> AsyncIterator[pb.StreamUsersResponse]:
+        """Export every matching user."""
+        async for user in self._service.stream_users(request.filter):
+            yield pb.StreamUsersResponse(user=user_to_proto(user))
+
+    @maps_domain_errors
+    async def ImportUsers(
+        self, request_iterator: AsyncIterator[pb.ImportUsersRequest], context: Context
+    ) -> pb.ImportUsersResponse:
+        """Bulk-create users from the client stream."""
+        result = await self._service.import_users(_user_inputs(request_iterator))
+        return pb.ImportUsersResponse(
+            created_count=result.created_count,
+            rejected_count=result.rejected_count,
+            rejections=[
+                pb.ImportUsersRejection(index=index, status=status_proto(error))
+                for index, error in result.rejections
+            ],
+        )
+
+    @maps_domain_errors
+    async def WatchUsers(
+        self, request: pb.WatchUsersRequest, context: Context
+    ) -> AsyncIterator[pb.WatchUsersResponse]:
+        """Replay events after a sequence, then follow live ones."""
+        after = request.after_sequence if request.HasField("after_sequence") else None
+        # Headers go out now so a client knows the watch is established before any event.
+        await context.send_initial_metadata(())
+        async for event in self._service.watch_users(after):
+            yield event_to_proto(event)
+
+    @maps_domain_errors
+    async def SyncUsers(
+        self, request_iterator: AsyncIterator[pb.SyncUsersRequest], context: Context
+    ) -> AsyncIterator[pb.SyncUsersResponse]:
+        """Upsert each message as it arrives and answer it in order.
+
+        The next request is read only after the previous answer was handed to
+        gRPC, so a client that stops reading stops the server reading too:
+        HTTP/2 flow control bounds what either side buffers.
+        """
+        index = 0
+        async for request in request_iterator:
+            yield await self._sync_one(index, request)
+            index += 1
+
+    async def _sync_one(self, index: int, request: pb.SyncUsersRequest) -> pb.SyncUsersResponse:
+        try:
+            outcome, user = await self._service.sync_user(user_input(request.user))
+        except DomainError as error:
+            if isinstance(error, _STREAM_ENDING_ERRORS):
+                raise
+            return pb.SyncUsersResponse(
+                index=index, outcome=pb.SYNC_OUTCOME_FAILED, status=status_proto(error)
+            )
+        return pb.SyncUsersResponse(
+            index=index, outcome=pb.SyncOutcome.ValueType(outcome), user=user_to_proto(user)
+        )
+
+
+# Failures of the service itself rather than of one item end the whole stream.
+_STREAM_ENDING_ERRORS = (StorageUnavailableError, ShuttingDownError)
+
+
+async def _user_inputs(requests: AsyncIterator[pb.ImportUsersRequest]) -> AsyncIterator[UserInput]:
+    async for request in requests:
+        yield user_input(request.user)
+
+
+def register(server: grpc.aio.Server, service: UserService) -> None:
+    """Add the UserService servicer to a server."""
+    pb_grpc.add_UserServiceServicer_to_server(UserServiceServicer(service), server)

@@ -1,0 +1,98 @@
+"""Test helpers: start the real Application on an ephemeral loopback port and call it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from userservice.interceptors.auth import mint_token
+
+from user.v1 import user_pb2, user_service_pb2_grpc
+from userservice.config import Settings
+from userservice.server import Application
+
+TEST_JWT_SECRET = "test-secret-for-the-suite-only-0123456789abcdef"
+ALL_SCOPES = ("users.read", "users.write", "users.admin")
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    """Return validated settings for a test server on 127.0.0.1:0."""
+    base = Settings(
+        listen_address="127.0.0.1:0",
+        database_url=database_url,
+        auth_jwt_secret=TEST_JWT_SECRET,
+        rate_limit_rps=0,
+        shutdown_grace_seconds=5,
+        uvloop=False,
+        log_level="DEBUG",
+    )
+    return dataclasses.replace(base, **overrides).validate()
+
+
+def bearer(scopes: Sequence[str] = ALL_SCOPES, subject: str = "tester", ttl: float = 600) -> str:
+    """Return an authorization header value for a freshly minted test token."""
+    return "Bearer " + mint_token(TEST_JWT_SECRET, subject, list(scopes), ttl)
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[Application]:
+    """Start the real server and stop it with the full shutdown sequence afterwards."""
+    app = Application(settings)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+@dataclasses.dataclass
+class Client:
+    """A real channel to a test server, with a stub and default call metadata."""
+
+    channel: grpc.aio.Channel
+    stub: user_service_pb2_grpc.UserServiceAsyncStub
+    metadata: tuple[tuple[str, str], ...]
+
+
+@contextlib.asynccontextmanager
+async def connect(port: int, scopes: Sequence[str] = ALL_SCOPES) -> AsyncIterator[Client]:
+    """Open a channel to 127.0.0.1:port carrying a token with the given scopes."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        yield Client(channel, stub, (("authorization", bearer(scopes)),))
+
+
+def new_user(email: str, display_name: str = "Ada Lovelace", role: int = 0) -> user_pb2.User:
+    """Return a User message to create."""
+    return user_pb2.User(email=email, display_name=display_name, role=role)  # type: ignore[arg-type]
+
+
+def rich_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """Decode the google.rpc details of a failed call, keyed by detail type name."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    found: dict[str, Any] = {}
+    if status is None:
+        return found
+    for detail in status.details:
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.ResourceInfo,
+            error_details_pb2.RetryInfo,
+        ):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                found[kind.DESCRIPTOR.name] = message
+    return found
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """Return the field paths of a BadRequest detail."""
+    bad_request = rich_details(error).get("BadRequest")
+    return [violation.field for violation in bad_request.field_violations] if bad_request else []
