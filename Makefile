@@ -50,8 +50,8 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
 lint: $(STAMP) ## ruff lint and format check.
-	$(VENV)/bin/ruff check src tests bench tools/protoc-gen-grpc_python
-	$(VENV)/bin/ruff format --check src tests bench tools/protoc-gen-grpc_python
+	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python
+	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
 	$(VENV)/bin/ruff check --fix src tests bench

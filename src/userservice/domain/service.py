@@ -186,6 +186,8 @@ class UserService:
                 batch = []
         if batch:
             await self._flush_import(batch, result)
+        # Validation rejects a row at once, the store only when its batch flushes.
+        result.rejections.sort(key=lambda rejection: rejection[0])
         return result
 
     async def _flush_import(self, batch: list[tuple[int, User]], result: ImportResult) -> None:

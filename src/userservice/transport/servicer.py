@@ -136,8 +136,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> AsyncIterator[pb.WatchUsersResponse]:
         """Replay events after a sequence, then follow live ones."""
         after = request.after_sequence if request.HasField("after_sequence") else None
-        # Headers go out now so a client knows the watch is established before any event.
-        await context.send_initial_metadata(())
+        # No event may come for a long time: the client still sees the watch
+        # established at once because the access-log interceptor sends initial
+        # metadata (x-request-id) when every call starts.
         async for event in self._service.watch_users(after):
             yield event_to_proto(event)
 

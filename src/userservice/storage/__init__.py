@@ -1,0 +1,41 @@
+"""Storage backends for the UserRepository protocol, chosen by database URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from userservice.config import Settings
+from userservice.domain.repository import UserRepository
+from userservice.storage.sqlite import open_sqlite
+
+_SQLITE_PREFIX = "sqlite:///"
+_POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+
+
+async def open_repository(url: str, *, settings: Settings | None = None) -> UserRepository:
+    """Open the store the URL names: sqlite:///relative.db, sqlite:////absolute.db or postgresql://."""
+    if url.startswith(_POSTGRES_PREFIXES):
+        # Imported here so a SQLite deployment never loads the PostgreSQL driver.
+        from userservice.storage.postgres import open_postgres
+
+        return await open_postgres(url, settings=settings)
+    settings = settings or Settings()
+    return await open_sqlite(
+        parse_sqlite_path(url),
+        event_retention=settings.event_retention,
+        migrate=settings.migrate_on_start,
+    )
+
+
+def parse_sqlite_path(url: str) -> Path:
+    """Return the file a sqlite URL names: sqlite:///relative/to/cwd.db, sqlite:////absolute.db."""
+    if not url.startswith(_SQLITE_PREFIX):
+        scheme = url.partition(":")[0]
+        # Only the scheme: a full URL may carry a password.
+        raise ValueError(
+            f"unsupported database URL scheme {scheme!r}; use sqlite:/// or postgresql://"
+        )
+    path = url.removeprefix(_SQLITE_PREFIX)
+    if not path or "?" in path or path == ":memory:":
+        raise ValueError(f"{url!r} does not name a database file")
+    return Path(path).absolute()
