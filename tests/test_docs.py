@@ -1,0 +1,21 @@
+"""The README stays true to the code: every setting and every RPC is documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from user.v1 import user_service_pb2
+from userservice.config import setting_names
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_readme_documents_every_setting() -> None:
+    missing = [name for name in setting_names() if f"`{name}`" not in README]
+    assert missing == []
+
+
+def test_readme_documents_every_rpc() -> None:
+    service = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+    missing = [method.name for method in service.methods if f"`{method.name}`" not in README]
+    assert missing == []

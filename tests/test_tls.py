@@ -1,0 +1,135 @@
+"""TLS and mutual TLS on the real server, with certificates made by the test."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import bearer, make_settings, new_user, running_app
+
+from user.v1 import user_service_pb2 as pb
+from user.v1 import user_service_pb2_grpc
+
+Key = ec.EllipticCurvePrivateKey
+
+
+def _issue(
+    subject: str, issuer: tuple[x509.Certificate, Key] | None, *, server: bool = False
+) -> tuple[x509.Certificate, Key]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer[0].subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        )
+    certificate = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    return certificate, key
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: Key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path | bytes]:
+    """Write a CA, a server certificate for localhost and a client certificate."""
+    ca = _issue("test-ca", None)
+    server_cert, server_key = _issue("localhost", ca, server=True)
+    client_cert, client_key = _issue("test-client", ca)
+    files: dict[str, Path | bytes] = {}
+    for name, content in {
+        "ca.pem": _pem(ca[0]),
+        "server.pem": _pem(server_cert),
+        "server.key": _key_pem(server_key),
+    }.items():
+        (tmp_path / name).write_bytes(content)
+        files[name] = tmp_path / name
+    files["client.pem"] = _pem(client_cert)
+    files["client.key"] = _key_pem(client_key)
+    return files
+
+
+def _channel(port: int, pki: dict[str, Path | bytes], *, client_cert: bool) -> grpc.aio.Channel:
+    ca = Path(str(pki["ca.pem"])).read_bytes()
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=pki["client.key"] if client_cert else None,  # type: ignore[arg-type]
+        certificate_chain=pki["client.pem"] if client_cert else None,  # type: ignore[arg-type]
+    )
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{port}", credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
+
+
+@pytest.mark.asyncio
+async def test_tls_serves_the_api_and_refuses_plaintext(
+    sqlite_url: str, pki: dict[str, Path | bytes]
+) -> None:
+    settings = make_settings(
+        sqlite_url, tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"])
+    )
+    async with running_app(settings) as app:
+        async with _channel(app.port, pki, client_cert=False) as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            created = await stub.CreateUser(
+                pb.CreateUserRequest(user=new_user("tls@example.com")),
+                metadata=(("authorization", bearer()),),
+                timeout=5,
+            )
+            assert created.user.email == "tls@example.com"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await health_pb2_grpc.HealthStub(plaintext).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.asyncio
+async def test_mutual_tls_requires_a_client_certificate(
+    sqlite_url: str, pki: dict[str, Path | bytes]
+) -> None:
+    settings = make_settings(
+        sqlite_url,
+        tls_cert_file=str(pki["server.pem"]),
+        tls_key_file=str(pki["server.key"]),
+        tls_client_ca_file=str(pki["ca.pem"]),
+    )
+    async with running_app(settings) as app:
+        async with _channel(app.port, pki, client_cert=True) as channel:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        async with _channel(app.port, pki, client_cert=False) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
