@@ -50,6 +50,9 @@ class Settings:
     db_connect_timeout_seconds: float = _setting(5.0, "PostgreSQL: connect timeout")
     db_statement_timeout_seconds: float = _setting(10.0, "PostgreSQL: statement timeout")
     event_retention: int = _setting(100_000, "change events kept for WatchUsers resume")
+    request_id_retention_seconds: float = _setting(
+        86_400.0, "how long a CreateUser request_id is remembered for retries"
+    )
     auth_jwt_secret: str = _setting("", "HS256 shared secret (at least 32 bytes)")
     auth_jwt_public_key_file: str = _setting("", "PEM public key or JWKS file (RS256/ES256)")
     auth_issuer: str = _setting("", "required iss claim, if set")
@@ -82,6 +85,7 @@ class Settings:
             "db_connect_timeout_seconds",
             "db_statement_timeout_seconds",
             "event_retention",
+            "request_id_retention_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
