@@ -1,0 +1,1 @@
+"""Side-by-side throughput and CPU-per-call benchmark: bare grpc.aio vs the full service."""
