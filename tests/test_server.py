@@ -241,6 +241,17 @@ async def test_development_secret_is_accepted_for_a_development_run(tmp_path: Pa
 
 
 @pytest.mark.asyncio
+async def test_migrate_needs_no_auth_settings_and_is_idempotent(tmp_path: Path) -> None:
+    env = service_env(tmp_path / "db.sqlite", free_port(), USERSERVICE_AUTH_JWT_SECRET="")
+    code, output = await run_cli("migrate", env=env)
+    assert code == 0, output
+    assert "0001_init" in output
+    code, output = await run_cli("migrate", env=env)
+    assert code == 0, output
+    assert "0001_init" not in output
+
+
+@pytest.mark.asyncio
 async def test_port_in_use_exits_non_zero(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(arguments: argparse.Namespace) -> Settings:
     names = set(Settings.__dataclass_fields__)
     overrides = {k: v for k, v in vars(arguments).items() if k in names and v is not None}
-    return load_settings(overrides=overrides)
+    return load_settings(overrides=overrides, require_auth=arguments.command != "migrate")
 
 
 async def _migrate(settings: Settings) -> list[str]:

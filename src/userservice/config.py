@@ -66,8 +66,11 @@ class Settings:
     rate_limit_redis_url: str = _setting("", "redis://host:port/db for a limit shared by replicas")
     rate_limit_fail_open: bool = _setting(True, "allow calls when Redis is unreachable")
 
-    def validate(self) -> Settings:
-        """Return self, or raise ConfigError naming the first bad setting."""
+    def validate(self, *, require_auth: bool = True) -> Settings:
+        """Return self, or raise ConfigError naming the first bad setting.
+
+        require_auth is False only for commands that serve nothing (migrate).
+        """
         _check_address("listen_address", self.listen_address)
         if self.metrics_address:
             _check_address("metrics_address", self.metrics_address)
@@ -101,7 +104,7 @@ class Settings:
                 "set only one of USERSERVICE_AUTH_JWT_SECRET and "
                 "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE"
             )
-        if not self.auth_jwt_secret and not self.auth_jwt_public_key_file:
+        if require_auth and not self.auth_jwt_secret and not self.auth_jwt_public_key_file:
             raise ConfigError(
                 "authentication is required: set USERSERVICE_AUTH_JWT_SECRET or "
                 "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE (make run uses a development secret)"
@@ -175,6 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    require_auth: bool = True,
 ) -> Settings:
     """Build and validate Settings: defaults, then environment, then explicit overrides."""
     environ = os.environ if environ is None else environ
@@ -188,7 +193,7 @@ def load_settings(
             values[item.name] = (
                 _convert(item.name, item.type, override) if isinstance(override, str) else override
             )
-    return dataclasses.replace(Settings(), **values).validate()
+    return dataclasses.replace(Settings(), **values).validate(require_auth=require_auth)
 
 
 def setting_names() -> Sequence[str]:
