@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from userservice.interceptors.auth import mint_token
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from userservice.config import Settings
+from userservice.interceptors.auth import mint_token
 from userservice.server import Application
 
 TEST_JWT_SECRET = "test-secret-for-the-suite-only-0123456789abcdef"

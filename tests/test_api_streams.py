@@ -11,9 +11,8 @@ from google.protobuf import field_mask_pb2
 from google.rpc import code_pb2
 from support import Client, bearer, new_user
 
-from user.v1 import user_pb2
+from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
-from user.v1 import user_service_pb2_grpc
 from userservice.server import Application
 
 

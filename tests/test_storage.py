@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -27,9 +30,11 @@ from userservice.domain.model import (
     UserFilter,
 )
 from userservice.domain.repository import UserRepository
-from userservice.storage import open_repository
+from userservice.storage import open_repository, parse_sqlite_path
 
 REQUEST_ID = "0190a7c2-8f4e-7b3a-9c1d-2e3f4a5b6c7d"
+# Short enough for real sleeps, long enough that a key just claimed stays live for the test.
+SHORT_RETENTION = 0.3
 EVERYONE = UserFilter()
 
 
@@ -62,6 +67,53 @@ async def all_users(repo: UserRepository, user_filter: UserFilter = EVERYONE) ->
 async def event_count(repo: UserRepository) -> int:
     oldest, latest = await repo.event_bounds()
     return latest - oldest
+
+
+@contextlib.asynccontextmanager
+async def retaining_request_ids(database_url: str, seconds: float) -> AsyncIterator[UserRepository]:
+    """Open a repository that remembers request_ids for this long, and close it afterwards."""
+    settings = Settings(request_id_retention_seconds=seconds)
+    repository = await open_repository(database_url, settings=settings)
+    try:
+        yield repository
+    finally:
+        await repository.close()
+
+
+async def stored_request_ids(database_url: str) -> set[str]:
+    """Read the keys in create_requests directly, past the repository."""
+    query = "SELECT request_id FROM create_requests"
+    if database_url.startswith("sqlite:"):
+        with contextlib.closing(sqlite3.connect(parse_sqlite_path(database_url))) as conn:
+            return {row[0] for row in conn.execute(query)}
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url, timeout=5)
+    try:
+        return {row[0] for row in await conn.fetch(query)}
+    finally:
+        await conn.close()
+
+
+async def insert_expired_request_ids(database_url: str, count: int) -> None:
+    """Store count keys first used at the epoch, as a table from before keys expired would."""
+    rows = [(f"old-{n}", "fp", new_user_id(), "e", "n", 1, 1, 1, 1, 1) for n in range(count)]
+    # Both schemas order the columns alike: request_id, fingerprint, the snapshot, created_us.
+    if database_url.startswith("sqlite:"):
+        with contextlib.closing(sqlite3.connect(parse_sqlite_path(database_url))) as conn, conn:
+            conn.executemany(
+                "INSERT INTO create_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url, timeout=5)
+    try:
+        await conn.executemany(
+            "INSERT INTO create_requests VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", rows
+        )
+    finally:
+        await conn.close()
 
 
 # -- create and read ----------------------------------------------------------
@@ -129,6 +181,110 @@ async def test_request_id_replays_the_user_as_created_then(repo: UserRepository)
     await repo.update(first.id, UserChanges(display_name="Renamed"), None, now_us())
 
     assert await repo.create(make_user(), REQUEST_ID, "fp") == first
+
+
+# -- request_id retention -------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_request_id_replays_the_first_create_within_its_retention(
+    database_url: str,
+) -> None:
+    async with retaining_request_ids(database_url, 1.5) as repo:
+        first = await repo.create(make_user("ann@example.com"), REQUEST_ID, "fingerprint-a")
+        await asyncio.sleep(SHORT_RETENTION)
+
+        again = await repo.create(make_user("ann@example.com"), REQUEST_ID, "fingerprint-a")
+        with pytest.raises(RequestIdReusedError):
+            await repo.create(make_user("bob@example.com"), REQUEST_ID, "fingerprint-b")
+        users = await all_users(repo)
+
+    assert again == first
+    assert users == [first]
+    assert await stored_request_ids(database_url) == {REQUEST_ID}
+
+
+@pytest.mark.asyncio
+async def test_an_expired_request_id_is_a_fresh_key(database_url: str) -> None:
+    async with retaining_request_ids(database_url, SHORT_RETENTION) as repo:
+        first = await repo.create(make_user("ann@example.com"), REQUEST_ID, "fingerprint-a")
+        await asyncio.sleep(SHORT_RETENTION + 0.1)
+
+        # The first result is not replayed: the same input is a new create, and its email is taken.
+        with pytest.raises(EmailAlreadyExistsError):
+            await repo.create(make_user("ann@example.com"), REQUEST_ID, "fingerprint-a")
+        # Other input is no reuse of an expired key; the key now belongs to this create.
+        second = await repo.create(make_user("bob@example.com"), REQUEST_ID, "fingerprint-b")
+        retried = await repo.create(make_user("bob@example.com"), REQUEST_ID, "fingerprint-b")
+        with pytest.raises(RequestIdReusedError):
+            await repo.create(make_user("carl@example.com"), REQUEST_ID, "fingerprint-a")
+        users = await all_users(repo)
+        events = await event_count(repo)
+
+    assert (second.email, retried) == ("bob@example.com", second)
+    assert sorted(user.id for user in users) == sorted([first.id, second.id])
+    assert events == 2
+
+
+@pytest.mark.asyncio
+async def test_concurrent_retries_of_an_expired_request_id_create_one_user(
+    database_url: str,
+) -> None:
+    settings = Settings(request_id_retention_seconds=SHORT_RETENTION)
+    replicas = [await open_repository(database_url, settings=settings)]
+    try:
+        if not database_url.startswith("sqlite:"):
+            # SQLite serves one process; PostgreSQL replicas race on one database.
+            replicas.append(await open_repository(database_url, settings=settings))
+        first = await replicas[0].create(make_user("ann@example.com"), REQUEST_ID, "fp-a")
+        await asyncio.sleep(SHORT_RETENTION + 0.1)
+
+        # Each retry is a new candidate with the same email: a second insert would fail.
+        results = await asyncio.gather(
+            *(
+                replicas[n % len(replicas)].create(make_user("bob@example.com"), REQUEST_ID, "fp-b")
+                for n in range(10)
+            )
+        )
+        events = await event_count(replicas[0])
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+    assert len({user.id for user in results}) == 1
+    assert results[0].id != first.id
+    assert events == 2
+
+
+@pytest.mark.asyncio
+async def test_expired_request_ids_are_deleted_as_writes_go_on(database_url: str) -> None:
+    keys = [str(uuid.uuid4()) for _ in range(4)]
+    async with retaining_request_ids(database_url, SHORT_RETENTION) as repo:
+        for n, key in enumerate(keys[:3]):
+            await repo.create(make_user(f"user{n}@example.com"), key, "fp")
+        assert await stored_request_ids(database_url) == set(keys[:3])
+        await asyncio.sleep(SHORT_RETENTION + 0.1)
+
+        await repo.create(make_user("last@example.com"), keys[3], "fp")
+
+        deadline = time.monotonic() + 1
+        while (stored := await stored_request_ids(database_url)) != {keys[3]}:
+            assert time.monotonic() < deadline, stored
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.asyncio
+async def test_a_backlog_of_expired_request_ids_is_deleted_in_batches(database_url: str) -> None:
+    async with retaining_request_ids(database_url, 60) as repo:
+        await insert_expired_request_ids(database_url, 2_500)
+
+        deadline = time.monotonic() + 1.5
+        n = 0
+        while stored := await stored_request_ids(database_url):
+            assert time.monotonic() < deadline, len(stored)
+            await repo.create(make_user(f"user{n}@example.com"), None, "fp")
+            n += 1
+            await asyncio.sleep(0.02)
 
 
 # -- update and delete ----------------------------------------------------------

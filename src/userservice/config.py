@@ -35,7 +35,9 @@ class Settings:
     shutdown_drain_seconds: float = _setting(
         0.0, "wait after NOT_SERVING before refusing new RPCs (load balancers catch up)"
     )
-    max_concurrent_rpcs: int = _setting(1000, "RPCs served at once; more are refused with RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = _setting(
+        1000, "RPCs served at once; more are refused with RESOURCE_EXHAUSTED"
+    )
     max_message_bytes: int = _setting(4 * 1024 * 1024, "largest request or response message")
     metrics_address: str = _setting("", "host:port for Prometheus /metrics; empty disables")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")

@@ -24,6 +24,7 @@ async def open_repository(url: str, *, settings: Settings | None = None) -> User
         parse_sqlite_path(url),
         event_retention=settings.event_retention,
         migrate=settings.migrate_on_start,
+        request_id_retention_seconds=settings.request_id_retention_seconds,
     )
 
 

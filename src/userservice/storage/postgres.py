@@ -36,6 +36,7 @@ from userservice.domain.errors import (
     StorageUnavailableError,
     UserNotFoundError,
 )
+from userservice.domain.ids import now_us
 from userservice.domain.model import (
     EventType,
     Page,
@@ -80,6 +81,11 @@ _LISTENER_KEEPALIVE_SECONDS: Final = 10.0
 _LISTENER_MAX_BACKOFF: Final = 5.0
 _PING_TIMEOUT_SECONDS: Final = 2.0
 _CLOSE_TIMEOUT_SECONDS: Final = 5.0
+# Expired request_ids are deleted in the background, started by a write at most once
+# per interval per replica; a full batch means a backlog, worked off one batch per pause.
+_EXPIRE_INTERVAL_SECONDS: Final = 60.0
+_EXPIRE_BACKLOG_PAUSE_SECONDS: Final = 0.05
+_EXPIRE_BATCH: Final = 1_000
 
 _SELECT_USER: Final = """
 SELECT id, email, display_name, role, create_time_us, update_time_us, revision
@@ -131,11 +137,21 @@ ON CONFLICT (email_normalized) DO NOTHING
 RETURNING id
 """
 
+# Claims a new key, or takes over an expired one ($11 is the cutoff) in place. On a
+# conflict DO UPDATE waits for the row's writer, then locks the row's newest version
+# and tests the WHERE on it even when it declines to update; so of replicas racing on
+# one expired key exactly one takes it over, and the rest find a live row they hold
+# locked, which no sweep can delete before they read it.
 _CLAIM_REQUEST: Final = """
 INSERT INTO create_requests (request_id, fingerprint, user_id, email, display_name, role,
                              create_time_us, update_time_us, revision, created_us)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT (request_id) DO NOTHING
+ON CONFLICT (request_id) DO UPDATE
+SET fingerprint = EXCLUDED.fingerprint, user_id = EXCLUDED.user_id, email = EXCLUDED.email,
+    display_name = EXCLUDED.display_name, role = EXCLUDED.role,
+    create_time_us = EXCLUDED.create_time_us, update_time_us = EXCLUDED.update_time_us,
+    revision = EXCLUDED.revision, created_us = EXCLUDED.created_us
+WHERE create_requests.created_us < $11
 RETURNING request_id
 """
 
@@ -192,6 +208,21 @@ WHERE sequence <= LEAST((SELECT min(sequence) FROM user_events) + $2::bigint,
                         (SELECT value FROM event_sequence) - $1::bigint)
 """
 _PRUNE_BATCH_SIZE: Final = 10_000
+
+# The oldest keys expired before $1, at most $2, off the created_us index. SKIP LOCKED
+# passes over a key a create is taking over (or another replica's sweep holds), and the
+# locking read re-tests created_us on a row changed since the snapshot, so a key claimed
+# anew is never deleted.
+_EXPIRE_REQUESTS: Final = """
+DELETE FROM create_requests
+WHERE request_id = ANY(ARRAY(
+    SELECT request_id FROM create_requests
+    WHERE created_us < $1
+    ORDER BY created_us
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+))
+"""
 
 _SELECT_EVENTS: Final = """
 SELECT sequence, type, event_time_us, user_id AS id, email, display_name, role,
@@ -293,7 +324,11 @@ async def open_postgres(url: str, *, settings: Settings | None = None) -> Postgr
     except _UNAVAILABLE_ERRORS as error:
         raise StorageUnavailableError(f"cannot reach PostgreSQL: {error}") from error
     repository = PostgresUserRepository(
-        pool, url=url, options=options, event_retention=settings.event_retention
+        pool,
+        url=url,
+        options=options,
+        event_retention=settings.event_retention,
+        request_id_retention_seconds=settings.request_id_retention_seconds,
     )
     try:
         await repository._start()
@@ -333,13 +368,24 @@ class PostgresUserRepository:
     """UserRepository on PostgreSQL; build it with open_postgres."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, url: str, options: _ConnectOptions, event_retention: int
+        self,
+        pool: asyncpg.Pool,
+        *,
+        url: str,
+        options: _ConnectOptions,
+        event_retention: int,
+        request_id_retention_seconds: float,
     ) -> None:
         """Wrap an asyncpg pool; open_postgres does this and starts the listener."""
         self._pool = pool
         self._url = url
         self._options = options
         self._retention = event_retention
+        self._request_retention_us = max(1, round(request_id_retention_seconds * 1_000_000))
+        # A retention shorter than the interval is swept as often as it expires rows.
+        self._expire_interval = min(_EXPIRE_INTERVAL_SECONDS, request_id_retention_seconds)
+        self._next_expire = 0.0  # loop time, so the first write starts a sweep
+        self._expire_task: asyncio.Task[None] | None = None
         self._closed = False
         self._latest_sequence = 0
         self._changed = asyncio.Event()
@@ -390,10 +436,11 @@ class PostgresUserRepository:
                     user.update_time_us,
                     user.revision,
                     user.create_time_us,
+                    now_us() - self._request_retention_us,
                 )
                 if claimed is None:
-                    # Another transaction owns the key; ON CONFLICT waited for it to
-                    # commit, so this statement's fresh snapshot sees its row.
+                    # A live key: ON CONFLICT waited for its writer to commit and locked
+                    # the row, so this statement's fresh snapshot sees it.
                     row = await conn.fetchrow(_SELECT_REQUEST, request_id)
                     if row is None:
                         raise StorageUnavailableError("request_id expired while in use; retry")
@@ -624,7 +671,8 @@ class PostgresUserRepository:
             return
         self._closed = True
         self._changed.set()
-        tasks = [task for task in (self._listener_task, self._prune_task) if task is not None]
+        running = (self._listener_task, self._prune_task, self._expire_task)
+        tasks = [task for task in running if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -677,6 +725,7 @@ class PostgresUserRepository:
             if last_sequence:
                 # Local watchers need not wait for the NOTIFY round trip.
                 self._wake(last_sequence)
+            self._start_expiry()
             return result
         raise AssertionError("unreachable")
 
@@ -714,6 +763,34 @@ class PostgresUserRepository:
                 await asyncio.sleep(0.05)
         except StorageUnavailableError:
             _log.warning("pruning old events stopped; the next start resumes it", exc_info=True)
+
+    def _start_expiry(self) -> None:
+        """Start a background sweep of expired request_ids if one is due and none is running."""
+        loop = asyncio.get_running_loop()
+        if self._closed or loop.time() < self._next_expire:
+            return
+        if self._expire_task is not None and not self._expire_task.done():
+            return
+        self._next_expire = loop.time() + self._expire_interval
+        self._expire_task = asyncio.create_task(
+            self._expire_requests(), name="userservice-postgres-expire-requests"
+        )
+
+    async def _expire_requests(self) -> None:
+        try:
+            while not self._closed:
+                cutoff = now_us() - self._request_retention_us
+                async with self._connection() as conn:
+                    status = await conn.execute(_EXPIRE_REQUESTS, cutoff, _EXPIRE_BATCH)
+                if int(status.rpartition(" ")[2]) < _EXPIRE_BATCH:
+                    return
+                # Spreads a backlog's deletes out so they do not compete with live writes.
+                await asyncio.sleep(_EXPIRE_BACKLOG_PAUSE_SECONDS)
+        except (StorageUnavailableError, asyncpg.PostgresError):
+            # Only space is at stake: expired keys are ignored until a later sweep deletes them.
+            _log.warning(
+                "deleting expired request_ids failed; a later write retries", exc_info=True
+            )
 
     def _wake(self, sequence: int) -> None:
         self._latest_sequence = max(self._latest_sequence, sequence)

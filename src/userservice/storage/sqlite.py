@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,8 +47,16 @@ Ts = TypeVarTuple("Ts")
 
 DEFAULT_CACHE_SIZE: Final = 10_000
 DEFAULT_EVENT_RETENTION: Final = 100_000
+DEFAULT_REQUEST_ID_RETENTION_SECONDS: Final = 86_400.0
 _BUSY_TIMEOUT_MS: Final = 5_000
 _PRUNE_INTERVAL: Final = 1_000
+# Expired request_ids are deleted inside a write at most once per interval and at most a
+# batch at a time (about 3 ms), so no request pays for a long delete. A full batch means
+# a backlog (a lowered retention, a table from before keys expired), which later writes
+# then work off one batch per pause.
+_EXPIRE_INTERVAL_SECONDS: Final = 60.0
+_EXPIRE_BACKLOG_PAUSE_SECONDS: Final = 0.05
+_EXPIRE_BATCH: Final = 1_000
 _CLOSED: Final = "the SQLite repository is closed"
 # Primary result codes that mean the file cannot be used right now, as opposed to a bad query.
 _UNAVAILABLE_CODES: Final = frozenset(
@@ -97,12 +106,22 @@ _EVENT_BOUNDS = (
 _PRUNE_EVENTS = (
     "DELETE FROM user_events WHERE sequence <= (SELECT max(sequence) FROM user_events) - ?"
 )
+# An expired key reads as unknown, whether or not the sweep has deleted its row yet.
 _SELECT_REQUEST = (
-    f"SELECT fingerprint, {_SNAPSHOT_COLUMNS} FROM create_requests WHERE request_id = ?"  # noqa: S608
+    f"SELECT fingerprint, {_SNAPSHOT_COLUMNS} FROM create_requests"  # noqa: S608
+    " WHERE request_id = ? AND created_us >= ?"
 )
+# REPLACE can only ever meet an expired row: a live one was found by _SELECT_REQUEST
+# in the same transaction and answered the request instead.
 _INSERT_REQUEST = (
-    f"INSERT INTO create_requests (request_id, fingerprint, created_us, {_SNAPSHOT_COLUMNS})"  # noqa: S608
+    "INSERT OR REPLACE INTO create_requests"  # noqa: S608
+    f" (request_id, fingerprint, created_us, {_SNAPSHOT_COLUMNS})"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# SQLite has no DELETE ... LIMIT by default; the oldest keys come off the created_us index.
+_EXPIRE_REQUESTS = (
+    "DELETE FROM create_requests WHERE request_id IN (SELECT request_id FROM create_requests"
+    " WHERE created_us < ? ORDER BY created_us LIMIT ?)"
 )
 _PING = "SELECT 1 FROM schema_migrations LIMIT 1"
 
@@ -179,10 +198,13 @@ async def open_sqlite(
     event_retention: int = DEFAULT_EVENT_RETENTION,
     migrate: bool = True,
     cache_size: int = DEFAULT_CACHE_SIZE,
+    request_id_retention_seconds: float = DEFAULT_REQUEST_ID_RETENTION_SECONDS,
 ) -> SqliteUserRepository:
     """Open (creating it if needed) the database file at path for this process alone."""
     if event_retention < 1 or cache_size < 0:
         raise ValueError("event_retention must be positive and cache_size not negative")
+    if not request_id_retention_seconds > 0:
+        raise ValueError("request_id_retention_seconds must be positive")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
     try:
@@ -194,7 +216,12 @@ async def open_sqlite(
         reader.shutdown(wait=False)
         raise
     return SqliteUserRepository(
-        files, writer, reader, event_retention=event_retention, cache_size=cache_size
+        files,
+        writer,
+        reader,
+        event_retention=event_retention,
+        cache_size=cache_size,
+        request_id_retention_seconds=request_id_retention_seconds,
     )
 
 
@@ -220,6 +247,7 @@ class SqliteUserRepository:
         *,
         event_retention: int,
         cache_size: int,
+        request_id_retention_seconds: float,
     ) -> None:
         self._files = files
         self._loop = asyncio.get_running_loop()
@@ -230,6 +258,10 @@ class SqliteUserRepository:
         self._event_retention = event_retention
         self._prune_interval = min(_PRUNE_INTERVAL, event_retention)
         self._events_since_prune = 0  # writer thread only
+        self._request_retention_us = max(1, round(request_id_retention_seconds * 1_000_000))
+        # A retention shorter than the interval is swept as often as it expires rows.
+        self._expire_interval = min(_EXPIRE_INTERVAL_SECONDS, request_id_retention_seconds)
+        self._next_expire = 0.0  # writer thread only; monotonic, so the first write sweeps
         # Everything below belongs to the event loop thread, so it needs no lock.
         self._cache: OrderedDict[str, User] = OrderedDict()
         self._cache_size = cache_size
@@ -245,7 +277,7 @@ class SqliteUserRepository:
 
     async def create(self, user: User, request_id: str | None, fingerprint: str) -> User:
         """Insert a user; a request_id seen before returns its first result (see the protocol)."""
-        return await self._write(_create, user, request_id, fingerprint)
+        return await self._write(_create, user, request_id, fingerprint, self._request_retention_us)
 
     async def create_many(self, users: Sequence[User]) -> list[User | DomainError]:
         """Insert a batch in one transaction; a taken email fails only its own row."""
@@ -392,11 +424,20 @@ class SqliteUserRepository:
             if self._events_since_prune >= self._prune_interval:
                 writes.conn.execute(_PRUNE_EVENTS, (self._event_retention,))
                 self._events_since_prune = 0
+            if time.monotonic() >= self._next_expire:
+                self._expire_requests(writes.conn)
         if writes.events:
             # Scheduled before this function returns, so the cache is current by the time
             # the caller resumes, and still applied if the caller was cancelled meanwhile.
             self._loop.call_soon_threadsafe(self._committed, writes.cache, writes.last_sequence)
         return result
+
+    def _expire_requests(self, conn: sqlite3.Connection) -> None:
+        """Delete one bounded batch of expired request_ids; schedule the next sweep."""
+        cutoff = now_us() - self._request_retention_us
+        deleted = conn.execute(_EXPIRE_REQUESTS, (cutoff, _EXPIRE_BATCH)).rowcount
+        pause = _EXPIRE_BACKLOG_PAUSE_SECONDS if deleted >= _EXPIRE_BATCH else self._expire_interval
+        self._next_expire = time.monotonic() + pause
 
     def _committed(self, cache: dict[str, User | None], last_sequence: int) -> None:
         self._write_generation += 1
@@ -443,9 +484,12 @@ class _Writes:
         self.events += 1
 
 
-def _create(writes: _Writes, user: User, request_id: str | None, fingerprint: str) -> User:
+def _create(
+    writes: _Writes, user: User, request_id: str | None, fingerprint: str, retention_us: int
+) -> User:
+    now = now_us()
     if request_id is not None:
-        row = writes.conn.execute(_SELECT_REQUEST, (request_id,)).fetchone()
+        row = writes.conn.execute(_SELECT_REQUEST, (request_id, now - retention_us)).fetchone()
         if row is not None:
             if row[0] != fingerprint:
                 raise RequestIdReusedError()
@@ -453,7 +497,7 @@ def _create(writes: _Writes, user: User, request_id: str | None, fingerprint: st
     if not writes.insert(user):
         raise EmailAlreadyExistsError()
     if request_id is not None:
-        writes.conn.execute(_INSERT_REQUEST, (request_id, fingerprint, now_us(), *_values(user)))
+        writes.conn.execute(_INSERT_REQUEST, (request_id, fingerprint, now, *_values(user)))
     writes.event(EventType.CREATED, user, user.create_time_us)
     writes.cache[user.id] = user
     return user
