@@ -1,0 +1,1 @@
+"""gRPC server interceptors: recovery, access log and metrics, auth, rate limit (see chain)."""

@@ -1,0 +1,151 @@
+"""Handler plumbing shared by the interceptors: one behaviour shape and a cached wrapper.
+
+grpc.aio accepts four handler kinds and, for streamed responses, two styles: an async
+generator, or a coroutine that calls ``context.write`` (the health Watch is one; see
+grpc#28728). Every behaviour is normalised here to a coroutine ``(request, context)``
+that returns the response (unary responses) or None after writing (streamed responses),
+so each interceptor writes one wrapper instead of eight.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, TypeAlias
+
+import grpc
+
+# Strings, because grpc's runtime classes are not all subscriptable (only the stubs are).
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Behaviour: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+
+UNARY: Final = "unary"
+CLIENT_STREAM: Final = "client_stream"
+SERVER_STREAM: Final = "server_stream"
+BIDI_STREAM: Final = "bidi_stream"
+
+_KINDS: Final = {
+    (False, False): UNARY,
+    (True, False): CLIENT_STREAM,
+    (False, True): SERVER_STREAM,
+    (True, True): BIDI_STREAM,
+}
+_FACTORIES: Final[dict[str, Callable[..., Handler]]] = {
+    UNARY: grpc.unary_unary_rpc_method_handler,
+    CLIENT_STREAM: grpc.stream_unary_rpc_method_handler,
+    SERVER_STREAM: grpc.unary_stream_rpc_method_handler,
+    BIDI_STREAM: grpc.stream_stream_rpc_method_handler,
+}
+# Handlers are few (one per method), but a generic handler may mint new ones per call:
+# past this many entries the cache starts over rather than grow without bound.
+_CACHE_LIMIT: Final = 4096
+
+
+def kind_of(handler: Handler) -> str:
+    """Return unary, client_stream, server_stream or bidi_stream."""
+    return _KINDS[handler.request_streaming, handler.response_streaming]
+
+
+def _original(handler: Handler, kind: str) -> Callable[..., Any]:
+    behaviour = {
+        UNARY: handler.unary_unary,
+        CLIENT_STREAM: handler.stream_unary,
+        SERVER_STREAM: handler.unary_stream,
+        BIDI_STREAM: handler.stream_stream,
+    }[kind]
+    if behaviour is None:
+        raise TypeError(f"{kind} handler without a behaviour")
+    return behaviour
+
+
+def normalised(handler: Handler) -> Behaviour:
+    """Return the handler's behaviour as a coroutine function of the one shape above."""
+    kind = kind_of(handler)
+    behaviour = _original(handler, kind)
+    if inspect.iscoroutinefunction(behaviour):
+        # A coroutine is already the shape: grpc.aio treats a streaming one as writer-style.
+        return behaviour
+    if kind in (UNARY, CLIENT_STREAM):
+        return _awaiting(behaviour)
+    return _writing(behaviour)
+
+
+def _awaiting(behaviour: Callable[..., Any]) -> Behaviour:
+    async def awaiting(request: Any, context: Context) -> Any:
+        result = behaviour(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return awaiting
+
+
+def _writing(behaviour: Callable[..., Any]) -> Behaviour:
+    async def writing(request: Any, context: Context) -> None:
+        result = behaviour(request, context)
+        if inspect.isawaitable(result):
+            result = await result
+        if result is None:
+            return
+        if not hasattr(result, "__aiter__"):
+            for message in result:
+                await context.write(message)
+            return
+        iterator: AsyncIterator[Any] = aiter(result)
+        try:
+            async for message in iterator:
+                await context.write(message)
+        finally:
+            # Close the generator now, on this task, so its finally blocks run before the
+            # status is sent, instead of whenever the garbage collector finds it.
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+    return writing
+
+
+def rebuild(handler: Handler, behaviour: Behaviour) -> Handler:
+    """Return a handler of the same kind and codecs that runs behaviour."""
+    return _FACTORIES[kind_of(handler)](
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
+    """Base interceptor: wraps each method's behaviour once and reuses the wrapped handler.
+
+    All per-call work happens inside the wrapped behaviour, never in intercept_service,
+    so an outer interceptor's wrapper sees every exception an inner one raises.
+    """
+
+    def __init__(self) -> None:
+        """Start with an empty cache of wrapped handlers."""
+        self._wrapped: dict[tuple[str, int], tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        """Return the next handler, wrapped by this interceptor (cached per method)."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        key = (method, id(handler))
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        behaviour = self.wrap(method, kind_of(handler), normalised(handler))
+        wrapped = handler if behaviour is None else rebuild(handler, behaviour)
+        if len(self._wrapped) >= _CACHE_LIMIT:
+            self._wrapped.clear()
+        # The entry holds the handler itself, so its id cannot be reused while cached.
+        self._wrapped[key] = (handler, wrapped)
+        return wrapped
+
+    @abc.abstractmethod
+    def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:
+        """Return the per-call behaviour for method, or None to serve it untouched."""

@@ -1,0 +1,186 @@
+"""Access log and RPC metrics: one JSON line per RPC at completion, with its final code.
+
+The line has the shape of ``userservice.logs.JsonFormatter`` output (time, level, logger,
+message, then fields) but is formatted and written to stderr here in one step: a record
+through the logging machinery and JsonFormatter costs ~10 µs, this ~1 µs, on every RPC.
+The level of the ``userservice.access`` logger still decides whether lines are written.
+Lines hold no personal data: no request bodies, tokens, emails or status messages, only
+the ErrorInfo reason (or the code name) of a failure. The request id (the caller's valid
+``x-request-id`` or a fresh one) is sent back in the initial metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from json.encoder import encode_basestring_ascii
+from typing import Any, Final, cast
+
+import grpc
+
+from userservice.interceptors._call import PRINCIPAL, REQUEST_ID_KEY, request_id
+from userservice.interceptors._handlers import (
+    SERVER_STREAM,
+    UNARY,
+    Behaviour,
+    Context,
+    WrappingInterceptor,
+)
+from userservice.interceptors._status import error_reason
+from userservice.interceptors.recovery import final_code
+from userservice.metrics import ACCESS_LOG_ERRORS, MethodMetrics
+
+LOGGER_NAME: Final = "userservice.access"
+_log: Final = logging.getLogger(LOGGER_NAME)
+_OK: Final = grpc.StatusCode.OK
+_quote: Final[Callable[[str], str]] = encode_basestring_ascii
+# The formatted second changes once a second; strftime on every line would not be free.
+_second: list[Any] = [-1, ""]
+
+Sink = Callable[[str], object]
+
+
+def _stderr(line: str) -> None:
+    # Looked up per line so a replaced sys.stderr (tests, daemonizing) is honoured.
+    sys.stderr.write(line)
+
+
+def _timestamp(now: float) -> str:
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+
+
+class _CountingContext:
+    """Delegates to the real context, counting stream messages read and written."""
+
+    __slots__ = ("_context", "received", "sent")
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self.received = 0
+        self.sent = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self.received += 1
+        return message
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self.sent += 1
+
+    async def iterate(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            self.received += 1
+            yield request
+
+
+class AccessLogInterceptor(WrappingInterceptor):
+    """Logs every RPC once with its final code, records its metrics, echoes x-request-id."""
+
+    def __init__(self, sink: Sink | None = None) -> None:
+        """Write lines with sink (default: the current sys.stderr)."""
+        super().__init__()
+        self._sink = sink or _stderr
+
+    def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
+        """Return behaviour with timing, counting and one access line at completion."""
+        metrics = MethodMetrics(method, kind)
+        complete = self._complete
+        if kind == UNARY:
+
+            async def logged(request: Any, context: Context) -> Any:
+                started = time.perf_counter()
+                correlation = request_id(context)
+                code = _OK
+                try:
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, correlation),))
+                    response = await behaviour(request, context)
+                    code = context.code() or _OK
+                    return response
+                except BaseException as error:
+                    code = final_code(context, error)
+                    raise
+                finally:
+                    complete(method, kind, metrics, context, correlation, started, code, 0, 0)
+
+            return logged
+
+        streams_requests = kind != SERVER_STREAM
+
+        async def logged_stream(request: Any, context: Context) -> Any:
+            started = time.perf_counter()
+            correlation = request_id(context)
+            counting = _CountingContext(context)
+            if streams_requests:
+                request = counting.iterate(request)
+            else:
+                counting.received = 1
+            code = _OK
+            try:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, correlation),))
+                response = await behaviour(request, cast(Context, counting))
+                code = context.code() or _OK
+                if response is not None:  # a client stream's single response
+                    counting.sent += 1
+                return response
+            except BaseException as error:
+                code = final_code(context, error)
+                raise
+            finally:
+                received, sent = counting.received, counting.sent
+                complete(method, kind, metrics, context, correlation, started, code, received, sent)
+
+        return logged_stream
+
+    def _complete(
+        self,
+        method: str,
+        kind: str,
+        metrics: MethodMetrics,
+        context: Context,
+        correlation: str,
+        started: float,
+        code: grpc.StatusCode,
+        received: int,
+        sent: int,
+    ) -> None:
+        # Whatever goes wrong here (a closed stderr, a full disk) must not fail the RPC.
+        try:
+            elapsed = time.perf_counter() - started
+            metrics.record(code, elapsed, received, sent)
+            if not _log.isEnabledFor(logging.INFO):
+                return
+            extra = ""
+            if kind != UNARY:
+                extra = f',"messages_received":{received},"messages_sent":{sent}'
+            if code is not _OK:
+                reason = error_reason(context.trailing_metadata()) or code.name
+                extra += f',"reason":{_quote(reason)}'
+            self._sink(_line(method, kind, code.name, elapsed, context.peer(), correlation, extra))
+        except Exception:
+            ACCESS_LOG_ERRORS.inc()
+
+
+def _line(
+    method: str, kind: str, code: str, elapsed: float, peer: str, correlation: str, extra: str
+) -> str:
+    # Formatted by hand: ten times cheaper than a dict through json.dumps. Every string
+    # that did not come from this module goes through _quote (JSON escaping, in C).
+    principal = PRINCIPAL.get()
+    quoted_method = _quote(method)
+    return (
+        f'{{"time":"{_timestamp(time.time())}","level":"INFO","logger":"{LOGGER_NAME}",'
+        f'"message":{quoted_method[:-1]} {code}","method":{quoted_method},"kind":"{kind}",'
+        f'"code":"{code}","duration_ms":{elapsed * 1000:.3f},"peer":{_quote(peer)},'
+        f'"principal":{"null" if principal is None else _quote(principal)},'
+        f'"request_id":{_quote(correlation)}{extra}}}\n'
+    )

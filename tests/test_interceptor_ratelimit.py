@@ -1,0 +1,316 @@
+"""Rate limit: token buckets per principal, in process or shared through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+from conftest import REDIS_URL, _unavailable
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from interceptor_harness import Result, serve, settings, token
+from redis.asyncio import Redis
+from tcp_proxy import TcpProxy
+
+from userservice.interceptors.ratelimit import (
+    ALLOWED,
+    METHOD_COSTS,
+    Decision,
+    LocalLimiter,
+    peer_host,
+)
+from userservice.interceptors.ratelimit_redis import RedisLimiter
+
+
+def _retry_delay(result: Result) -> float:
+    info = result.detail(error_details_pb2.RetryInfo)
+    assert info is not None
+    return float(info.retry_delay.ToNanoseconds()) / 1e9
+
+
+def _assert_limited(result: Result, rps: float) -> float:
+    assert result.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert result.reason == "RATE_LIMITED"
+    assert result.details.startswith("rate limit exceeded; retry in ")
+    delay = _retry_delay(result)
+    assert 0 < delay <= 1 / rps + 0.01
+    return delay
+
+
+@pytest.mark.asyncio
+async def test_burst_then_resource_exhausted_with_retry_info() -> None:
+    async with serve(settings(rate_limit_rps=0.5, rate_limit_burst=3)) as harness:
+        alice, bob = token("alice"), token("bob")
+        for _ in range(3):
+            assert (await harness.call("GetUser", b"x", token=alice)).code is grpc.StatusCode.OK
+        delay = _assert_limited(await harness.call("GetUser", b"x", token=alice), rps=0.5)
+        assert delay > 1.5  # one token at 0.5/s is about 2 s away
+        # Buckets are per principal: bob still has his burst.
+        assert (await harness.call("GetUser", b"x", token=bob)).code is grpc.StatusCode.OK
+
+
+@pytest.mark.asyncio
+async def test_tokens_come_back_at_the_configured_rate() -> None:
+    async with serve(settings(rate_limit_rps=20, rate_limit_burst=1)) as harness:
+        alice = token("alice")
+        assert (await harness.call("GetUser", b"x", token=alice)).code is grpc.StatusCode.OK
+        delay = _assert_limited(await harness.call("GetUser", b"x", token=alice), rps=20)
+        await asyncio.sleep(delay + 0.01)
+        assert (await harness.call("GetUser", b"x", token=alice)).code is grpc.StatusCode.OK
+
+
+@pytest.mark.asyncio
+async def test_a_stream_is_charged_once_and_never_cut() -> None:
+    cost = METHOD_COSTS["/user.v1.UserService/SyncUsers"]
+    burst = int(cost) + 2
+    async with serve(settings(rate_limit_rps=0.01, rate_limit_burst=burst)) as harness:
+        alice = token("alice")
+        messages = [b"m%d" % index for index in range(3 * burst)]
+        stream = await harness.call("SyncUsers", *messages, token=alice, style="writer")
+        assert stream.code is grpc.StatusCode.OK
+        assert stream.responses == messages
+        for _ in range(2):
+            assert (await harness.call("GetUser", b"x", token=alice)).code is grpc.StatusCode.OK
+        _assert_limited(await harness.call("GetUser", b"x", token=alice), rps=0.01)
+
+
+@pytest.mark.asyncio
+async def test_cost_above_the_burst_is_capped_so_the_call_can_pass() -> None:
+    async with serve(settings(rate_limit_rps=0.01, rate_limit_burst=2)) as harness:
+        result = await harness.call("ImportUsers", b"a", b"b", token=token())
+        assert result.code is grpc.StatusCode.OK
+
+
+@pytest.mark.asyncio
+async def test_health_is_not_rate_limited() -> None:
+    async with serve(settings(rate_limit_rps=0.01, rate_limit_burst=1)) as harness:
+        stub = health_pb2_grpc.HealthStub(harness.channel)
+        for _ in range(5):
+            await stub.Check(health_pb2.HealthCheckRequest())
+
+
+@pytest.mark.asyncio
+async def test_local_limiter_refills_and_computes_retry_after() -> None:
+    now = [100.0]
+    limiter = LocalLimiter(rate=2.0, burst=4.0, clock=lambda: now[0])
+    assert await limiter.limit("k", 3) == ALLOWED
+    assert await limiter.limit("k", 3) == Decision(False, 1.0)  # 1 token left, 2 missing
+    now[0] += 1.0
+    assert await limiter.limit("k", 3) == ALLOWED
+    now[0] += 100.0
+    assert await limiter.limit("k", 4) == ALLOWED  # refilled to the burst, not beyond
+
+
+@pytest.mark.asyncio
+async def test_local_limiter_memory_is_bounded_and_evicts_idle_buckets_first() -> None:
+    now = [0.0]
+    limiter = LocalLimiter(rate=1.0, burst=10.0, max_keys=100, clock=lambda: now[0])
+    await limiter.limit("busy", 10)  # empty, so it carries state worth keeping
+    for index in range(99):
+        await limiter.limit(f"idle-{index}", 1)
+    now[0] += 5.0  # the idle buckets are full again; "busy" is back to 5 of 10
+    for index in range(50):
+        await limiter.limit(f"new-{index}", 1)
+    assert len(limiter) == 51  # the 99 idle buckets went, "busy" stayed
+    assert await limiter.limit("busy", 6) == Decision(False, 1.0)
+    for index in range(1000):  # all busy: the oldest go, the bound holds
+        await limiter.limit(f"more-{index}", 1)
+        assert len(limiter) <= 100
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.1.2.3:5000", "10.1.2.3"),
+        ("ipv6:[::1]:5000", "::1"),
+        ("unix:/tmp/socket", "unix:/tmp/socket"),
+    ],
+)
+def test_peer_host(peer: str, host: str) -> None:
+    assert peer_host(peer) == host
+
+
+# Shared limits through Redis (db 15, one key prefix or principal per test).
+
+
+@pytest_asyncio.fixture
+async def redis() -> AsyncIterator[Redis]:
+    """A client for the test Redis; skips (or fails under USERSERVICE_REQUIRE_SERVICES)."""
+    client = Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        await client.ping()
+    except OSError as error:
+        await client.aclose()
+        _unavailable(f"Redis at {REDIS_URL}", error)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def prefix(redis: Redis) -> AsyncIterator[str]:
+    """A key prefix used by this test only; its keys are deleted afterwards."""
+    unique = f"userservice-test:{uuid.uuid4().hex}:"
+    yield unique
+    keys = [key async for key in redis.scan_iter(match=unique + "*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_two_servers_share_one_bucket(redis: Redis) -> None:
+    subject = f"shared-{uuid.uuid4().hex}"
+    config = settings(rate_limit_rps=0.5, rate_limit_burst=3, rate_limit_redis_url=REDIS_URL)
+    try:
+        async with serve(config) as first, serve(config) as second:
+            caller = token(subject)
+            for harness in (first, second, first):
+                assert (
+                    await harness.call("GetUser", b"x", token=caller)
+                ).code is grpc.StatusCode.OK
+            _assert_limited(await second.call("GetUser", b"x", token=caller), rps=0.5)
+            _assert_limited(await first.call("GetUser", b"x", token=caller), rps=0.5)
+        key = f"userservice:ratelimit:p:{subject}"
+        assert 0 < await redis.pttl(key) <= 3 / 0.5 * 1000 + 1000
+    finally:
+        await redis.delete(f"userservice:ratelimit:p:{subject}")
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_redis_limiter_matches_the_local_one(redis: Redis, prefix: str) -> None:
+    limiter = RedisLimiter(redis, rate=1.0, burst=5, fail_open=False, prefix=prefix)
+    assert await limiter.limit("k", 3) == ALLOWED
+    denied = await limiter.limit("k", 3)
+    assert not denied.allowed
+    assert 0.9 < denied.retry_after <= 1.0  # two tokens left, one missing
+    assert await limiter.limit("k", 2) == ALLOWED
+    assert await limiter.limit("other", 5) == ALLOWED
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_unreachable_redis_fails_open_or_closed(
+    fail_open: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="userservice.ratelimit")
+    url = f"redis://127.0.0.1:{_closed_port()}/15"
+    config = settings(
+        rate_limit_rps=0.01, rate_limit_burst=1, rate_limit_redis_url=url,
+        rate_limit_fail_open=fail_open,
+    )  # fmt: skip
+    async with serve(config) as harness:
+        results = [await harness.call("GetUser", b"x", token=token()) for _ in range(5)]
+    if fail_open:
+        assert all(result.code is grpc.StatusCode.OK for result in results)
+    else:
+        for result in results:
+            assert result.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert result.reason == "RATE_LIMITED"
+            assert _retry_delay(result) == 1.0
+    warnings = [r for r in caplog.records if r.name == "userservice.ratelimit"]
+    assert len(warnings) == 1  # at startup; the outage is not logged once per call
+    assert warnings[0].levelno == logging.WARNING
+    assert "127.0.0.1" not in warnings[0].getMessage()  # the URL may hold a password
+
+
+@pytest_asyncio.fixture
+async def proxy(redis: Redis) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the test Redis."""
+    kwargs = redis.connection_pool.connection_kwargs
+    async with TcpProxy(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379))) as running:
+        yield running
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_redis_stopped_mid_test_then_back(
+    proxy: TcpProxy, prefix: str, fail_open: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="userservice.ratelimit")
+    limiter = RedisLimiter.from_url(
+        proxy.url(REDIS_URL), 0.01, 2, fail_open=fail_open, prefix=prefix, recheck_seconds=0.05
+    )
+    try:
+        assert await limiter.limit("k", 1) == ALLOWED
+        await proxy.stop()
+        fallback = ALLOWED if fail_open else Decision(False, 0.05)
+        for _ in range(20):
+            assert await limiter.limit("k", 1) == fallback
+        assert not limiter.available
+        await proxy.start()
+        await asyncio.sleep(0.06)
+        # Redis is back with the bucket as it was: one token left, then empty.
+        assert await limiter.limit("k", 1) == ALLOWED
+        assert limiter.available
+        assert not (await limiter.limit("k", 1)).allowed
+    finally:
+        await limiter.aclose()
+    levels = [
+        (r.levelno, r.getMessage()) for r in caplog.records if r.name == "userservice.ratelimit"
+    ]
+    assert [level for level, _ in levels] == [logging.WARNING, logging.INFO]
+    assert "reachable again" in levels[1][1]
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_hung_redis_costs_at_most_the_timeout(proxy: TcpProxy, prefix: str) -> None:
+    limiter = RedisLimiter.from_url(
+        proxy.url(REDIS_URL), 0.01, 2, fail_open=True, prefix=prefix, timeout=0.05
+    )
+    proxy.pause()  # connections are accepted, commands never answered
+    try:
+        started = time.monotonic()
+        assert await limiter.limit("k", 1) == ALLOWED
+        assert time.monotonic() - started < 0.5
+        # Within the recheck interval Redis is not even tried.
+        started = time.monotonic()
+        assert await limiter.limit("k", 1) == ALLOWED
+        assert time.monotonic() - started < 0.01
+    finally:
+        await limiter.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_fail_closed_through_the_chain_recovers_when_redis_is_back(
+    proxy: TcpProxy,
+) -> None:
+    subject = f"proxied-{uuid.uuid4().hex}"
+    config = settings(
+        rate_limit_rps=100, rate_limit_burst=100, rate_limit_redis_url=proxy.url(REDIS_URL),
+        rate_limit_fail_open=False,
+    )  # fmt: skip
+    async with serve(config) as harness:
+        caller = token(subject)
+        assert (await harness.call("GetUser", b"x", token=caller)).code is grpc.StatusCode.OK
+        await proxy.stop()
+        _assert_limited(await harness.call("GetUser", b"x", token=caller), rps=1)
+        await proxy.start()
+        for _ in range(40):  # the limiter re-probes Redis once a second
+            await asyncio.sleep(0.05)
+            result = await harness.call("GetUser", b"x", token=caller)
+            if result.code is grpc.StatusCode.OK:
+                break
+        assert result.code is grpc.StatusCode.OK
+    redis = Redis.from_url(REDIS_URL)
+    await redis.delete(f"userservice:ratelimit:p:{subject}")
+    await redis.aclose()
