@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
 	touch $@
 
-$(BUF): package.json package-lock.json
-	npm ci --silent --no-audit --no-fund
+# package.json pins buf exactly and buf pins its per-platform binary package, so no lock
+# file is kept: npm would record only the platforms its registry served on the machine
+# that wrote the lock, and `npm ci` elsewhere would then refuse it.
+$(BUF): package.json
+	npm install --silent --no-audit --no-fund --no-package-lock
 	touch $@
 
 setup: $(STAMP) $(BUF) ## Create .venv and install Python and buf tooling.
