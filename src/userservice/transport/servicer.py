@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
@@ -178,6 +179,10 @@ _STREAM_ENDING_ERRORS = (StorageUnavailableError, ShuttingDownError)
 async def _user_inputs(requests: AsyncIterator[pb.ImportUsersRequest]) -> AsyncIterator[UserInput]:
     async for request in requests:
         yield user_input(request.user)
+    # grpc.aio ends the request stream the same way for a half-close and for a client's
+    # cancel; the cancel itself reaches this task one event-loop turn later. Yielding
+    # once lets it land here, as CancelledError, before the final batch is committed.
+    await asyncio.sleep(0)
 
 
 def register(server: grpc.aio.Server, service: UserService) -> None:
