@@ -32,6 +32,7 @@ from typing import Any
 
 from bench._proc import memory_kib
 from bench.loadgen import BEARER_ENV
+from userservice.interceptors.auth import mint_token
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base interpreter's
@@ -127,7 +128,10 @@ def start_bare(name: str, uvloop: bool) -> Server:
         line = _read_line(process, 15.0)
         if not line.startswith("LISTENING "):
             raise BenchError(f"{name}: unexpected output {line!r} (exit {process.poll()})")
-        return Server(name=name, process=process, port=int(line.split()[1]))
+        # The bare server ignores the token, but receiving the same request headers as
+        # the full service keeps HPACK and metadata handling out of the difference.
+        token = mint_token(secrets.token_urlsafe(30), "bench", ["users.read"], 3600)
+        return Server(name=name, process=process, port=int(line.split()[1]), token=token)
     except BaseException:
         _stop(process)
         raise

@@ -42,7 +42,7 @@ async def limited() -> AsyncIterator[Harness]:
 @pytest.mark.asyncio
 async def test_order_is_recovery_log_auth_ratelimit() -> None:
     chain = await build_chain(settings(rate_limit_rps=10, rate_limit_burst=10))
-    kinds = [type(interceptor) for interceptor in chain.interceptors]
+    kinds = [type(layer) for layer in chain.layers]
     assert kinds == [
         RecoveryInterceptor,
         AccessLogInterceptor,
@@ -55,7 +55,7 @@ async def test_order_is_recovery_log_auth_ratelimit() -> None:
 @pytest.mark.asyncio
 async def test_zero_rps_leaves_the_limiter_out() -> None:
     chain = await build_chain(settings(rate_limit_rps=0))
-    assert not any(isinstance(i, RateLimitInterceptor) for i in chain.interceptors)
+    assert not any(isinstance(layer, RateLimitInterceptor) for layer in chain.layers)
     await chain.aclose()
 
 

@@ -11,6 +11,7 @@ the ErrorInfo reason (or the code name) of a failure. The request id (the caller
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -42,9 +43,37 @@ _second: list[Any] = [-1, ""]
 Sink = Callable[[str], object]
 
 
-def _stderr(line: str) -> None:
-    # Looked up per line so a replaced sys.stderr (tests, daemonizing) is honoured.
-    sys.stderr.write(line)
+class LoopBatchedStderr:
+    """Writes the lines of one event-loop turn to stderr in one write call.
+
+    Under load many RPCs complete in one turn of the loop; one write (one system call on
+    a line-buffered stderr) for all of them instead of one per RPC saves a few µs per
+    call. Lines wait at most until the end of the current turn.
+    """
+
+    def __init__(self) -> None:
+        """Start with nothing pending."""
+        self._pending: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        """Queue line; the first line of a turn schedules the flush."""
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                sys.stderr.write(line)
+                return
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        """Write every pending line now (also called when the chain closes)."""
+        if self._pending:
+            lines, self._pending = self._pending, []
+            try:
+                # Looked up per write so a replaced sys.stderr (tests, daemons) is honoured.
+                sys.stderr.write("".join(lines))
+            except Exception:
+                ACCESS_LOG_ERRORS.inc(len(lines))
 
 
 def _timestamp(now: float) -> str:
@@ -87,9 +116,10 @@ class AccessLogInterceptor(WrappingInterceptor):
     """Logs every RPC once with its final code, records its metrics, echoes x-request-id."""
 
     def __init__(self, sink: Sink | None = None) -> None:
-        """Write lines with sink (default: the current sys.stderr)."""
+        """Write lines with sink (default: stderr, batched per event-loop turn)."""
         super().__init__()
-        self._sink = sink or _stderr
+        self.stderr = LoopBatchedStderr()
+        self._sink = sink or self.stderr
 
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
         """Return behaviour with timing, counting and one access line at completion."""

@@ -13,20 +13,24 @@
 - Health checks and reflection skip auth and the rate limit (probes and tooling carry no
   token and must not be throttled) but are still logged.
 
-grpc.aio runs ``interceptors=[a, b]`` with ``a`` outermost. Each interceptor wraps a
-method's handler once and caches it; all per-call work runs inside the wrapped
+grpc.aio runs ``interceptors=[a, b]`` with ``a`` outermost, and pays for every entry on
+every call (a coroutine and a handler lookup per layer). So, as go-grpc-middleware's
+``ChainUnaryServer`` does, the layers are composed into one grpc interceptor: each layer
+stays its own module and its own ``WrappingInterceptor`` (usable alone), and the composed
+handler is built once per method and cached. All per-call work runs inside the wrapped
 behaviour, which is what lets recovery see an exception raised inside auth.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import grpc
 
 from userservice.config import Settings
+from userservice.interceptors._handlers import Behaviour, WrappingInterceptor
 from userservice.interceptors.access_log import AccessLogInterceptor
 from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.jwt_verifier import verifier_from_settings
@@ -39,12 +43,34 @@ PUBLIC_METHODS: Final = ("grpc.health.v1.Health/*", "grpc.reflection.*")
 """Methods served without a token and without a rate limit."""
 
 
+class ComposedInterceptor(WrappingInterceptor):
+    """Several layers run as one grpc interceptor, the first layer outermost."""
+
+    def __init__(self, layers: Sequence[WrappingInterceptor]) -> None:
+        """Compose layers, given outermost first."""
+        super().__init__()
+        self.layers = tuple(layers)
+
+    def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:
+        """Wrap behaviour in every layer that applies to method, innermost first."""
+        wrapped_by_any = False
+        for layer in reversed(self.layers):
+            wrapped = layer.wrap(method, kind, behaviour)
+            if wrapped is not None:
+                behaviour, wrapped_by_any = wrapped, True
+        return behaviour if wrapped_by_any else None
+
+
 @dataclass(eq=False)
 class InterceptorChain:
-    """The interceptors to pass to grpc.aio.server(), and the resources they hold."""
+    """The layers in order, the interceptors to pass to grpc.aio.server(), what they hold."""
 
-    interceptors: list[grpc.aio.ServerInterceptor]
+    layers: Sequence[WrappingInterceptor]
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    interceptors: list[grpc.aio.ServerInterceptor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.interceptors = [ComposedInterceptor(self.layers)]
 
     async def aclose(self) -> None:
         """Release what the interceptors hold (the Redis connections), once the server stopped."""
@@ -56,13 +82,13 @@ class InterceptorChain:
 async def build_chain(settings: Settings) -> InterceptorChain:
     """Build the chain for settings; a rate_limit_rps of 0 leaves the limiter out."""
     public = MethodMatcher(PUBLIC_METHODS)
-    chain = InterceptorChain(
-        [
-            RecoveryInterceptor(),
-            AccessLogInterceptor(),
-            AuthInterceptor(verifier_from_settings(settings), public),
-        ]
-    )
+    access_log = AccessLogInterceptor()
+    layers: list[WrappingInterceptor] = [
+        RecoveryInterceptor(),
+        access_log,
+        AuthInterceptor(verifier_from_settings(settings), public),
+    ]
+    closers = [_flusher(access_log.stderr.flush)]
     if settings.rate_limit_rps > 0:
         limiter: Limiter
         if settings.rate_limit_redis_url:
@@ -72,13 +98,18 @@ async def build_chain(settings: Settings) -> InterceptorChain:
                 settings.rate_limit_burst,
                 fail_open=settings.rate_limit_fail_open,
             )
-            chain.closers.append(shared.aclose)
+            closers.append(shared.aclose)
             # Surfaces an unreachable Redis in the startup log rather than at the first call.
             await shared.check()
             limiter = shared
         else:
             limiter = LocalLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-        chain.interceptors.append(
-            RateLimitInterceptor(limiter, public, burst=settings.rate_limit_burst)
-        )
-    return chain
+        layers.append(RateLimitInterceptor(limiter, public, burst=settings.rate_limit_burst))
+    return InterceptorChain(layers, closers)
+
+
+def _flusher(flush: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def flush_now() -> None:
+        flush()
+
+    return flush_now
