@@ -43,35 +43,43 @@ _second: list[Any] = [-1, ""]
 Sink = Callable[[str], object]
 
 
-class LoopBatchedStderr:
-    """Writes the lines of one event-loop turn to stderr in one write call.
+class BufferedStderr:
+    """Writes access lines to stderr in batches: at most FLUSH_SECONDS late, FLUSH_LINES at once.
 
-    Under load many RPCs complete in one turn of the loop; one write (one system call on
-    a line-buffered stderr) for all of them instead of one per RPC saves a few µs per
-    call. Lines wait at most until the end of the current turn.
+    grpc.aio completes about one RPC per event-loop turn, so writing per line (or per
+    turn) costs one system call per RPC, which measured as the largest single cost of the
+    access log. Like nginx's ``access_log ... buffer= flush=``, lines wait a little and go
+    out together; the chain flushes what is left when the server stops. A crash can lose
+    at most the last FLUSH_SECONDS of access lines (errors are logged unbuffered).
     """
+
+    FLUSH_LINES: Final = 256
+    FLUSH_SECONDS: Final = 0.05
 
     def __init__(self) -> None:
         """Start with nothing pending."""
         self._pending: list[str] = []
 
     def __call__(self, line: str) -> None:
-        """Queue line; the first line of a turn schedules the flush."""
+        """Queue line; the first line of a batch schedules its flush."""
         if not self._pending:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
             except RuntimeError:
                 sys.stderr.write(line)
                 return
         self._pending.append(line)
+        if len(self._pending) >= self.FLUSH_LINES:
+            self.flush()
 
     def flush(self) -> None:
-        """Write every pending line now (also called when the chain closes)."""
+        """Write every pending line now."""
         if self._pending:
             lines, self._pending = self._pending, []
             try:
                 # Looked up per write so a replaced sys.stderr (tests, daemons) is honoured.
                 sys.stderr.write("".join(lines))
+                sys.stderr.flush()
             except Exception:
                 ACCESS_LOG_ERRORS.inc(len(lines))
 
@@ -116,9 +124,9 @@ class AccessLogInterceptor(WrappingInterceptor):
     """Logs every RPC once with its final code, records its metrics, echoes x-request-id."""
 
     def __init__(self, sink: Sink | None = None) -> None:
-        """Write lines with sink (default: stderr, batched per event-loop turn)."""
+        """Write lines with sink (default: stderr, in short batches)."""
         super().__init__()
-        self.stderr = LoopBatchedStderr()
+        self.stderr = BufferedStderr()
         self._sink = sink or self.stderr
 
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
