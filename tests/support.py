@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -96,3 +98,24 @@ def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
     """Return the field paths of a BadRequest detail."""
     bad_request = rich_details(error).get("BadRequest")
     return [violation.field for violation in bad_request.field_violations] if bad_request else []
+
+
+async def run_userservice(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run a `userservice` command to completion (30 s at most); return its code and output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "userservice",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")

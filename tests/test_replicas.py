@@ -31,6 +31,7 @@ from support import (
     make_settings,
     new_user,
     rich_details,
+    run_userservice,
     running_app,
 )
 from tcp_proxy import TcpProxy
@@ -158,27 +159,6 @@ def assert_stopped_cleanly(replica: Replica) -> None:
     log = replica.log()
     assert replica.process.returncode == 0, log
     assert '"level":"ERROR"' not in log, log
-
-
-async def run_userservice(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    """Run a `userservice` command to completion (30 s at most); return its code and output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "userservice",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode(errors="replace")
 
 
 @pytest_asyncio.fixture

@@ -17,7 +17,16 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import TEST_JWT_SECRET, Client, bearer, connect, make_settings, new_user, running_app
+from support import (
+    TEST_JWT_SECRET,
+    Client,
+    bearer,
+    connect,
+    make_settings,
+    new_user,
+    run_userservice,
+    running_app,
+)
 
 from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc
@@ -45,20 +54,6 @@ def service_env(database: Path, port: int, **extra: str) -> dict[str, str]:
         }
     )
     return env
-
-
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "userservice",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
-    return process.returncode or 0, output.decode()
 
 
 @pytest_asyncio.fixture
@@ -225,7 +220,9 @@ async def test_a_cancelled_import_commits_nothing_it_had_not_finished(client: Cl
 async def test_bad_configuration_exits_non_zero_with_a_clear_message(
     tmp_path: Path, env: dict[str, str], message: str
 ) -> None:
-    code, output = await run_cli("serve", env=service_env(tmp_path / "db", free_port(), **env))
+    code, output = await run_userservice(
+        "serve", env=service_env(tmp_path / "db", free_port(), **env)
+    )
     assert code == 2
     assert message in output
 
@@ -235,7 +232,7 @@ async def test_development_secret_is_accepted_for_a_development_run(tmp_path: Pa
     env = service_env(
         tmp_path / "db.sqlite", free_port(), USERSERVICE_AUTH_JWT_SECRET=DEV_JWT_SECRET
     )
-    code, output = await run_cli("token", "--subject", "dev", "--dev", "true", env=env)
+    code, output = await run_userservice("token", "--subject", "dev", "--dev", "true", env=env)
     assert code == 0
     assert output.count(".") == 2
 
@@ -243,10 +240,10 @@ async def test_development_secret_is_accepted_for_a_development_run(tmp_path: Pa
 @pytest.mark.asyncio
 async def test_migrate_needs_no_auth_settings_and_is_idempotent(tmp_path: Path) -> None:
     env = service_env(tmp_path / "db.sqlite", free_port(), USERSERVICE_AUTH_JWT_SECRET="")
-    code, output = await run_cli("migrate", env=env)
+    code, output = await run_userservice("migrate", env=env)
     assert code == 0, output
     assert "0001_init" in output
-    code, output = await run_cli("migrate", env=env)
+    code, output = await run_userservice("migrate", env=env)
     assert code == 0, output
     assert "0001_init" not in output
 
@@ -257,7 +254,7 @@ async def test_port_in_use_exits_non_zero(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        code, output = await run_cli("serve", env=service_env(tmp_path / "db.sqlite", port))
+        code, output = await run_userservice("serve", env=service_env(tmp_path / "db.sqlite", port))
     assert code == 1
     assert "cannot listen" in output
 

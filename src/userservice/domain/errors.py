@@ -88,13 +88,14 @@ class EtagMismatchError(DomainError):
         self.user_id = user_id
 
 
-class RequestIdReusedError(DomainError):
+class RequestIdReusedError(InvalidArgumentError):
     """An idempotency key was reused for a different request."""
 
-    reason = Reason.REQUEST_ID_REUSED
-
     def __init__(self) -> None:
-        super().__init__("request_id was already used for a different user")
+        super().__init__(
+            [FieldViolation("request_id", "was already used for a different user")],
+            Reason.REQUEST_ID_REUSED,
+        )
 
 
 class SequenceExpiredError(DomainError):

@@ -66,18 +66,6 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
                 )
             )
         )
-    elif isinstance(error, RequestIdReusedError):
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field="request_id", description=error.message
-                        )
-                    ]
-                )
-            )
-        )
     elif isinstance(error, UserNotFoundError | EtagMismatchError):
         details.append(
             _pack(
