@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -241,3 +242,26 @@ async def test_sync_flow_control_bounds_server_work_for_a_slow_reader(app: Appli
             call.cancel()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_mid_stream_is_not_logged_as_a_server_error(
+    app: Application, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that fails because the client cancelled is the client's choice, not a bug."""
+    caplog.set_level(logging.INFO)
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        call = stub.SyncUsers(metadata=(("authorization", bearer()),))
+        for index in range(400):
+            await call.write(
+                pb.SyncUsersRequest(user=new_user(f"gone{index}@example.com", "p" * 90))
+            )
+        await asyncio.sleep(1)  # the server is now blocked writing to a reader that never reads
+        call.cancel()
+    await asyncio.sleep(1)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    lines = [r for r in caplog.records if r.name == "userservice.recovery"]
+    assert lines == []

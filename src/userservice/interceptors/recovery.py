@@ -1,8 +1,9 @@
 """Recovery: an unexpected exception becomes INTERNAL with a correlation id, never a stack trace.
 
 Deliberate endings pass through untouched: ``context.abort()`` (it raises AbortError in
-grpc.aio, see grpc#36009) and cancellation (client cancel or deadline). The full stack
-trace goes to the ``userservice.recovery`` log with the request id the client is shown.
+grpc.aio, see grpc#36009), cancellation (client cancel or deadline), and a read or write
+that failed because the peer had already ended the call. The full stack trace of a real
+failure goes to the ``userservice.recovery`` log with the request id the client is shown.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ import logging
 from typing import Any, Final, NoReturn
 
 import grpc
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # not in the stubs
 
 from userservice.interceptors._call import request_id
 from userservice.interceptors._handlers import Behaviour, Context, WrappingInterceptor
 
 _log: Final = logging.getLogger("userservice.recovery")
+# grpc.aio reports a read or write on a call the peer already ended (cancel, deadline, lost
+# connection) as this internal error. grpc.aio ignores it only if the peer's cancellation
+# reached it first, and logs it at ERROR otherwise; it is the peer's doing, not a bug.
+PEER_ENDED_CALL: Final[type[Exception]] = cygrpc.ExecuteBatchError
 
 
 def final_code(context: Context, error: BaseException) -> grpc.StatusCode:
     """Return the status a call that raised error ends with, once recovery has handled it."""
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | PEER_ENDED_CALL):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED
@@ -62,6 +68,9 @@ class RecoveryInterceptor(WrappingInterceptor):
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
                 raise
+            except PEER_ENDED_CALL as error:
+                # grpc.aio treats CancelledError as a cancelled call: no status, a debug line.
+                raise asyncio.CancelledError from error
             except Exception as error:
                 await _recover(method, context, error)
 
