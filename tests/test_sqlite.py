@@ -429,3 +429,50 @@ async def test_upsert_that_changes_nothing_writes_nothing(repo: SqliteUserReposi
 
     assert (outcome, same) == (SyncOutcome.UNCHANGED, user)
     assert raw_rows(repo.path, "SELECT revision FROM users") == [(1,)]
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_read_is_interrupted_not_left_running(db_path: Path) -> None:
+    """The caller gave up (deadline or cancel): the reader thread stops its query."""
+    await (await open_sqlite(db_path)).close()
+    timestamp = now_us()
+    with sqlite3.connect(db_path) as conn:
+        conn.executemany(
+            "INSERT INTO users (id, email, email_normalized, display_name, role,"
+            " create_time_us, update_time_us, revision) VALUES (?, ?, ?, ?, 1, ?, ?, 1)",
+            (
+                (
+                    f"{index:08d}-0000-7000-8000-000000000000",
+                    f"u{index}@x.io",
+                    f"u{index}@x.io",
+                    f"Ünïcode {index}",
+                    timestamp,
+                    timestamp,
+                )
+                for index in range(600_000)
+            ),
+        )
+    conn.close()
+    repository = await open_sqlite(db_path)
+    try:
+        # A non-ASCII substring is matched row by row in Python: a slow scan on purpose.
+        slow_filter = UserFilter(display_name_contains="ñ")
+        started = time.monotonic()
+        await repository.list_page(slow_filter, None, 10, with_total=True)
+        full_scan = time.monotonic() - started
+        assert full_scan > 0.2, "the scan is too fast to show an interrupt"
+
+        scan = asyncio.create_task(repository.list_page(slow_filter, None, 10, with_total=True))
+        await asyncio.sleep(0.05)
+        scan.cancel()
+        started = time.monotonic()
+        # Served by the same reader thread: it only answers once the scan has stopped.
+        assert await repository.get_many([new_user_id()]) == {}
+        assert time.monotonic() - started < full_scan / 3
+        with pytest.raises(asyncio.CancelledError):
+            await scan
+        # The interrupt ended only the abandoned query: the connection still serves reads.
+        page = await repository.list_page(UserFilter(), None, 5, with_total=False)
+        assert len(page.users) == 5
+    finally:
+        await repository.close()

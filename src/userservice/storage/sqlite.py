@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -262,6 +263,9 @@ class SqliteUserRepository:
         # A retention shorter than the interval is swept as often as it expires rows.
         self._expire_interval = min(_EXPIRE_INTERVAL_SECONDS, request_id_retention_seconds)
         self._next_expire = 0.0  # writer thread only; monotonic, so the first write sweeps
+        # The read running on the reader thread, shared with the loop thread to interrupt it.
+        self._reading_lock = threading.Lock()
+        self._reading: object | None = None
         # Everything below belongs to the event loop thread, so it needs no lock.
         self._cache: OrderedDict[str, User] = OrderedDict()
         self._cache_size = cache_size
@@ -403,10 +407,33 @@ class SqliteUserRepository:
 
     async def _read(self, query: Callable[[sqlite3.Connection, *Ts], T], *args: *Ts) -> T:
         self._check_open()
+        job = object()
+
+        def run() -> T:
+            with self._reading_lock:
+                self._reading = job
+            try:
+                return query(self._files.read_conn, *args)
+            finally:
+                with self._reading_lock:
+                    self._reading = None
+
         with _storage_errors():
-            return await self._loop.run_in_executor(
-                self._reader, lambda: query(self._files.read_conn, *args)
-            )
+            try:
+                return await self._loop.run_in_executor(self._reader, run)
+            except asyncio.CancelledError:
+                self._interrupt_read(job)
+                raise
+
+    def _interrupt_read(self, job: object) -> None:
+        """Stop job's query if it is the one running: its caller gave up (deadline, cancel).
+
+        A job still queued was cancelled with its future. The lock keeps the check and the
+        interrupt together, so a later caller's query is never the one interrupted.
+        """
+        with self._reading_lock:
+            if self._reading is job:
+                self._files.read_conn.interrupt()
 
     async def _write(self, work: Callable[[_Writes, *Ts], T], *args: *Ts) -> T:
         self._check_open()
