@@ -7,7 +7,7 @@ import pytest
 from userservice.domain.errors import InvalidArgumentError, Reason
 from userservice.domain.filtering import canonical_filter, parse_filter
 from userservice.domain.ids import is_valid_id, new_user_id
-from userservice.domain.model import Role, UserFilter
+from userservice.domain.model import Role, User, UserChanges, UserFilter
 from userservice.domain.pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -97,3 +97,13 @@ def test_user_ids_are_time_ordered_uuid7() -> None:
     assert all(is_valid_id(i) and i[14] == "7" for i in ids)
     assert len(set(ids)) == 200
     assert not is_valid_id("ABCDEF00-0000-7000-8000-000000000000")
+
+
+def test_a_change_is_a_new_revision_whose_update_time_moves_forward() -> None:
+    user = User("id", "a@x.io", "Ann", Role.VIEWER, 1_000, 5_000, 3)
+    renamed = user.changed(UserChanges(display_name="Anna"), now_us=9_000)
+    assert (renamed.display_name, renamed.email, renamed.role) == ("Anna", "a@x.io", Role.VIEWER)
+    assert (renamed.revision, renamed.update_time_us, renamed.create_time_us) == (4, 9_000, 1_000)
+    assert renamed.etag != user.etag
+    # A clock that stepped back still yields a later update_time.
+    assert user.changed(UserChanges(role=Role.ADMIN), now_us=10).update_time_us == 5_001

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class Role(enum.IntEnum):
@@ -38,6 +38,20 @@ class User:
     def etag(self) -> str:
         """Opaque checksum of this state (AIP-154): changes on every write."""
         return f"{self.revision:x}-{self.update_time_us:x}"
+
+    def changed(self, changes: UserChanges, now_us: int) -> User:
+        """Return the next revision with changes applied; update_time always moves forward."""
+        return replace(
+            self,
+            email=self.email if changes.email is None else changes.email,
+            display_name=self.display_name
+            if changes.display_name is None
+            else changes.display_name,
+            role=self.role if changes.role is None else changes.role,
+            # Clocks can step back (NTP, another replica): the order of writes still shows.
+            update_time_us=max(now_us, self.update_time_us + 1),
+            revision=self.revision + 1,
+        )
 
 
 @dataclass(frozen=True, slots=True)

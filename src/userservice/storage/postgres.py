@@ -502,17 +502,7 @@ class PostgresUserRepository:
         """Apply changes under a row lock after checking the etag."""
 
         async def work(conn: asyncpg.Connection) -> tuple[User, int]:
-            current = await _lock_user(conn, user_id, expected_etag)
-            updated = dataclasses.replace(
-                current,
-                email=current.email if changes.email is None else changes.email,
-                display_name=(
-                    current.display_name if changes.display_name is None else changes.display_name
-                ),
-                role=current.role if changes.role is None else changes.role,
-                update_time_us=max(now_us, current.update_time_us + 1),
-                revision=current.revision + 1,
-            )
+            updated = (await _lock_user(conn, user_id, expected_etag)).changed(changes, now_us)
             await _write_user(conn, updated)
             last = await self._append_events(
                 conn, [(EventType.UPDATED, updated, updated.update_time_us)]
@@ -554,12 +544,9 @@ class PostgresUserRepository:
             current = _user_from_row(row)
             if current.display_name == candidate.display_name and current.role == candidate.role:
                 return (SyncOutcome.UNCHANGED, current), 0
-            updated = dataclasses.replace(
-                current,
-                display_name=candidate.display_name,
-                role=candidate.role,
-                update_time_us=max(candidate.update_time_us, current.update_time_us + 1),
-                revision=current.revision + 1,
+            updated = current.changed(
+                UserChanges(display_name=candidate.display_name, role=candidate.role),
+                candidate.update_time_us,
             )
             await _write_user(conn, updated)
             last = await self._append_events(

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, TypeVar, TypeVarTuple
@@ -545,15 +545,7 @@ def _create_many(writes: _Writes, users: Sequence[User]) -> list[User | DomainEr
 def _update(
     writes: _Writes, user_id: str, changes: UserChanges, expected_etag: str | None, now: int
 ) -> User:
-    current = _current(writes, user_id, expected_etag)
-    updated = replace(
-        current,
-        email=current.email if changes.email is None else changes.email,
-        display_name=current.display_name if changes.display_name is None else changes.display_name,
-        role=current.role if changes.role is None else changes.role,
-        update_time_us=max(now, current.update_time_us + 1),
-        revision=current.revision + 1,
-    )
+    updated = _current(writes, user_id, expected_etag).changed(changes, now)
     writes.overwrite(updated)
     writes.event(EventType.UPDATED, updated, updated.update_time_us)
     writes.cache[user_id] = updated
@@ -578,12 +570,9 @@ def _upsert_by_email(writes: _Writes, candidate: User) -> tuple[SyncOutcome, Use
         return SyncOutcome.CREATED, candidate
     if (current.display_name, current.role) == (candidate.display_name, candidate.role):
         return SyncOutcome.UNCHANGED, current
-    updated = replace(
-        current,
-        display_name=candidate.display_name,
-        role=candidate.role,
-        update_time_us=max(candidate.update_time_us, current.update_time_us + 1),
-        revision=current.revision + 1,
+    updated = current.changed(
+        UserChanges(display_name=candidate.display_name, role=candidate.role),
+        candidate.update_time_us,
     )
     writes.overwrite(updated)
     writes.event(EventType.UPDATED, updated, updated.update_time_us)
