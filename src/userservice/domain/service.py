@@ -17,11 +17,12 @@ from userservice.domain.errors import (
     UserNotFoundError,
 )
 from userservice.domain.filtering import canonical_filter, parse_filter
-from userservice.domain.ids import new_user_id, now_us
+from userservice.domain.ids import is_valid_id, new_user_id, now_us
 from userservice.domain.model import NewUser, SyncOutcome, User, UserChanges, UserEvent
 from userservice.domain.pagination import PageTokenCodec, effective_page_size
 from userservice.domain.repository import UserRepository
 from userservice.domain.validation import (
+    NOT_A_USER_ID,
     UserInput,
     check_display_name,
     check_email,
@@ -120,9 +121,9 @@ class UserService:
             raise InvalidArgumentError.single("ids", f"at most {MAX_BATCH_GET} ids per call")
         unique = list(dict.fromkeys(user_ids))
         violations = [
-            FieldViolation(f"ids[{index}]", "must be a user id (a lower-case UUID)")
+            FieldViolation(f"ids[{index}]", NOT_A_USER_ID)
             for index, user_id in enumerate(user_ids)
-            if not check_id_quietly(user_id)
+            if not is_valid_id(user_id)
         ]
         if violations:
             raise InvalidArgumentError(violations)
@@ -233,15 +234,6 @@ class UserService:
             raise ShuttingDownError()
         finally:
             shutdown.cancel()
-
-
-def check_id_quietly(user_id: str) -> bool:
-    """Tell whether an id is well-formed without raising."""
-    try:
-        check_user_id(user_id, "id")
-    except InvalidArgumentError:
-        return False
-    return True
 
 
 def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChanges:

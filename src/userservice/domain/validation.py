@@ -17,6 +17,7 @@ from userservice.domain.model import NewUser, Role
 MAX_EMAIL_LENGTH = 254
 MAX_DISPLAY_NAME_LENGTH = 100
 ROLE_UNSPECIFIED = 0
+NOT_A_USER_ID = "must be a user id (a lower-case UUID)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ def check_user_id(user_id: str, field: str) -> str:
     if not user_id:
         raise InvalidArgumentError.single(field, "is required")
     if not is_valid_id(user_id):
-        raise InvalidArgumentError.single(field, "must be a user id (a lower-case UUID)")
+        raise InvalidArgumentError.single(field, NOT_A_USER_ID)
     return user_id
 
 
