@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import code_pb2
-from support import Client, bearer, new_user
+from support import Client, bearer, new_user, rich_details
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
@@ -166,10 +166,24 @@ async def test_watch_resume_has_no_gap_and_no_duplicate(client: Client) -> None:
 
 
 @pytest.mark.asyncio
-async def test_watch_from_the_future_is_invalid(client: Client) -> None:
+async def test_watch_from_the_future_is_out_of_range_with_the_latest_sequence(
+    client: Client,
+) -> None:
+    await create(client, "only@example.com")
     call = client.stub.WatchUsers(
         pb.WatchUsersRequest(after_sequence=10_000), metadata=client.metadata
     )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    info = rich_details(caught.value)["ErrorInfo"]
+    assert info.reason == "SEQUENCE_BEYOND_LATEST"
+    assert info.metadata["latest_sequence"] == "1"
+
+
+@pytest.mark.asyncio
+async def test_watch_from_a_negative_sequence_is_invalid(client: Client) -> None:
+    call = client.stub.WatchUsers(pb.WatchUsersRequest(after_sequence=-1), metadata=client.metadata)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

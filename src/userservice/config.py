@@ -52,6 +52,12 @@ class Settings:
     db_connect_timeout_seconds: float = _setting(5.0, "PostgreSQL: connect timeout")
     db_statement_timeout_seconds: float = _setting(10.0, "PostgreSQL: statement timeout")
     event_retention: int = _setting(100_000, "change events kept for WatchUsers resume")
+    watch_progress_seconds: float = _setting(
+        15.0, "an idle WatchUsers stream gets a progress message this often"
+    )
+    watch_buffer_events: int = _setting(
+        1024, "live events buffered per watcher; a watcher further behind is ended to resume"
+    )
     request_id_retention_seconds: float = _setting(
         86_400.0, "how long a CreateUser request_id is remembered for retries"
     )
@@ -91,6 +97,8 @@ class Settings:
             "db_statement_timeout_seconds",
             "event_retention",
             "request_id_retention_seconds",
+            "watch_progress_seconds",
+            "watch_buffer_events",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -95,6 +95,11 @@ class Application:
         self._stopped = asyncio.Event()
 
     @property
+    def repository(self) -> UserRepository | None:
+        """The open store, once started."""
+        return self._repository
+
+    @property
     def metrics_port(self) -> int | None:
         """Return the bound metrics port, if metrics are served."""
         return self._metrics.port if self._metrics else None
@@ -107,7 +112,12 @@ class Application:
         except StorageUnavailableError as error:
             raise StartupError(f"database unreachable: {error}") from error
         key = settings.page_token_secret.encode() or os.urandom(32)
-        self._service = UserService(self._repository, PageTokenCodec(key))
+        self._service = UserService(
+            self._repository,
+            PageTokenCodec(key),
+            watch_progress_seconds=settings.watch_progress_seconds,
+            watch_buffer_size=settings.watch_buffer_events,
+        )
         self._chain = await build_chain(settings)
         server = grpc.aio.server(
             interceptors=self._chain.interceptors,
@@ -190,7 +200,7 @@ class Application:
             stopping = asyncio.ensure_future(self._server.stop(settings.shutdown_grace_seconds))
             # Watches never finish by themselves: end them so clients resume elsewhere.
             if self._service is not None:
-                self._service.begin_shutdown()
+                await self._service.begin_shutdown()
             await stopping
         await self._close_resources()
         log.info("stopped")

@@ -481,7 +481,8 @@ class WatchUsersRequest(message.Message):
     AFTER_SEQUENCE_FIELD_NUMBER: builtins.int
     after_sequence: builtins.int
     """Send the events after this sequence (0 means from the oldest retained
-    event). Unset means only events that happen from now on.
+    event). Unset means only events that happen from now on. A sequence older
+    than the retained events, or beyond the latest one, is OUT_OF_RANGE.
     """
     def __init__(
         self,
@@ -498,7 +499,7 @@ class WatchUsersRequest(message.Message):
 
 @typing.final
 class WatchUsersResponse(message.Message):
-    """One change event."""
+    """One change event, or (with only `progress` set) a progress marker."""
 
     DESCRIPTOR: descriptor.Descriptor
 
@@ -506,8 +507,11 @@ class WatchUsersResponse(message.Message):
     TYPE_FIELD_NUMBER: builtins.int
     USER_FIELD_NUMBER: builtins.int
     EVENT_TIME_FIELD_NUMBER: builtins.int
+    PROGRESS_FIELD_NUMBER: builtins.int
     sequence: builtins.int
-    """Strictly increasing position of the event; resume with after_sequence."""
+    """Strictly increasing position of the event; resume with after_sequence.
+    Zero in a progress marker.
+    """
     type: user_pb2.UserEventType.ValueType
     """What happened."""
     @builtins.property
@@ -518,6 +522,12 @@ class WatchUsersResponse(message.Message):
     def event_time(self) -> timestamp_pb2.Timestamp:
         """When the change was committed."""
 
+    @builtins.property
+    def progress(self) -> WatchProgress:
+        """Set only on a progress marker, sent when the stream has been idle for a
+        while: it keeps proxies from cutting the stream and gives a checkpoint.
+        """
+
     def __init__(
         self,
         *,
@@ -525,10 +535,31 @@ class WatchUsersResponse(message.Message):
         type: user_pb2.UserEventType.ValueType = ...,
         user: user_pb2.User | None = ...,
         event_time: timestamp_pb2.Timestamp | None = ...,
+        progress: WatchProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = typing.Literal["event_time", b"event_time", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = typing.Literal["event_time", b"event_time", "progress", b"progress", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = typing.Literal["event_time", b"event_time", "sequence", b"sequence", "type", b"type", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = typing.Literal["event_time", b"event_time", "progress", b"progress", "sequence", b"sequence", "type", b"type", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+@typing.final
+class WatchProgress(message.Message):
+    """Every event up to latest_sequence has been sent on this stream."""
+
+    DESCRIPTOR: descriptor.Descriptor
+
+    LATEST_SEQUENCE_FIELD_NUMBER: builtins.int
+    latest_sequence: builtins.int
+    """Resuming with after_sequence = latest_sequence misses nothing."""
+    def __init__(
+        self,
+        *,
+        latest_sequence: builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = typing.Literal["latest_sequence", b"latest_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

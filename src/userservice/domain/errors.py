@@ -16,6 +16,8 @@ class Reason(enum.StrEnum):
     INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"  # noqa: S105 (a reason code, not a secret)
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
     SEQUENCE_EXPIRED = "SEQUENCE_EXPIRED"
+    SEQUENCE_BEYOND_LATEST = "SEQUENCE_BEYOND_LATEST"
+    WATCHER_TOO_SLOW = "WATCHER_TOO_SLOW"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"
 
@@ -109,6 +111,33 @@ class SequenceExpiredError(DomainError):
         )
         self.requested = requested
         self.oldest = oldest
+
+
+class SequenceBeyondLatestError(DomainError):
+    """A watch asked to resume after a sequence the log has not reached (a restored backup?)."""
+
+    reason = Reason.SEQUENCE_BEYOND_LATEST
+
+    def __init__(self, requested: int, latest: int) -> None:
+        super().__init__(
+            f"sequence {requested} is beyond the latest sequence {latest}; "
+            "resume from a sequence this log issued"
+        )
+        self.requested = requested
+        self.latest = latest
+
+
+class WatcherTooSlowError(DomainError):
+    """A watcher fell further behind the live feed than its buffer holds; it may resume at once."""
+
+    reason = Reason.WATCHER_TOO_SLOW
+
+    def __init__(self, last_sequence: int, buffer_size: int) -> None:
+        super().__init__(
+            f"the watch fell more than {buffer_size} events behind; "
+            f"resume with after_sequence={last_sequence}"
+        )
+        self.last_sequence = last_sequence
 
 
 class StorageUnavailableError(DomainError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from userservice.domain.errors import EtagMismatchError
+
 
 class Role(enum.IntEnum):
     """A user's role; values equal the user.v1.UserRole numbers."""
@@ -20,6 +22,11 @@ class EventType(enum.IntEnum):
     CREATED = 1
     UPDATED = 2
     DELETED = 3
+
+
+def email_key(email: str) -> str:
+    """Return the form emails are compared and kept unique in (case-insensitive)."""
+    return email.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,25 @@ class User:
             revision=self.revision + 1,
         )
 
+    def require_etag(self, expected_etag: str | None) -> None:
+        """Raise EtagMismatchError when the caller named an etag that is not the current one."""
+        if expected_etag is not None and expected_etag != self.etag:
+            raise EtagMismatchError(self.id)
+
+    def deletion_time(self, now_us: int) -> int:
+        """Return the time of this user's DELETED event: never before its last update."""
+        return max(now_us, self.update_time_us)
+
+    def synced(self, candidate: User) -> tuple[SyncOutcome, User]:
+        """Decide an upsert onto this stored user: UNCHANGED, or UPDATED to candidate's fields.
+
+        The stored id, email spelling and create_time stay; candidate.update_time_us is the clock.
+        """
+        if (self.display_name, self.role) == (candidate.display_name, candidate.role):
+            return SyncOutcome.UNCHANGED, self
+        changes = UserChanges(display_name=candidate.display_name, role=candidate.role)
+        return SyncOutcome.UPDATED, self.changed(changes, candidate.update_time_us)
+
 
 @dataclass(frozen=True, slots=True)
 class NewUser:
@@ -80,6 +106,13 @@ class UserEvent:
     type: EventType
     user: User
     event_time_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchProgress:
+    """Sent on an idle watch: every event up to latest_sequence has been delivered."""
+
+    latest_sequence: int
 
 
 @dataclass(frozen=True, slots=True)

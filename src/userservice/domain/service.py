@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from userservice.domain.errors import (
     DomainError,
     FieldViolation,
     InvalidArgumentError,
+    SequenceBeyondLatestError,
     SequenceExpiredError,
-    ShuttingDownError,
     UserNotFoundError,
 )
+from userservice.domain.feed import DEFAULT_BUFFER_SIZE, ChangeFeed
 from userservice.domain.filtering import canonical_filter, parse_filter
 from userservice.domain.ids import is_valid_id, new_user_id, now_us
-from userservice.domain.model import NewUser, SyncOutcome, User, UserChanges, UserEvent
+from userservice.domain.model import (
+    NewUser,
+    SyncOutcome,
+    User,
+    UserChanges,
+    UserEvent,
+    WatchProgress,
+)
 from userservice.domain.pagination import PageTokenCodec, effective_page_size
 from userservice.domain.repository import UserRepository
 from userservice.domain.validation import (
@@ -37,8 +42,7 @@ MAX_BATCH_GET = 100
 IMPORT_BATCH_SIZE = 500
 MAX_REPORTED_REJECTIONS = 1000
 STREAM_BATCH_SIZE = 256
-WATCH_BATCH_SIZE = 256
-WATCH_POLL_SECONDS = 5.0
+DEFAULT_WATCH_PROGRESS_SECONDS = 15.0
 MUTABLE_FIELDS = ("email", "display_name", "role")
 IMMUTABLE_FIELDS = frozenset({"id", "create_time", "update_time", "etag"})
 
@@ -77,16 +81,19 @@ class UserService:
         *,
         clock: Callable[[], int] = now_us,
         id_factory: Callable[[], str] = new_user_id,
+        watch_progress_seconds: float = DEFAULT_WATCH_PROGRESS_SECONDS,
+        watch_buffer_size: int = DEFAULT_BUFFER_SIZE,
     ) -> None:
         self._repository = repository
         self._page_tokens = page_tokens
         self._clock = clock
         self._new_id = id_factory
-        self._shutting_down = asyncio.Event()
+        self._feed = ChangeFeed(repository, buffer_size=watch_buffer_size)
+        self._watch_progress_seconds = watch_progress_seconds
 
-    def begin_shutdown(self) -> None:
-        """End open watches so a draining server is not held open by them."""
-        self._shutting_down.set()
+    async def begin_shutdown(self) -> None:
+        """End open watches (UNAVAILABLE, SHUTTING_DOWN) so a draining server is not held open."""
+        await self._feed.close()
 
     def _build_user(self, new: NewUser) -> User:
         timestamp = self._clock()
@@ -203,37 +210,34 @@ class UserService:
         """Upsert by email: create, update display_name and role, or report unchanged."""
         return await self._repository.upsert_by_email(self._build_user(validate_new_user(user)))
 
-    async def watch_users(self, after_sequence: int | None) -> AsyncIterator[UserEvent]:
-        """Yield events after a sequence (or from now), then follow new ones until shutdown."""
+    async def watch_users(
+        self, after_sequence: int | None
+    ) -> AsyncIterator[UserEvent | WatchProgress]:
+        """Yield events after a sequence (or from now), then follow new ones until shutdown.
+
+        A stream with nothing to send for watch_progress_seconds gets a WatchProgress
+        carrying the last sequence it has seen, which is the latest committed one.
+        """
         oldest, latest = await self._repository.event_bounds()
         if after_sequence is None:
             cursor = latest
-        elif after_sequence < 0 or after_sequence > latest:
-            raise InvalidArgumentError.single(
-                "after_sequence", f"must be between 0 and the latest sequence {latest}"
-            )
+        elif after_sequence < 0:
+            raise InvalidArgumentError.single("after_sequence", "must not be negative")
+        elif after_sequence == 0:
+            cursor = oldest
+        elif after_sequence > latest:
+            raise SequenceBeyondLatestError(after_sequence, latest)
         elif after_sequence < oldest:
             raise SequenceExpiredError(after_sequence, oldest)
         else:
             cursor = after_sequence
-        shutdown: asyncio.Future[bool] = asyncio.ensure_future(self._shutting_down.wait())
+        watcher = self._feed.watch(cursor, from_oldest=after_sequence == 0)
         try:
-            while not shutdown.done():
-                events = await self._repository.events_after(cursor, WATCH_BATCH_SIZE)
-                if events and events[0].sequence != cursor + 1:
-                    # Sequences are contiguous, so a hole means retention pruned
-                    # events this watcher had not read yet: resuming would skip them.
-                    raise SequenceExpiredError(cursor, events[0].sequence - 1)
-                for event in events:
-                    yield event
-                    cursor = event.sequence
-                if len(events) < WATCH_BATCH_SIZE:
-                    await _first_of(
-                        self._repository.wait_for_events(cursor, WATCH_POLL_SECONDS), shutdown
-                    )
-            raise ShuttingDownError()
+            while True:
+                event = await watcher.next(self._watch_progress_seconds)
+                yield WatchProgress(watcher.sent) if event is None else event
         finally:
-            shutdown.cancel()
+            watcher.close()
 
 
 def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChanges:
@@ -279,17 +283,3 @@ async def _enumerate(items: AsyncIterable[UserInput]) -> AsyncIterator[tuple[int
     async for item in items:
         yield index, item
         index += 1
-
-
-async def _first_of(waiting: Awaitable[None], shutdown: asyncio.Future[bool]) -> None:
-    task = asyncio.ensure_future(waiting)
-    try:
-        pending: set[asyncio.Future[Any]] = {task, shutdown}
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        elif not task.cancelled():
-            task.result()

@@ -392,6 +392,8 @@ class PostgresUserRepository:
         self._listener_task: asyncio.Task[None] | None = None
         self._listener_failures = 0
         self._prune_task: asyncio.Task[None] | None = None
+        # Queries of the event log so far: the change feed keeps it at one per wake-up.
+        self.event_reads = 0
 
     async def _start(self) -> None:
         async with self._connection() as conn:
@@ -609,6 +611,7 @@ class PostgresUserRepository:
 
     async def events_after(self, sequence: int, limit: int) -> list[UserEvent]:
         """Return up to limit events with sequence above the given one, ascending."""
+        self.event_reads += 1
         if limit <= 0:
             return []
         async with self._connection() as conn:

@@ -273,6 +273,8 @@ class SqliteUserRepository:
         self._latest_sequence = files.latest_sequence
         self._events_arrived = asyncio.Event()
         self._closed = False
+        # Queries of the event log so far: the change feed keeps it at one per wake-up.
+        self.event_reads = 0
 
     @property
     def path(self) -> Path:
@@ -351,6 +353,7 @@ class SqliteUserRepository:
 
     async def events_after(self, sequence: int, limit: int) -> list[UserEvent]:
         """Return up to limit events with sequence > the given one, ascending."""
+        self.event_reads += 1
         return await self._read(_select_events, sequence, limit)
 
     async def event_bounds(self) -> tuple[int, int]:

@@ -17,10 +17,12 @@ from userservice.domain.errors import (
     EtagMismatchError,
     InvalidArgumentError,
     RequestIdReusedError,
+    SequenceBeyondLatestError,
     SequenceExpiredError,
     ShuttingDownError,
     StorageUnavailableError,
     UserNotFoundError,
+    WatcherTooSlowError,
 )
 
 ERROR_DOMAIN = "userservice"
@@ -34,6 +36,8 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     EmailAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     EtagMismatchError: grpc.StatusCode.ABORTED,
     SequenceExpiredError: grpc.StatusCode.OUT_OF_RANGE,
+    SequenceBeyondLatestError: grpc.StatusCode.OUT_OF_RANGE,
+    WatcherTooSlowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
 }
@@ -78,6 +82,10 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
         )
     elif isinstance(error, SequenceExpiredError):
         metadata["oldest_sequence"] = str(error.oldest)
+    elif isinstance(error, SequenceBeyondLatestError):
+        metadata["latest_sequence"] = str(error.latest)
+    elif isinstance(error, WatcherTooSlowError):
+        metadata["last_sequence"] = str(error.last_sequence)
     elif isinstance(error, StorageUnavailableError | ShuttingDownError):
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_UNAVAILABLE)))
     details.insert(

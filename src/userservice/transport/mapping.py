@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from user.v1 import user_pb2, user_service_pb2
-from userservice.domain.model import User, UserEvent
+from userservice.domain.model import User, UserEvent, WatchProgress
 from userservice.domain.validation import UserInput
 
 
@@ -33,8 +33,12 @@ def user_input(message: user_pb2.User) -> UserInput:
     return UserInput(email=message.email, display_name=message.display_name, role=message.role)
 
 
-def event_to_proto(event: UserEvent) -> user_service_pb2.WatchUsersResponse:
-    """Return the wire form of a change event."""
+def event_to_proto(event: UserEvent | WatchProgress) -> user_service_pb2.WatchUsersResponse:
+    """Return the wire form of a change event or a progress marker."""
+    if isinstance(event, WatchProgress):
+        return user_service_pb2.WatchUsersResponse(
+            progress=user_service_pb2.WatchProgress(latest_sequence=event.latest_sequence)
+        )
     return user_service_pb2.WatchUsersResponse(
         sequence=event.sequence,
         type=user_pb2.UserEventType.ValueType(event.type),

@@ -135,7 +135,7 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     async def WatchUsers(
         self, request: pb.WatchUsersRequest, context: Context
     ) -> AsyncIterator[pb.WatchUsersResponse]:
-        """Replay events after a sequence, then follow live ones."""
+        """Replay events after a sequence, then follow live ones, with progress when idle."""
         after = request.after_sequence if request.HasField("after_sequence") else None
         # No event may come for a long time: the client still sees the watch
         # established at once because the access-log interceptor sends initial
