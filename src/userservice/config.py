@@ -36,8 +36,16 @@ class Settings:
         0.0, "wait after NOT_SERVING before refusing new RPCs (load balancers catch up)"
     )
     max_concurrent_rpcs: int = _setting(
-        1000, "RPCs served at once; more are refused with RESOURCE_EXHAUSTED"
+        1000, "unary calls in progress at once; more are refused with RESOURCE_EXHAUSTED"
     )
+    max_open_streams: int = _setting(1000, "streaming calls open at once on this replica")
+    max_streams_per_principal: int = _setting(
+        100, "streaming calls one principal (or one peer host without a token) may hold open"
+    )
+    health_failures: int = _setting(
+        3, "consecutive failed storage pings before health reports NOT_SERVING"
+    )
+    health_check_interval_seconds: float = _setting(1.0, "time between storage pings")
     max_message_bytes: int = _setting(4 * 1024 * 1024, "largest request or response message")
     metrics_address: str = _setting("", "host:port for Prometheus /metrics; empty disables")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -85,6 +93,10 @@ class Settings:
                 raise ConfigError(f"{_env_name(name)} must not be negative")
         positive = (
             "max_concurrent_rpcs",
+            "max_open_streams",
+            "max_streams_per_principal",
+            "health_failures",
+            "health_check_interval_seconds",
             "max_message_bytes",
             "db_pool_max_size",
             "db_connect_timeout_seconds",

@@ -66,6 +66,15 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
+def grpc_backstop(settings: Settings) -> int:
+    """Return grpc's own concurrency limit: far above the admission layer's, a last resort.
+
+    grpc refuses calls over it before any interceptor runs, health checks included, so it
+    must never be the limit that bites; it only bounds memory if admission itself is flooded.
+    """
+    return 4 * (settings.max_concurrent_rpcs + settings.max_open_streams) + 1000
+
+
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert_file:
         return None
@@ -112,7 +121,7 @@ class Application:
         server = grpc.aio.server(
             interceptors=self._chain.interceptors,
             options=channel_options(settings),
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=grpc_backstop(settings),
         )
         self._server = server
         register(server, self._service)
