@@ -25,7 +25,7 @@ from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.pagination import PageTokenCodec
 from userservice.domain.repository import UserRepository
 from userservice.domain.service import UserService
-from userservice.health import NOT_SERVING, SERVING, HealthServicer
+from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
 from userservice.metrics import MetricsServer, start_metrics_server
 from userservice.storage import open_repository
@@ -34,7 +34,6 @@ from userservice.transport.servicer import register
 log = logging.getLogger("userservice.server")
 
 SERVICE_NAME = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
-HEALTH_CHECK_INTERVAL_SECONDS = 1.0
 HEALTH_PING_TIMEOUT_SECONDS = 2.0
 
 
@@ -146,7 +145,17 @@ class Application:
         if settings.metrics_address:
             self._metrics = start_metrics_server(settings.metrics_address)
         await self.health.set(SERVING)
-        self._monitor = asyncio.create_task(self._watch_storage(), name="storage-health")
+        self._monitor = asyncio.create_task(
+            monitor_storage(
+                self.health,
+                self._repository.ping,
+                failures=settings.health_failures,
+                interval=settings.health_check_interval_seconds,
+                timeout=HEALTH_PING_TIMEOUT_SECONDS,
+                errors=(StorageUnavailableError,),
+            ),
+            name="storage-health",
+        )
         log.info(
             "serving",
             extra={
@@ -158,22 +167,6 @@ class Application:
                 "metrics_port": self.metrics_port,
             },
         )
-
-    async def _watch_storage(self) -> None:
-        """Follow the database's reachability in the health status, without a restart."""
-        assert self._repository is not None
-        while True:
-            await asyncio.sleep(HEALTH_CHECK_INTERVAL_SECONDS)
-            try:
-                async with asyncio.timeout(HEALTH_PING_TIMEOUT_SECONDS):
-                    await self._repository.ping()
-                healthy = True
-            except (StorageUnavailableError, TimeoutError):
-                healthy = False
-            status = SERVING if healthy else NOT_SERVING
-            if status != self.health.status():
-                log.warning("storage %s", "reachable again" if healthy else "unreachable")
-                await self.health.set(status)
 
     async def stop(self) -> None:
         """Run the shutdown sequence once; later calls wait for the first to finish."""
