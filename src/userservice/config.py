@@ -145,7 +145,38 @@ class Settings:
             raise ConfigError(
                 "USERSERVICE_TLS_CLIENT_CA_FILE (mTLS) needs TLS: set the cert and key"
             )
+        self._parse_files()
         return self
+
+    def _parse_files(self) -> None:
+        """Parse the key, JWKS and TLS files now, so a bad one is a configuration error."""
+        if self.auth_jwt_public_key_file:
+            # Imported here: the verifier module imports this one.
+            from userservice.interceptors.jwt_verifier import load_key_file
+
+            load_key_file(self.auth_jwt_public_key_file)
+        if not self.tls_cert_file:
+            return
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        pem_files = [
+            ("tls_cert_file", x509.load_pem_x509_certificates),
+            ("tls_key_file", lambda data: serialization.load_pem_private_key(data, None)),
+            ("tls_client_ca_file", x509.load_pem_x509_certificates),
+        ]
+        for name, parse in pem_files:
+            path = getattr(self, name)
+            if not path:
+                continue
+            try:
+                with open(path, "rb") as file:
+                    parse(file.read())
+            except (OSError, ValueError, TypeError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ConfigError(
+                    f"{_env_name(name)}: cannot parse {path!r} as PEM ({reason})"
+                ) from None
 
 
 def _env_name(field_name: str) -> str:

@@ -31,6 +31,7 @@ behaviour, which is what lets recovery see an exception raised inside auth.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -48,6 +49,7 @@ from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitI
 from userservice.interceptors.ratelimit_redis import RedisLimiter
 from userservice.interceptors.recovery import RecoveryInterceptor
 
+_log: Final = logging.getLogger("userservice.chain")
 PUBLIC_METHODS: Final = ("grpc.health.v1.Health/*", "grpc.reflection.*")
 """Methods served without a token, admission limits or a rate limit."""
 
@@ -85,7 +87,11 @@ class InterceptorChain:
         """Release what the interceptors hold (the Redis connections), once the server stopped."""
         closers, self.closers = self.closers, []
         for close in closers:
-            await close()
+            # One failing closer must not leave the others open.
+            try:
+                await close()
+            except Exception as error:
+                _log.error("closing an interceptor failed: %s: %s", type(error).__name__, error)
 
 
 async def build_chain(settings: Settings) -> InterceptorChain:
