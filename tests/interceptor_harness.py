@@ -25,6 +25,7 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # the class under test
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_status import rpc_status
@@ -103,6 +104,9 @@ async def _command(message: bytes, context: Context) -> None:
         raise ValueError(LEAK)
     if message == b"slow":
         await asyncio.sleep(60)
+    if message == b"batch-error":
+        # grpc.aio's own batch failure, raised while the call is alive: not the peer's doing.
+        raise cygrpc.ExecuteBatchError('Failed "execute_batch": (<_SendMessage>,)')
 
 
 async def _unary(request: bytes, context: Context) -> bytes:

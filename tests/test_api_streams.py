@@ -279,3 +279,26 @@ async def test_a_client_leaving_mid_stream_is_not_logged_as_a_server_error(
     assert errors == []
     lines = [r for r in caplog.records if r.name == "userservice.recovery"]
     assert lines == []
+
+
+@pytest.mark.asyncio
+async def test_import_reports_the_lowest_rejected_indices_even_from_a_later_flush(
+    client: Client,
+) -> None:
+    await client.stub.CreateUser(
+        pb.CreateUserRequest(user=new_user("taken@example.com")), metadata=client.metadata
+    )
+
+    async def messages() -> AsyncIterator[pb.ImportUsersRequest]:
+        # Rows 0-9 are rejected by the store, at the final flush; 10-1209 by validation, at once.
+        for _ in range(10):
+            yield pb.ImportUsersRequest(user=new_user("taken@example.com"))
+        for index in range(1200):
+            yield pb.ImportUsersRequest(user=new_user(f"not-an-email-{index}"))
+
+    result = await client.stub.ImportUsers(messages(), metadata=client.metadata)
+    assert result.created_count == 0
+    assert result.rejected_count == 1210
+    assert [r.index for r in result.rejections] == list(range(1000))
+    assert {r.status.code for r in result.rejections[:10]} == {code_pb2.ALREADY_EXISTS}
+    assert {r.status.code for r in result.rejections[10:]} == {code_pb2.INVALID_ARGUMENT}

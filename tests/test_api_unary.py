@@ -277,3 +277,19 @@ async def test_delete_checks_etag_then_removes(client: Client) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.stub.DeleteUser(pb.DeleteUserRequest(id=created.id), metadata=client.metadata)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.asyncio
+async def test_ids_sort_in_creation_order(client: Client) -> None:
+    ids = []
+    for index in range(60):
+        response = await client.stub.CreateUser(
+            pb.CreateUserRequest(user=new_user(f"order{index}@example.com")),
+            metadata=client.metadata,
+        )
+        ids.append(response.user.id)
+    assert ids == sorted(ids)
+    listed = await client.stub.ListUsers(
+        pb.ListUsersRequest(page_size=100), metadata=client.metadata
+    )
+    assert [user.id for user in listed.users] == ids

@@ -107,3 +107,15 @@ def test_a_change_is_a_new_revision_whose_update_time_moves_forward() -> None:
     assert renamed.etag != user.etag
     # A clock that stepped back still yields a later update_time.
     assert user.changed(UserChanges(role=Role.ADMIN), now_us=10).update_time_us == 5_001
+
+
+def test_ids_of_one_process_sort_in_creation_order_within_a_millisecond() -> None:
+    import uuid
+
+    ids = [new_user_id() for _ in range(20_000)]  # many share a millisecond
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(i) for i in ids]
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
+    stamps = [u.int >> 80 for u in parsed]
+    assert len(set(stamps)) < len(stamps)  # the counter, not the clock, ordered them

@@ -16,6 +16,7 @@ from interceptor_harness import AccessLog, Harness, serve, settings, token
 from prometheus_client import REGISTRY
 
 from userservice.interceptors.access_log import AccessLogInterceptor
+from userservice.interceptors.admission import AdmissionInterceptor
 from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.chain import build_chain
 from userservice.interceptors.jwt_verifier import TokenVerifier
@@ -40,13 +41,14 @@ async def limited() -> AsyncIterator[Harness]:
 
 
 @pytest.mark.asyncio
-async def test_order_is_recovery_log_auth_ratelimit() -> None:
+async def test_order_is_recovery_log_auth_admission_ratelimit() -> None:
     chain = await build_chain(settings(rate_limit_rps=10, rate_limit_burst=10))
     kinds = [type(layer) for layer in chain.layers]
     assert kinds == [
         RecoveryInterceptor,
         AccessLogInterceptor,
         AuthInterceptor,
+        AdmissionInterceptor,
         RateLimitInterceptor,
     ]
     await chain.aclose()

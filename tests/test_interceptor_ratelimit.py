@@ -17,8 +17,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from interceptor_harness import Result, serve, settings, token
 from redis.asyncio import Redis
+from support import bearer, connect, make_settings, new_user, rich_details, running_app
 from tcp_proxy import TcpProxy
 
+from user.v1 import user_service_pb2 as pb
 from userservice.interceptors.ratelimit import (
     ALLOWED,
     METHOD_COSTS,
@@ -67,24 +69,37 @@ async def test_tokens_come_back_at_the_configured_rate() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_stream_is_charged_once_and_never_cut() -> None:
+@pytest.mark.parametrize("style", ["generator", "writer"])
+async def test_a_bulk_stream_pays_per_message_and_is_paced_not_cut(style: str) -> None:
     cost = METHOD_COSTS["/user.v1.UserService/SyncUsers"]
     burst = int(cost) + 2
-    async with serve(settings(rate_limit_rps=0.01, rate_limit_burst=burst)) as harness:
+    async with serve(settings(rate_limit_rps=50, rate_limit_burst=burst)) as harness:
         alice = token("alice")
-        messages = [b"m%d" % index for index in range(3 * burst)]
-        stream = await harness.call("SyncUsers", *messages, token=alice, style="writer")
+        # The open costs 20, messages 2 and 3 take the 2 left, the next 10 wait for refills.
+        messages = [b"m%d" % index for index in range(13)]
+        started = time.monotonic()
+        stream = await harness.call("SyncUsers", *messages, token=alice, style=style)
         assert stream.code is grpc.StatusCode.OK
         assert stream.responses == messages
-        for _ in range(2):
-            assert (await harness.call("GetUser", b"x", token=alice)).code is grpc.StatusCode.OK
-        _assert_limited(await harness.call("GetUser", b"x", token=alice), rps=0.01)
+        assert time.monotonic() - started >= 10 / 50 * 0.9  # could not outrun the refill
+        # The stream spent the bucket: a unary call right after is refused.
+        _assert_limited(await harness.call("GetUser", b"x", token=alice), rps=50)
+
+
+@pytest.mark.asyncio
+async def test_a_paced_stream_still_ends_at_its_deadline() -> None:
+    async with serve(settings(rate_limit_rps=1, rate_limit_burst=20)) as harness:
+        messages = [b"m%d" % index for index in range(10)]
+        started = time.monotonic()
+        stream = await harness.call("ImportUsers", *messages, token=token("bob"), timeout=1.0)
+        assert stream.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 3
 
 
 @pytest.mark.asyncio
 async def test_cost_above_the_burst_is_capped_so_the_call_can_pass() -> None:
     async with serve(settings(rate_limit_rps=0.01, rate_limit_burst=2)) as harness:
-        result = await harness.call("ImportUsers", b"a", b"b", token=token())
+        result = await harness.call("ImportUsers", b"a", token=token())
         assert result.code is grpc.StatusCode.OK
 
 
@@ -221,8 +236,8 @@ async def test_unreachable_redis_fails_open_or_closed(
         assert all(result.code is grpc.StatusCode.OK for result in results)
     else:
         for result in results:
-            assert result.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert result.reason == "RATE_LIMITED"
+            assert result.code is grpc.StatusCode.UNAVAILABLE
+            assert result.reason == "RATE_LIMITER_UNAVAILABLE"
             assert _retry_delay(result) == 1.0
     warnings = [r for r in caplog.records if r.name == "userservice.ratelimit"]
     assert len(warnings) == 1  # at startup; the outage is not logged once per call
@@ -251,7 +266,7 @@ async def test_redis_stopped_mid_test_then_back(
     try:
         assert await limiter.limit("k", 1) == ALLOWED
         await proxy.stop()
-        fallback = ALLOWED if fail_open else Decision(False, 0.05)
+        fallback = ALLOWED if fail_open else Decision(False, 0.05, undecided=True)
         for _ in range(20):
             assert await limiter.limit("k", 1) == fallback
         assert not limiter.available
@@ -303,7 +318,10 @@ async def test_fail_closed_through_the_chain_recovers_when_redis_is_back(
         caller = token(subject)
         assert (await harness.call("GetUser", b"x", token=caller)).code is grpc.StatusCode.OK
         await proxy.stop()
-        _assert_limited(await harness.call("GetUser", b"x", token=caller), rps=1)
+        refused = await harness.call("GetUser", b"x", token=caller)
+        assert refused.code is grpc.StatusCode.UNAVAILABLE
+        assert refused.reason == "RATE_LIMITER_UNAVAILABLE"
+        assert refused.details == "rate limiter unavailable; retry later"
         await proxy.start()
         for _ in range(40):  # the limiter re-probes Redis once a second
             await asyncio.sleep(0.05)
@@ -311,6 +329,55 @@ async def test_fail_closed_through_the_chain_recovers_when_redis_is_back(
             if result.code is grpc.StatusCode.OK:
                 break
         assert result.code is grpc.StatusCode.OK
+    redis = Redis.from_url(REDIS_URL)
+    await redis.delete(f"userservice:ratelimit:p:{subject}")
+    await redis.aclose()
+
+
+# Through the real server: the real servicers, SQLite and the chain built by the Application.
+
+
+@pytest.mark.asyncio
+async def test_real_sync_users_is_paced_and_completes(sqlite_url: str) -> None:
+    settings_ = make_settings(sqlite_url, rate_limit_rps=40, rate_limit_burst=22)
+    async with running_app(settings_) as app, connect(app.port) as client:
+        requests = [
+            pb.SyncUsersRequest(user=new_user(f"paced{index}@example.com")) for index in range(12)
+        ]
+        started = time.monotonic()
+        call = client.stub.SyncUsers(iter(requests), metadata=client.metadata, timeout=10)
+        responses = [response async for response in call]
+        # Open 20, messages 2-3 take the 2 tokens left, 9 more at 40/s.
+        assert time.monotonic() - started >= 9 / 40 * 0.9
+        assert [response.index for response in responses] == list(range(12))
+        assert {response.outcome for response in responses} == {pb.SYNC_OUTCOME_CREATED}
+        assert await call.code() is grpc.StatusCode.OK
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_real_server_fails_closed_unavailable_when_redis_is_cut(
+    proxy: TcpProxy, sqlite_url: str
+) -> None:
+    settings_ = make_settings(
+        sqlite_url, rate_limit_rps=100, rate_limit_burst=100,
+        rate_limit_redis_url=proxy.url(REDIS_URL), rate_limit_fail_open=False,
+    )  # fmt: skip
+    subject = f"cut-{uuid.uuid4().hex}"
+    async with running_app(settings_) as app, connect(app.port) as client:
+        metadata = (("authorization", bearer(subject=subject)),)
+        request = pb.GetUserRequest(id="00000000-0000-7000-8000-000000000000")
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await client.stub.GetUser(request, metadata=metadata)
+        assert missing.value.code() is grpc.StatusCode.NOT_FOUND  # Redis answered
+        await proxy.kill_connections()
+        await proxy.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.stub.GetUser(request, metadata=metadata)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        details = rich_details(refused.value)
+        assert details["ErrorInfo"].reason == "RATE_LIMITER_UNAVAILABLE"
+        assert details["RetryInfo"].retry_delay.seconds == 1
     redis = Redis.from_url(REDIS_URL)
     await redis.delete(f"userservice:ratelimit:p:{subject}")
     await redis.aclose()

@@ -122,3 +122,19 @@ async def test_deadline_is_logged_as_deadline_exceeded(
     assert result.code is grpc.StatusCode.DEADLINE_EXCEEDED
     line = await log.one("GetUser")
     assert line["code"] == "DEADLINE_EXCEEDED"
+
+
+@pytest.mark.asyncio
+async def test_a_batch_error_on_a_live_call_is_an_error_not_a_cancel(
+    harness: Harness, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    log = AccessLog(capsys, caplog)
+    caplog.set_level(logging.ERROR, logger="userservice.recovery")
+    result = await harness.call("GetUser", b"batch-error", token=token())
+    assert result.code is grpc.StatusCode.INTERNAL
+    assert result.details.startswith("internal error (request id ")
+    line = await log.one("GetUser")
+    assert line["code"] == "INTERNAL"
+    errors = [r for r in caplog.records if r.name == "userservice.recovery"]
+    assert len(errors) == 1
+    assert "ExecuteBatchError" in errors[0].getMessage()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -62,8 +63,16 @@ async def _migrate(settings: Settings) -> list[str]:
     return await migrate_postgres(url, connect_timeout=settings.db_connect_timeout_seconds)
 
 
+def _stop_before_start(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
+    # Until serve() installs its own, these make SIGTERM/SIGINT stop a starting server
+    # cleanly, also as PID 1 (where a signal without a handler is ignored).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_before_start)
     arguments = build_parser().parse_args(argv)
     try:
         settings = _settings(arguments)

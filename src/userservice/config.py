@@ -36,8 +36,16 @@ class Settings:
         0.0, "wait after NOT_SERVING before refusing new RPCs (load balancers catch up)"
     )
     max_concurrent_rpcs: int = _setting(
-        1000, "RPCs served at once; more are refused with RESOURCE_EXHAUSTED"
+        1000, "unary calls in progress at once; more are refused with RESOURCE_EXHAUSTED"
     )
+    max_open_streams: int = _setting(1000, "streaming calls open at once on this replica")
+    max_streams_per_principal: int = _setting(
+        100, "streaming calls one principal (or one peer host without a token) may hold open"
+    )
+    health_failures: int = _setting(
+        3, "consecutive failed storage pings before health reports NOT_SERVING"
+    )
+    health_check_interval_seconds: float = _setting(1.0, "time between storage pings")
     max_message_bytes: int = _setting(4 * 1024 * 1024, "largest request or response message")
     metrics_address: str = _setting("", "host:port for Prometheus /metrics; empty disables")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -91,6 +99,10 @@ class Settings:
                 raise ConfigError(f"{_env_name(name)} must not be negative")
         positive = (
             "max_concurrent_rpcs",
+            "max_open_streams",
+            "max_streams_per_principal",
+            "health_failures",
+            "health_check_interval_seconds",
             "max_message_bytes",
             "db_pool_max_size",
             "db_connect_timeout_seconds",
@@ -141,7 +153,38 @@ class Settings:
             raise ConfigError(
                 "USERSERVICE_TLS_CLIENT_CA_FILE (mTLS) needs TLS: set the cert and key"
             )
+        self._parse_files()
         return self
+
+    def _parse_files(self) -> None:
+        """Parse the key, JWKS and TLS files now, so a bad one is a configuration error."""
+        if self.auth_jwt_public_key_file:
+            # Imported here: the verifier module imports this one.
+            from userservice.interceptors.jwt_verifier import load_key_file
+
+            load_key_file(self.auth_jwt_public_key_file)
+        if not self.tls_cert_file:
+            return
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        pem_files = [
+            ("tls_cert_file", x509.load_pem_x509_certificates),
+            ("tls_key_file", lambda data: serialization.load_pem_private_key(data, None)),
+            ("tls_client_ca_file", x509.load_pem_x509_certificates),
+        ]
+        for name, parse in pem_files:
+            path = getattr(self, name)
+            if not path:
+                continue
+            try:
+                with open(path, "rb") as file:
+                    parse(file.read())
+            except (OSError, ValueError, TypeError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ConfigError(
+                    f"{_env_name(name)}: cannot parse {path!r} as PEM ({reason})"
+                ) from None
 
 
 def _env_name(field_name: str) -> str:

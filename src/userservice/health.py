@@ -1,15 +1,22 @@
-"""grpc.health.v1 whose Watch streams end when the server shuts down.
+"""grpc.health.v1 whose Watch streams end when the server shuts down, and the storage monitor.
 
 grpcio-health-checking's aio servicer keeps Watch streams open until the server
 cancels them at the end of the grace period, which makes every shutdown take
 the full grace. This one reports NOT_SERVING to watchers, then ends their
 streams with OK so clients reconnect elsewhere at once.
+
+Readiness follows the database, not the load: ``monitor_storage`` turns the status
+NOT_SERVING only after several consecutive failed pings, so one slow ping (a busy
+pool, a long scan) does not move this pod's load onto the others, which would then
+saturate too.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +25,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 OVERALL = ""
+
+_log: Final = logging.getLogger("userservice.health")
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -71,3 +80,39 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 self._statuses[service] = NOT_SERVING
             self._shutting_down = True
             self._changed.notify_all()
+
+
+async def monitor_storage(
+    health: HealthServicer,
+    ping: Callable[[], Awaitable[None]],
+    *,
+    failures: int,
+    interval: float,
+    timeout: float,
+    errors: tuple[type[BaseException], ...],
+) -> None:
+    """Ping until cancelled: NOT_SERVING after failures failed pings in a row, SERVING again."""
+    caught: tuple[type[BaseException], ...] = (*errors, TimeoutError)
+    failed = 0
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            async with asyncio.timeout(timeout):
+                await ping()
+        except caught as error:
+            failed += 1
+            _log.warning(
+                "storage ping failed (%d of %d before NOT_SERVING): %s",
+                failed,
+                failures,
+                type(error).__name__,
+                extra={"consecutive_failures": failed},
+            )
+            if failed >= failures and health.status() != NOT_SERVING:
+                _log.warning("storage unreachable: reporting NOT_SERVING")
+                await health.set(NOT_SERVING)
+            continue
+        if failed and health.status() != SERVING:
+            _log.warning("storage reachable again: reporting SERVING")
+            await health.set(SERVING)
+        failed = 0

@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import signal
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.pagination import PageTokenCodec
 from userservice.domain.repository import UserRepository
 from userservice.domain.service import UserService
-from userservice.health import NOT_SERVING, SERVING, HealthServicer
+from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
 from userservice.metrics import MetricsServer, start_metrics_server
 from userservice.storage import open_repository
@@ -34,12 +36,29 @@ from userservice.transport.servicer import register
 log = logging.getLogger("userservice.server")
 
 SERVICE_NAME = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
-HEALTH_CHECK_INTERVAL_SECONDS = 1.0
 HEALTH_PING_TIMEOUT_SECONDS = 2.0
 
 
 class StartupError(RuntimeError):
-    """The server could not start (port taken, bad TLS files, database unreachable)."""
+    """The server could not start (port taken, database unreachable or locked, schema not ready)."""
+
+
+def _storage_startup_error(error: Exception) -> StartupError | None:
+    """Return the one-line StartupError for a known failure to open storage, else None."""
+    from userservice.storage.sqlite import SqliteLockedError
+
+    if isinstance(error, StorageUnavailableError | OSError):
+        return StartupError(f"database unreachable: {error}")
+    if isinstance(error, SqliteLockedError):
+        return StartupError(f"database locked: {error}")
+    postgres = sys.modules.get("userservice.storage.postgres")
+    if postgres is not None and isinstance(error, postgres.SchemaNotReadyError):
+        return StartupError(f"schema not ready: {error}")
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None and isinstance(error, asyncpg.PostgresError):
+        # SQLSTATE class 28 (authentication) and friends: the server's own message.
+        return StartupError(f"database refused the connection: {error}")
+    return None
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -64,6 +83,15 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_connection_age_ms", 30 * 60_000),
         ("grpc.max_connection_age_grace_ms", 30_000),
     ]
+
+
+def grpc_backstop(settings: Settings) -> int:
+    """Return grpc's own concurrency limit: far above the admission layer's, a last resort.
+
+    grpc refuses calls over it before any interceptor runs, health checks included, so it
+    must never be the limit that bites; it only bounds memory if admission itself is flooded.
+    """
+    return 4 * (settings.max_concurrent_rpcs + settings.max_open_streams) + 1000
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -106,11 +134,22 @@ class Application:
 
     async def start(self) -> None:
         """Open storage, bind the port and report SERVING; raise StartupError on failure."""
+        try:
+            await self._start()
+        except BaseException:
+            # Cancelled (a signal during start-up) or failed: close what was opened.
+            await self._close_after_failed_start()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         try:
             self._repository = await open_repository(settings.database_url, settings=settings)
-        except StorageUnavailableError as error:
-            raise StartupError(f"database unreachable: {error}") from error
+        except Exception as error:
+            known = _storage_startup_error(error)
+            if known is None:
+                raise
+            raise known from error
         key = settings.page_token_secret.encode() or os.urandom(32)
         self._service = UserService(
             self._repository,
@@ -122,7 +161,7 @@ class Application:
         server = grpc.aio.server(
             interceptors=self._chain.interceptors,
             options=channel_options(settings),
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=grpc_backstop(settings),
         )
         self._server = server
         register(server, self._service)
@@ -141,13 +180,27 @@ class Application:
             self.port = 0
             log.debug("bind failed", exc_info=error)
         if self.port == 0:
-            await self._close_resources()
             raise StartupError(f"cannot listen on {settings.listen_address} (in use or invalid)")
         await server.start()
         if settings.metrics_address:
-            self._metrics = start_metrics_server(settings.metrics_address)
+            try:
+                self._metrics = start_metrics_server(settings.metrics_address)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot serve metrics on {settings.metrics_address}: {error.strerror or error}"
+                ) from error
         await self.health.set(SERVING)
-        self._monitor = asyncio.create_task(self._watch_storage(), name="storage-health")
+        self._monitor = asyncio.create_task(
+            monitor_storage(
+                self.health,
+                self._repository.ping,
+                failures=settings.health_failures,
+                interval=settings.health_check_interval_seconds,
+                timeout=HEALTH_PING_TIMEOUT_SECONDS,
+                errors=(StorageUnavailableError,),
+            ),
+            name="storage-health",
+        )
         log.info(
             "serving",
             extra={
@@ -159,22 +212,6 @@ class Application:
                 "metrics_port": self.metrics_port,
             },
         )
-
-    async def _watch_storage(self) -> None:
-        """Follow the database's reachability in the health status, without a restart."""
-        assert self._repository is not None
-        while True:
-            await asyncio.sleep(HEALTH_CHECK_INTERVAL_SECONDS)
-            try:
-                async with asyncio.timeout(HEALTH_PING_TIMEOUT_SECONDS):
-                    await self._repository.ping()
-                healthy = True
-            except (StorageUnavailableError, TimeoutError):
-                healthy = False
-            status = SERVING if healthy else NOT_SERVING
-            if status != self.health.status():
-                log.warning("storage %s", "reachable again" if healthy else "unreachable")
-                await self.health.set(status)
 
     async def stop(self) -> None:
         """Run the shutdown sequence once; later calls wait for the first to finish."""
@@ -205,30 +242,75 @@ class Application:
         await self._close_resources()
         log.info("stopped")
 
+    async def _close_after_failed_start(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.stop(0)
+        await self._close_resources()
+
     async def _close_resources(self) -> None:
+        """Run every closer; one that fails is logged and never skips the others."""
+        closers: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if self._metrics is not None:
-            self._metrics.close()
+            metrics = self._metrics
+            closers.append(("metrics", _as_async(metrics.close)))
         if self._chain is not None:
-            await self._chain.aclose()
+            closers.append(("interceptors", self._chain.aclose))
         if self._repository is not None:
-            await self._repository.close()
+            closers.append(("storage", self._repository.close))
+        self._metrics = self._chain = self._repository = None
+        for name, close in closers:
+            try:
+                await close()
+            except Exception as error:
+                log.error("closing %s failed: %s: %s", name, type(error).__name__, error)
+
+
+def _as_async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def closing() -> None:
+        close()
+
+    return closing
 
 
 async def serve(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; return the exit code."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; return the exit code.
+
+    The handlers are installed before start-up work begins, so a signal during start-up
+    stops it cleanly (and so they exist when the process is PID 1, for which the kernel
+    ignores default-action signals). A second signal during shutdown exits at once.
+    """
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop_requested.is_set():
+            log.error("second %s during shutdown: exiting now", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        stop_requested.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
     app = Application(settings)
+    starting = asyncio.ensure_future(app.start())
+    stopping = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StartupError):
+            await starting
+        log.info("stopped during start-up")
+        return 0
     try:
-        await app.start()
+        starting.result()
     except StartupError as error:
+        stopping.cancel()
         log.error("cannot start: %s", error)
         return 1
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    await stop_requested.wait()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(signum)
+    await stopping
     await app.stop()
     return 0
 

@@ -19,6 +19,10 @@ class Reason(enum.StrEnum):
     SEQUENCE_BEYOND_LATEST = "SEQUENCE_BEYOND_LATEST"
     WATCHER_TOO_SLOW = "WATCHER_TOO_SLOW"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    STORAGE_BUSY = "STORAGE_BUSY"
+    STORAGE_TIMEOUT = "STORAGE_TIMEOUT"
+    CONCURRENT_CONFLICT = "CONCURRENT_CONFLICT"
+    COMMIT_OUTCOME_UNKNOWN = "COMMIT_OUTCOME_UNKNOWN"
     SHUTTING_DOWN = "SHUTTING_DOWN"
 
 
@@ -146,6 +150,48 @@ class StorageUnavailableError(DomainError):
     reason = Reason.STORAGE_UNAVAILABLE
 
     def __init__(self, message: str = "storage is temporarily unavailable") -> None:
+        super().__init__(message)
+
+
+class StorageBusyError(StorageUnavailableError):
+    """No storage connection became free in time: nothing ran, the call may be retried."""
+
+    reason = Reason.STORAGE_BUSY
+
+    def __init__(self, message: str = "storage is busy: no connection free in time") -> None:
+        super().__init__(message)
+
+
+class StorageTimeoutError(StorageUnavailableError):
+    """A statement ran past the storage statement timeout; retrying would cost as much again."""
+
+    reason = Reason.STORAGE_TIMEOUT
+
+    def __init__(self, message: str = "the query took longer than the storage allows") -> None:
+        super().__init__(message)
+
+
+class CommitOutcomeUnknownError(StorageUnavailableError):
+    """The connection was lost during COMMIT: the write may or may not have happened."""
+
+    reason = Reason.COMMIT_OUTCOME_UNKNOWN
+
+    def __init__(
+        self,
+        message: str = (
+            "connection lost during commit: the change may have been applied; "
+            "retry only with the same request_id or etag"
+        ),
+    ) -> None:
+        super().__init__(message)
+
+
+class ConcurrentConflictError(DomainError):
+    """A concurrent transaction won (serialization failure, deadlock, upsert race) after retries."""
+
+    reason = Reason.CONCURRENT_CONFLICT
+
+    def __init__(self, message: str = "the change conflicted with a concurrent one") -> None:
         super().__init__(message)
 
 

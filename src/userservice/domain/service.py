@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -58,17 +59,30 @@ class ListResult:
 
 @dataclass(slots=True)
 class ImportResult:
-    """Outcome of a bulk import: counts and the first rejections with their stream index."""
+    """Outcome of a bulk import: counts and the lowest-index rejections with their stream index.
+
+    Validation rejects a row when it arrives, the store only when its batch flushes, so
+    rejections do not come in index order: a max-heap keeps the MAX_REPORTED_REJECTIONS
+    lowest indices (O(log n) per rejection, bounded memory).
+    """
 
     created_count: int = 0
     rejected_count: int = 0
-    rejections: list[tuple[int, DomainError]] = field(default_factory=list)
+    _kept: list[tuple[int, int, DomainError]] = field(default_factory=list)
 
     def reject(self, index: int, error: DomainError) -> None:
-        """Count a rejected row, keeping its details while under the reporting cap."""
+        """Count a rejected row, keeping its details if it is among the lowest indices."""
         self.rejected_count += 1
-        if len(self.rejections) < MAX_REPORTED_REJECTIONS:
-            self.rejections.append((index, error))
+        entry = (-index, self.rejected_count, error)
+        if len(self._kept) < MAX_REPORTED_REJECTIONS:
+            heapq.heappush(self._kept, entry)
+        elif index < -self._kept[0][0]:
+            heapq.heapreplace(self._kept, entry)
+
+    @property
+    def rejections(self) -> list[tuple[int, DomainError]]:
+        """Return the kept rejections, lowest index first."""
+        return [(-negated, error) for negated, _, error in sorted(self._kept, reverse=True)]
 
 
 class UserService:
@@ -194,8 +208,6 @@ class UserService:
                 batch = []
         if batch:
             await self._flush_import(batch, result)
-        # Validation rejects a row at once, the store only when its batch flushes.
-        result.rejections.sort(key=lambda rejection: rejection[0])
         return result
 
     async def _flush_import(self, batch: list[tuple[int, User]], result: ImportResult) -> None:

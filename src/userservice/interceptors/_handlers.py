@@ -10,6 +10,7 @@ so each interceptor writes one wrapper instead of eight.
 from __future__ import annotations
 
 import abc
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeAlias
@@ -39,6 +40,12 @@ _FACTORIES: Final[dict[str, Callable[..., Handler]]] = {
     SERVER_STREAM: grpc.unary_stream_rpc_method_handler,
     BIDI_STREAM: grpc.stream_stream_rpc_method_handler,
 }
+# grpc.aio reports a failed read or write batch as this error of its private cygrpc module;
+# matched by name rather than imported, so no private module is imported.
+_BATCH_ERROR: Final = ("grpc._cython.cygrpc", "ExecuteBatchError")
+# A write fails as soon as the peer resets the stream; the cancellation itself reaches the
+# call a few event-loop turns later. This long at most is waited for it.
+_SETTLE_SECONDS: Final = 0.1
 # Handlers are few (one per method), but a generic handler may mint new ones per call:
 # past this many entries the cache starts over rather than grow without bound.
 _CACHE_LIMIT: Final = 4096
@@ -90,12 +97,12 @@ def _writing(behaviour: Callable[..., Any]) -> Behaviour:
             return
         if not hasattr(result, "__aiter__"):
             for message in result:
-                await context.write(message)
+                await _write(context, message)
             return
         iterator: AsyncIterator[Any] = aiter(result)
         try:
             async for message in iterator:
-                await context.write(message)
+                await _write(context, message)
         finally:
             # Close the generator now, on this task, so its finally blocks run before the
             # status is sent, instead of whenever the garbage collector finds it.
@@ -104,6 +111,45 @@ def _writing(behaviour: Callable[..., Any]) -> Behaviour:
                 await close()
 
     return writing
+
+
+def is_batch_error(error: BaseException) -> bool:
+    """Return whether error is grpc.aio's ExecuteBatchError (a read or write batch failed)."""
+    kind = type(error)
+    return (kind.__module__, kind.__name__) == _BATCH_ERROR
+
+
+def call_ended(context: Context) -> bool:
+    """Return whether the call was cancelled or its deadline has passed."""
+    remaining = context.time_remaining()
+    return bool(context.cancelled()) or (remaining is not None and remaining <= 0)
+
+
+async def peer_ended(context: Context, error: BaseException) -> bool:
+    """Return whether error is a batch failure on a call the peer ended (cancel or deadline).
+
+    Waits up to _SETTLE_SECONDS for the cancellation to land; any other batch failure is a
+    real error and must be reported as one.
+    """
+    if not is_batch_error(error):
+        return False
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _SETTLE_SECONDS
+    while not call_ended(context):
+        if loop.time() >= give_up:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def _write(context: Context, message: Any) -> None:
+    try:
+        await context.write(message)
+    except Exception as error:
+        if await peer_ended(context, error):
+            # grpc.aio treats CancelledError as a cancelled call: no status, a debug line.
+            raise asyncio.CancelledError from error
+        raise
 
 
 def rebuild(handler: Handler, behaviour: Behaviour) -> Handler:

@@ -1,4 +1,4 @@
-"""The server interceptor chain, outermost first: recovery, access log, auth, rate limit.
+"""The server interceptor chain, outermost first: recovery, access log, auth, admission, rate limit.
 
 - Recovery is outermost so that nothing escapes it: a bug in the access log, in token
   verification or in the limiter becomes INTERNAL with a correlation id, like a bug in
@@ -10,7 +10,15 @@
   caller cannot spend someone else's budget by naming them), and so that a flood of
   unauthenticated calls is refused before it costs a bucket lookup (a Redis round trip
   when the limit is shared).
-- Health checks and reflection skip auth and the rate limit (probes and tooling carry no
+- Admission (the replica's limits on calls in progress and open streams) runs after auth,
+  because the per-principal stream limit needs the principal, and because a call auth
+  refuses does no work worth a slot: an anonymous flood cannot take the slots of
+  authenticated callers. It runs before the rate limit so that a refused call costs no
+  tokens (and no Redis round trip), and so that a stream paced by the limiter still
+  holds its slot: it is open. Being inside the access log, every refusal is logged and
+  counted with its code, which grpc's own ``maximum_concurrent_rpcs`` (kept only as a
+  much higher backstop) cannot do.
+- Health checks and reflection skip auth, admission and the rate limit (probes and tooling carry no
   token and must not be throttled) but are still logged.
 
 grpc.aio runs ``interceptors=[a, b]`` with ``a`` outermost, and pays for every entry on
@@ -23,6 +31,7 @@ behaviour, which is what lets recovery see an exception raised inside auth.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -32,6 +41,7 @@ import grpc
 from userservice.config import Settings
 from userservice.interceptors._handlers import Behaviour, WrappingInterceptor
 from userservice.interceptors.access_log import AccessLogInterceptor
+from userservice.interceptors.admission import AdmissionInterceptor, AdmissionLimits
 from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.jwt_verifier import verifier_from_settings
 from userservice.interceptors.matcher import MethodMatcher
@@ -39,8 +49,9 @@ from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitI
 from userservice.interceptors.ratelimit_redis import RedisLimiter
 from userservice.interceptors.recovery import RecoveryInterceptor
 
+_log: Final = logging.getLogger("userservice.chain")
 PUBLIC_METHODS: Final = ("grpc.health.v1.Health/*", "grpc.reflection.*")
-"""Methods served without a token and without a rate limit."""
+"""Methods served without a token, admission limits or a rate limit."""
 
 
 class ComposedInterceptor(WrappingInterceptor):
@@ -76,7 +87,11 @@ class InterceptorChain:
         """Release what the interceptors hold (the Redis connections), once the server stopped."""
         closers, self.closers = self.closers, []
         for close in closers:
-            await close()
+            # One failing closer must not leave the others open.
+            try:
+                await close()
+            except Exception as error:
+                _log.error("closing an interceptor failed: %s: %s", type(error).__name__, error)
 
 
 async def build_chain(settings: Settings) -> InterceptorChain:
@@ -87,6 +102,14 @@ async def build_chain(settings: Settings) -> InterceptorChain:
         RecoveryInterceptor(),
         access_log,
         AuthInterceptor(verifier_from_settings(settings), public),
+        AdmissionInterceptor(
+            AdmissionLimits(
+                settings.max_concurrent_rpcs,
+                settings.max_open_streams,
+                settings.max_streams_per_principal,
+            ),
+            public,
+        ),
     ]
     closers = [_flusher(access_log.stderr.flush)]
     if settings.rate_limit_rps > 0:

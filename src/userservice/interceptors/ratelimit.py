@@ -1,17 +1,23 @@
 """Rate limiting: a token bucket per principal (per peer host without one), charged at call start.
 
-A stream is charged once, when it opens, and never cut mid-way. Over the limit the call
-ends RESOURCE_EXHAUSTED with RetryInfo (when enough tokens will be back) and ErrorInfo
-reason RATE_LIMITED. Buckets live in-process (``LocalLimiter``) or in Redis, shared by
-every replica (``ratelimit_redis.RedisLimiter``); both implement ``Limiter``.
+Over the limit a call ends RESOURCE_EXHAUSTED with RetryInfo (when enough tokens will be
+back) and ErrorInfo reason RATE_LIMITED. The bulk write streams (``MESSAGE_COSTS``) also
+pay for each message after the first, and are *paced* rather than cut when the bucket is
+empty: the next message is not read until the tokens are back, so HTTP/2 flow control
+pushes back on the client, and the call's deadline still ends the wait. A limiter that
+cannot decide (Redis down, failing closed) ends the call UNAVAILABLE with reason
+RATE_LIMITER_UNAVAILABLE: the caller is not over any limit. Buckets live in-process
+(``LocalLimiter``) or in Redis, shared by every replica (``ratelimit_redis.RedisLimiter``);
+both implement ``Limiter``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, NamedTuple, Protocol
 
 import grpc
@@ -19,7 +25,13 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2
 
 from userservice.interceptors._call import PRINCIPAL
-from userservice.interceptors._handlers import Behaviour, Context, WrappingInterceptor
+from userservice.interceptors._handlers import (
+    BIDI_STREAM,
+    CLIENT_STREAM,
+    Behaviour,
+    Context,
+    WrappingInterceptor,
+)
 from userservice.interceptors._status import Rejection, rejection
 from userservice.interceptors.matcher import MethodMatcher
 
@@ -30,13 +42,25 @@ METHOD_COSTS: Final[Mapping[str, float]] = {
     _SERVICE + "SyncUsers": 20.0,
     _SERVICE + "StreamUsers": 5.0,
 }
+MESSAGE_COSTS: Final[Mapping[str, float]] = {
+    # One upsert per message after the first, like a unary write.
+    _SERVICE + "ImportUsers": 1.0,
+    _SERVICE + "SyncUsers": 1.0,
+}
+# A paced stream re-checks its bucket at least this often, so a refill is noticed soon.
+MAX_PACE_SECONDS: Final = 1.0
 
 
 class Decision(NamedTuple):
-    """A limiter's answer: allowed, or denied with the seconds until a retry can succeed."""
+    """A limiter's answer: allowed, or denied with the seconds until a retry can succeed.
+
+    undecided says the limiter could not reach its state (Redis down, failing closed):
+    the call is refused without being over any limit.
+    """
 
     allowed: bool
     retry_after: float
+    undecided: bool = False
 
 
 ALLOWED: Final = Decision(True, 0.0)
@@ -123,6 +147,73 @@ def _exhausted(retry_after: float) -> Rejection:
     )
 
 
+def _undecided(retry_after: float) -> Rejection:
+    delay = Duration()
+    delay.FromNanoseconds(math.ceil(max(retry_after, 0.001) * 1000) * 1_000_000)
+    return rejection(
+        grpc.StatusCode.UNAVAILABLE,
+        "rate limiter unavailable; retry later",
+        "RATE_LIMITER_UNAVAILABLE",
+        details=[error_details_pb2.RetryInfo(retry_delay=delay)],
+    )
+
+
+def _refusal(decision: Decision) -> Rejection:
+    return (
+        _undecided(decision.retry_after) if decision.undecided else _exhausted(decision.retry_after)
+    )
+
+
+class _Pacer:
+    """Charges each message of a stream after the first, waiting while the bucket is empty."""
+
+    def __init__(self, limit: Callable[[str, float], Any], key: str, cost: float) -> None:
+        self._limit = limit
+        self._key = key
+        self._cost = cost
+        self._first = True
+
+    async def pay(self, context: Context) -> None:
+        """Return once the message just read is paid for (the first one is free)."""
+        if self._first:
+            self._first = False
+            return
+        while True:
+            decision: Decision = await self._limit(self._key, self._cost)
+            if decision.allowed:
+                return
+            if decision.undecided:
+                await _refusal(decision).abort(context)
+            # Bounded: the deadline cancels this sleep and ends the call DEADLINE_EXCEEDED.
+            await asyncio.sleep(min(max(decision.retry_after, 0.001), MAX_PACE_SECONDS))
+
+    async def iterate(self, requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        """Yield requests, each after it is paid for."""
+        async for message in requests:
+            await self.pay(context)
+            yield message
+
+
+class _PacedContext:
+    """A servicer context whose read() pays for each message before handing it over."""
+
+    __slots__ = ("_context", "_pacer")
+
+    def __init__(self, context: Context, pacer: _Pacer) -> None:
+        self._context = context
+        self._pacer = pacer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        """Read the next message, waiting for its tokens."""
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            await self._pacer.pay(self._context)
+        return message
+
+
 class RateLimitInterceptor(WrappingInterceptor):
     """Charges each call's cost to its principal's bucket before the handler runs."""
 
@@ -133,6 +224,7 @@ class RateLimitInterceptor(WrappingInterceptor):
         *,
         burst: float,
         costs: Mapping[str, float] = METHOD_COSTS,
+        message_costs: Mapping[str, float] = MESSAGE_COSTS,
     ) -> None:
         """Exempt methods matching public; costs above burst are capped so they can pass."""
         super().__init__()
@@ -140,12 +232,15 @@ class RateLimitInterceptor(WrappingInterceptor):
         self._public = public
         self._burst = burst
         self._costs = costs
+        self._message_costs = message_costs
 
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:
         """Return behaviour behind the bucket check (None for exempt methods)."""
         if self._public.matches(method):
             return None
         cost = min(self._costs.get(method, 1.0), self._burst)
+        message_cost = self._message_costs.get(method)
+        paced = message_cost is not None and kind in (CLIENT_STREAM, BIDI_STREAM)
         limit = self._limit
 
         async def limited(request: Any, context: Context) -> Any:
@@ -153,7 +248,13 @@ class RateLimitInterceptor(WrappingInterceptor):
             key = "p:" + principal if principal is not None else "h:" + peer_host(context.peer())
             decision = await limit(key, cost)
             if not decision.allowed:
-                await _exhausted(decision.retry_after).abort(context)
+                await _refusal(decision).abort(context)
+            if paced:
+                assert message_cost is not None
+                pacer = _Pacer(limit, key, min(message_cost, self._burst))
+                if hasattr(request, "__aiter__"):
+                    request = pacer.iterate(request, context)
+                context = _PacedContext(context, pacer)  # type: ignore[assignment]
             return await behaviour(request, context)
 
         return limited

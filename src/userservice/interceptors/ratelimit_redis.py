@@ -79,7 +79,7 @@ class RedisLimiter:
         self._owns_client = owns_client
         # A bucket left alone refills completely within burst/rate seconds; then it can go.
         self._ttl_ms = math.ceil(burst / rate * 1000) + 1000
-        self._fallback = ALLOWED if fail_open else Decision(False, recheck_seconds)
+        self._fallback = ALLOWED if fail_open else Decision(False, recheck_seconds, undecided=True)
         self._mode = "open (calls allowed)" if fail_open else "closed (calls refused)"
         self._down_since: float | None = None
         self._down_until = 0.0

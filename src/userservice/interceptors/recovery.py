@@ -2,7 +2,10 @@
 
 Deliberate endings pass through untouched: ``context.abort()`` (it raises AbortError in
 grpc.aio, see grpc#36009), cancellation (client cancel or deadline), and a read or write
-that failed because the peer had already ended the call. The full stack trace of a real
+that failed because the peer had already ended the call. grpc.aio reports that last one
+as its internal ``ExecuteBatchError``, which it raises for other batch failures too: it
+counts as the peer's doing only when the call really was cancelled or its deadline has
+passed, and is otherwise a failure like any other. The full stack trace of a real
 failure goes to the ``userservice.recovery`` log with the request id the client is shown.
 """
 
@@ -13,23 +16,29 @@ import logging
 from typing import Any, Final, NoReturn
 
 import grpc
-from grpc._cython import cygrpc  # type: ignore[attr-defined]  # not in the stubs
 
 from userservice.interceptors._call import request_id
-from userservice.interceptors._handlers import Behaviour, Context, WrappingInterceptor
+from userservice.interceptors._handlers import (
+    Behaviour,
+    Context,
+    WrappingInterceptor,
+    call_ended,
+    is_batch_error,
+    peer_ended,
+)
 
 _log: Final = logging.getLogger("userservice.recovery")
-# grpc.aio reports a read or write on a call the peer already ended (cancel, deadline, lost
-# connection) as this internal error. grpc.aio ignores it only if the peer's cancellation
-# reached it first, and logs it at ERROR otherwise; it is the peer's doing, not a bug.
-PEER_ENDED_CALL: Final[type[Exception]] = cygrpc.ExecuteBatchError
+
+
+def _deadline_passed(context: Context) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def final_code(context: Context, error: BaseException) -> grpc.StatusCode:
     """Return the status a call that raised error ends with, once recovery has handled it."""
-    if isinstance(error, asyncio.CancelledError | PEER_ENDED_CALL):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+    if isinstance(error, asyncio.CancelledError) or (is_batch_error(error) and call_ended(context)):
+        if _deadline_passed(context):
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     code = context.code()
@@ -68,10 +77,10 @@ class RecoveryInterceptor(WrappingInterceptor):
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
                 raise
-            except PEER_ENDED_CALL as error:
-                # grpc.aio treats CancelledError as a cancelled call: no status, a debug line.
-                raise asyncio.CancelledError from error
             except Exception as error:
+                if await peer_ended(context, error):
+                    # grpc.aio treats CancelledError as a cancelled call: no status, a debug line.
+                    raise asyncio.CancelledError from error
                 await _recover(method, context, error)
 
         return recovered

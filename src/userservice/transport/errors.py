@@ -12,6 +12,8 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from userservice.domain.errors import (
+    CommitOutcomeUnknownError,
+    ConcurrentConflictError,
     DomainError,
     EmailAlreadyExistsError,
     EtagMismatchError,
@@ -20,6 +22,8 @@ from userservice.domain.errors import (
     SequenceBeyondLatestError,
     SequenceExpiredError,
     ShuttingDownError,
+    StorageBusyError,
+    StorageTimeoutError,
     StorageUnavailableError,
     UserNotFoundError,
     WatcherTooSlowError,
@@ -39,8 +43,18 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     SequenceBeyondLatestError: grpc.StatusCode.OUT_OF_RANGE,
     WatcherTooSlowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    # UNAVAILABLE, not RESOURCE_EXHAUSTED: nothing ran, another replica may have a free
+    # connection, and gRPC retry policies and proxies retry UNAVAILABLE there by default.
+    StorageBusyError: grpc.StatusCode.UNAVAILABLE,
+    # The query was too expensive, not the store unreachable: no RetryInfo invites a retry.
+    StorageTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    # The write may have happened: no RetryInfo; the README says what is safe to retry.
+    CommitOutcomeUnknownError: grpc.StatusCode.UNAVAILABLE,
+    ConcurrentConflictError: grpc.StatusCode.ABORTED,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
 }
+# Only these promise that a retry after RetryInfo's delay is safe and may succeed.
+_RETRY_SAFE = frozenset({StorageUnavailableError, StorageBusyError, ShuttingDownError})
 
 
 def status_code(error: DomainError) -> grpc.StatusCode:
@@ -86,7 +100,7 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
         metadata["latest_sequence"] = str(error.latest)
     elif isinstance(error, WatcherTooSlowError):
         metadata["last_sequence"] = str(error.last_sequence)
-    elif isinstance(error, StorageUnavailableError | ShuttingDownError):
+    elif type(error) in _RETRY_SAFE:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_UNAVAILABLE)))
     details.insert(
         0,
