@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 GENERATED_DIR := src/user
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test lint format typecheck generate check-generated buf-lint buf-breaking deploy-check bench ci clean token
+.PHONY: help setup run test lint format typecheck generate check-generated vendor-protos buf-lint buf-breaking deploy-check bench ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ check-generated: $(STAMP) $(BUF) ## Fail if the committed stubs differ from a fr
 	    echo "Generated stubs are stale: run 'make generate' and commit the result." >&2; \
 	    rm -rf $(GENERATED_DIR) && cp -r $$tmp/committed $(GENERATED_DIR); rm -rf $$tmp; exit 1; \
 	  fi; rm -rf $$tmp; echo "generated stubs are up to date"
+
+GOOGLEAPIS_PROTOS := google/api/field_behavior.proto google/rpc/status.proto google/rpc/error_details.proto
+
+vendor-protos: $(STAMP) ## Copy the googleapis protos from the pinned googleapis-common-protos wheel.
+	@site=$$($(PY) -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])') && \
+	  for proto in $(GOOGLEAPIS_PROTOS); do install -D -m 644 "$$site/$$proto" "third_party/googleapis/$$proto"; done
 
 buf-lint: $(BUF) ## buf lint (STANDARD).
 	$(BUF) lint
