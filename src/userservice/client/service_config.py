@@ -16,8 +16,13 @@ from typing import Any
 
 SERVICE = "user.v1.UserService"
 RETRIED_METHODS = (
-    "CreateUser", "GetUser", "BatchGetUsers", "ListUsers", "StreamUsers", "WatchUsers",
-)  # fmt: skip
+    "CreateUser",
+    "GetUser",
+    "BatchGetUsers",
+    "ListUsers",
+    "StreamUsers",
+    "WatchUsers",
+)
 NOT_RETRIED_METHODS = ("UpdateUser", "DeleteUser", "ImportUsers", "SyncUsers")
 # grpc core caps maxAttempts at 5.
 MAX_ATTEMPTS = 5
