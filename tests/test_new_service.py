@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from new_service import leftovers, renamer  # noqa: E402
 
 RENAME = renamer("orders", "Order", "Orders")
+ADD_AN_RPC = sorted((ROOT / "docs" / "adding-an-rpc").glob("*.patch"))
 
 
 @pytest.mark.parametrize(
@@ -52,6 +53,15 @@ def test_a_name_containing_the_old_one_is_renamed_once() -> None:
     assert users("userservice UserService user.v1 User") == "users AccountService users.v1 Account"
 
 
+def test_the_adding_an_rpc_patches_apply_to_this_tree() -> None:
+    assert len(ADD_AN_RPC) >= 5
+    checked = subprocess.run(
+        ["git", "apply", "--check", *map(str, ADD_AN_RPC)],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+
+
 @pytest.mark.slow
 def test_generated_service_is_renamed_throughout_and_its_suite_passes(tmp_path: Path) -> None:
     dest = tmp_path / "orders"
@@ -77,11 +87,31 @@ def test_generated_service_is_renamed_throughout_and_its_suite_passes(tmp_path: 
     assert subprocess.run(["git", "status", "--porcelain"], cwd=dest, capture_output=True,
                           text=True, check=True).stdout == ""  # fmt: skip
     # Its own checks and suite (this slow test excluded there: it would generate again).
-    child = subprocess.run(
-        ["make", "--no-print-directory", "lint", "typecheck", "buf-lint", "check-generated",
-         "test"],
-        cwd=dest, env={**env, "PYTEST_ADDOPTS": "-m 'not slow' -q -p no:cacheprovider"},
-        capture_output=True, text=True, timeout=1500, check=False,
+    child_env = {**env, "PYTEST_ADDOPTS": "-m 'not slow' -q -p no:cacheprovider"}
+    child = _make(dest, child_env, "lint", "typecheck", "buf-lint", "check-generated", "test")
+    assert " passed" in child
+    # docs/adding-an-rpc.md, renamed with the rest, applied to the new service.
+    patches = sorted(str(path) for path in (dest / "docs" / "adding-an-rpc").glob("*.patch"))
+    applied = subprocess.run(["git", "apply", *patches], cwd=dest, capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    _make(dest, {**env, "PYTEST_ADDOPTS": "-q -p no:cacheprovider"}, "generate", "lint",
+          "typecheck", "buf-lint")  # fmt: skip
+    added = subprocess.run(
+        [str(dest / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_api_get_by_email.py", "tests/test_docs.py",
+         "tests/test_interceptor_auth.py", "tests/test_client.py"],
+        cwd=dest, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
-    assert " passed" in child.stdout
+    assert added.returncode == 0, added.stdout[-6000:]
+    assert "GetOrderByEmail" in (dest / "proto/orders/v1/order_service.proto").read_text()
+
+
+def _make(cwd: Path, env: dict[str, str], *targets: str) -> str:
+    """Run make targets in cwd (25 min at most); return stdout, failing with its tail."""
+    done = subprocess.run(
+        ["make", "--no-print-directory", *targets],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    return done.stdout
