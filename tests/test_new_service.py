@@ -88,7 +88,7 @@ def test_generated_service_is_renamed_throughout_and_its_suite_passes(tmp_path: 
                           text=True, check=True).stdout == ""  # fmt: skip
     # Its own checks and suite (this slow test excluded there: it would generate again).
     child_env = {**env, "PYTEST_ADDOPTS": "-m 'not slow' -q -p no:cacheprovider"}
-    child = _make(dest, child_env, "lint", "typecheck", "buf-lint", "check-generated", "test")
+    child = _make(dest, child_env, "ci")  # lint, mypy, buf, stale stubs, deploy checks, tests
     assert " passed" in child
     # docs/adding-an-rpc.md, renamed with the rest, applied to the new service.
     patches = sorted(str(path) for path in (dest / "docs" / "adding-an-rpc").glob("*.patch"))
