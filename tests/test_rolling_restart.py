@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
+import json
 import sys
 import time
 import uuid
@@ -36,6 +38,8 @@ pytestmark = pytest.mark.postgres
 
 WORKERS = 4
 DRAIN_SECONDS = "1.5"
+# How long the client's health Watch may take to see NOT_SERVING and leave a replica.
+HEALTH_PROPAGATION_SECONDS = 0.5
 SETTLE_SECONDS = 2.0  # after a restart, before the next replica goes: the client reconnects
 
 
@@ -47,13 +51,46 @@ async def _start(database_url: str, port: int, log_path: Path) -> Replica:
                 database_url, port,
                 USERSERVICE_SHUTDOWN_DRAIN_SECONDS=DRAIN_SECONDS,
                 USERSERVICE_SHUTDOWN_GRACE_SECONDS="5",
-                USERSERVICE_LOG_LEVEL="WARNING",
+                USERSERVICE_LOG_LEVEL="INFO",  # the access log shows who got calls when
             ),
             stdout=log_file, stderr=log_file,
         )  # fmt: skip
     replica = Replica(process, port, log_path)
     await wait_serving(replica)
     return replica
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def calls_started_while_draining(log: str) -> tuple[int, int]:
+    """Return (calls begun in the drain's first moments, calls begun after the client left).
+
+    From the replica's JSON log: the window opens at "shutting down"; a UserService call that
+    began more than HEALTH_PROPAGATION_SECONDS later (its end minus its duration) reached a
+    replica the client should already have taken out of rotation.
+    """
+    draining_since: float | None = None
+    early = late = 0
+    for line in log.splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if entry.get("message") == "shutting down":
+            draining_since = _seconds(entry["time"])
+        elif entry.get("message") == "stopped":
+            draining_since = None
+        elif draining_since is not None and entry.get("logger") == "userservice.access":
+            method = entry["method"]
+            if not method.startswith("/user.v1.UserService/") or method.endswith("/WatchUsers"):
+                continue
+            began = _seconds(entry["time"]) - entry["duration_ms"] / 1000
+            if began > draining_since + HEALTH_PROPAGATION_SECONDS:
+                late += 1
+            elif began > draining_since:
+                early += 1
+    return early, late
 
 
 class Load:
@@ -159,12 +196,16 @@ async def test_rolling_restart_loses_no_call_write_or_event(
         for replica in replicas:
             await stop_process(replica.process)
     elapsed = time.monotonic() - started
+    drains = [calls_started_while_draining(replica.log()) for replica in replicas]
     print(
         f"\nrolling restart: {sum(load.calls.values())} calls acknowledged "
         f"({dict(load.calls)}), {len(load.failures)} failed, {len(seen)} events watched, "
-        f"{len(load.live)} users live, {len(load.deleted)} deleted, in {elapsed:.1f} s"
+        f"{len(load.live)} users live, {len(load.deleted)} deleted, in {elapsed:.1f} s; "
+        f"calls begun on a draining replica (first {HEALTH_PROPAGATION_SECONDS} s, later): {drains}"
     )
     assert load.failures == []
+    # Client-side health checking moved the traffic before server.stop, not the retries.
+    assert [late for _, late in drains] == [0, 0]
     assert load.calls["create"] > 20
     for replica in stopped:
         assert_stopped_cleanly(replica)
