@@ -163,3 +163,11 @@ async def test_watch_yields_events_in_order(app: Application) -> None:
         await events.aclose()
     assert [event.user.id for event in seen] == [user.id for user in created]
     assert [event.sequence for event in seen] == sorted(event.sequence for event in seen)
+
+
+@pytest.mark.asyncio
+async def test_a_dns_target_reaches_the_server(app: Application) -> None:
+    # localhost may resolve to ::1 as well, where nothing listens: round_robin skips it.
+    async with UserServiceClient(f"dns:///localhost:{app.port}", token=TOKEN) as client:
+        created = await client.create_user("ada@example.com", "Ada")
+        assert (await client.get_user(created.id)).id == created.id
