@@ -7,10 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed
-GENERATED_DIR := src/user
+# Only the versioned package is generated: src/user/__init__.py is committed, so a service whose
+# Python package shares the proto package's name (see `make new-service`) keeps its own.
+GENERATED_DIR := src/user/v1
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test lint format typecheck generate check-generated buf-lint buf-breaking deploy-check bench ci clean token
+.PHONY: help setup run test lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check bench ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -33,7 +35,7 @@ setup: $(STAMP) $(BUF) ## Create .venv and install Python and buf tooling.
 generate: $(STAMP) $(BUF) ## Regenerate Python stubs and .pyi type stubs from proto/.
 	rm -rf $(GENERATED_DIR)
 	$(BUF) generate
-	touch $(GENERATED_DIR)/__init__.py $(GENERATED_DIR)/v1/__init__.py
+	touch $(GENERATED_DIR)/__init__.py
 
 check-generated: $(STAMP) $(BUF) ## Fail if the committed stubs differ from a fresh generation.
 	@tmp=$$(mktemp -d) && cp -r $(GENERATED_DIR) $$tmp/committed && \
@@ -42,6 +44,12 @@ check-generated: $(STAMP) $(BUF) ## Fail if the committed stubs differ from a fr
 	    echo "Generated stubs are stale: run 'make generate' and commit the result." >&2; \
 	    rm -rf $(GENERATED_DIR) && cp -r $$tmp/committed $(GENERATED_DIR); rm -rf $$tmp; exit 1; \
 	  fi; rm -rf $$tmp; echo "generated stubs are up to date"
+
+GOOGLEAPIS_PROTOS := google/api/field_behavior.proto google/rpc/status.proto google/rpc/error_details.proto
+
+vendor-protos: $(STAMP) ## Copy the googleapis protos from the pinned googleapis-common-protos wheel.
+	@site=$$($(PY) -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])') && \
+	  for proto in $(GOOGLEAPIS_PROTOS); do install -D -m 644 "$$site/$$proto" "third_party/googleapis/$$proto"; done
 
 buf-lint: $(BUF) ## buf lint (STANDARD).
 	$(BUF) lint
@@ -53,8 +61,8 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
 lint: $(STAMP) ## ruff lint and format check.
-	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python
-	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python
+	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py
+	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
 	$(VENV)/bin/ruff check --fix src tests bench
@@ -76,6 +84,10 @@ run: $(STAMP) ## Serve on :50051 with the SQLite store (development auth secret)
 
 token: $(STAMP) ## Mint a development token: make token SCOPES="users.read users.write".
 	@$(DEV_ENV) $(VENV)/bin/userservice token --subject dev --scopes "$${SCOPES:-users.read users.write users.admin}" --ttl 1h
+
+new-service: ## Write a renamed copy: make new-service NAME=orders RESOURCE=Order [DEST=../orders]
+	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders]" >&2; exit 2; }
+	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)")
 
 bench: $(STAMP) ## Throughput and CPU per call: bare server vs the full stack, side by side.
 	$(PY) -m bench

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).resolve().parent.parent / "src" / "userservice"
-# What the domain must not import: gRPC, protobuf, the generated code (package `user`),
+# What the domain must not import: gRPC, protobuf, the generated code (package `user.v1`),
 # and every layer above or beside it.
 FORBIDDEN_IN_DOMAIN = (
     "grpc",
@@ -16,14 +16,14 @@ FORBIDDEN_IN_DOMAIN = (
     "grpc_health",
     "google.protobuf",
     "google.rpc",
-    "user",
+    "user.v1",
     "userservice.transport",
     "userservice.storage",
     "userservice.interceptors",
     "userservice.server",
     "userservice.health",
 )
-FORBIDDEN_IN_STORAGE = ("grpc", "user", "userservice.transport", "userservice.interceptors")
+FORBIDDEN_IN_STORAGE = ("grpc", "user.v1", "userservice.transport", "userservice.interceptors")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""The `userservice` command: serve, migrate, token."""
+"""The `userservice` command: serve, migrate, token, users."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from userservice.config import ConfigError, Settings, add_arguments, load_settings
 from userservice.logs import configure_logging
+from userservice.operator_cli import add_users_command, run_users
 
 log = logging.getLogger("userservice.cli")
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scopes", default="users.read", help='space-separated, e.g. "users.read users.write"'
     )
     token.add_argument("--ttl", type=_parse_ttl, default=3600.0, help="lifetime: 90s, 15m, 1h")
+    add_users_command(commands)
     return parser
 
 
@@ -74,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop_before_start)
     arguments = build_parser().parse_args(argv)
+    if arguments.command == "users":
+        return run_users(arguments)
     try:
         settings = _settings(arguments)
     except ConfigError as error:

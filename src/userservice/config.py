@@ -30,7 +30,7 @@ class Settings:
         "sqlite:///var/userservice.db",
         "sqlite:///relative.db, sqlite:////absolute.db or postgresql://user@host/db",
     )
-    reflection: bool = _setting(False, "serve grpc.reflection.v1alpha")
+    reflection: bool = _setting(False, "serve grpc.reflection.v1 and v1alpha")
     shutdown_grace_seconds: float = _setting(10.0, "time in-flight RPCs get to finish")
     shutdown_drain_seconds: float = _setting(
         0.0, "wait after NOT_SERVING before refusing new RPCs (load balancers catch up)"

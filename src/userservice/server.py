@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from user.v1 import user_service_pb2
 from userservice.config import Settings
@@ -30,6 +29,7 @@ from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
 from userservice.metrics import MetricsServer, start_metrics_server
+from userservice.reflection import enable_reflection
 from userservice.storage import open_repository
 from userservice.transport.servicer import register
 
@@ -167,9 +167,7 @@ class Application:
         register(server, self._service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
-            reflection.enable_server_reflection(
-                [SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
-            )
+            enable_reflection(server, [SERVICE_NAME, "grpc.health.v1.Health"])
         credentials = _server_credentials(settings)
         try:
             if credentials is None:

@@ -1,4 +1,4 @@
-"""The ListUsers/StreamUsers filter language: a small AIP-160 subset, parsed into a UserFilter."""
+"""The ListUsers/StreamUsers filter language (an AIP-160 subset), parsed into a UserFilter."""
 
 from __future__ import annotations
 

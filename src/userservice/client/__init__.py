@@ -1,0 +1,35 @@
+"""The Python client of user.v1.UserService: `UserServiceClient` and its typed errors."""
+
+from userservice.client.client import UserServiceClient
+from userservice.client.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UserServiceError,
+    from_rpc_error,
+)
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "DeadlineExceededError",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UserServiceClient",
+    "UserServiceError",
+    "from_rpc_error",
+]

@@ -1,0 +1,276 @@
+"""UserServiceClient: a typed async client over the generated stub, on one reused channel."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from user.v1 import user_pb2, user_service_pb2_grpc
+from user.v1 import user_service_pb2 as pb
+from userservice.client.errors import UserServiceError, from_rpc_error
+from userservice.client.service_config import MAX_ATTEMPTS, channel_options
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_SECONDS = 5.0
+DEFAULT_STREAM_TIMEOUT_SECONDS = 300.0
+_RETRY_BACKOFF_SECONDS = (0.1, 1.0)
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+class UserServiceClient:
+    """Call user.v1.UserService; every failure raises a UserServiceError subclass.
+
+    The channel is created on first use, inside the running event loop, and reused by every
+    call until close(). `target` takes any gRPC name: `host:port`, `dns:///svc:50051`
+    (every address, balanced round_robin), `ipv4:10.0.0.1:50051,10.0.0.2:50051`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str = "",
+        tls: bool = False,
+        root_certificates: str | Path | None = None,
+        client_certificate: str | Path | None = None,
+        client_key: str | Path | None = None,
+        server_name_override: str = "",
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        stream_timeout: float = DEFAULT_STREAM_TIMEOUT_SECONDS,
+        health_check: bool = True,
+        extra_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Configure the client; nothing connects until the first call."""
+        self.target = target
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._token = token
+        self._tls = tls or bool(root_certificates or client_certificate)
+        self._root_certificates = _read(root_certificates)
+        self._client_certificate = _read(client_certificate)
+        self._client_key = _read(client_key)
+        options = channel_options(health_check=health_check)
+        if server_name_override:
+            options.append(("grpc.ssl_target_name_override", server_name_override))
+        self._options = [*options, *extra_options]
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: user_service_pb2_grpc.UserServiceAsyncStub | None = None
+
+    async def __aenter__(self) -> UserServiceClient:
+        """Return self; the channel closes on exit."""
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the channel."""
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel (in-flight calls are cancelled)."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    @property
+    def stub(self) -> user_service_pb2_grpc.UserServiceAsyncStub:
+        """Return the generated stub over the shared channel, creating the channel once."""
+        if self._stub is None:
+            self._channel = self._open_channel()
+            self._stub = user_service_pb2_grpc.UserServiceStub(self._channel)
+        return self._stub
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        if not self._tls:
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self._root_certificates,
+            private_key=self._client_key,
+            certificate_chain=self._client_certificate,
+        )
+        if self._token:
+            # Call credentials: grpc attaches the token to every call, TLS-only by design.
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(self._token)
+            )
+        return grpc.aio.secure_channel(self.target, credentials, options=self._options)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        # Plaintext channels cannot carry call credentials, so the token rides as metadata.
+        if self._token and not self._tls:
+            return (("authorization", f"Bearer {self._token}"),)
+        return ()
+
+    async def _unary(
+        self,
+        call: Callable[..., Awaitable[T]],
+        request: object,
+        *,
+        retry_unavailable: bool = False,
+        timeout: float | None = None,
+    ) -> T:
+        """Run one unary call under one deadline, waiting out RetryInfo on RESOURCE_EXHAUSTED.
+
+        UNAVAILABLE is retried here only when retry_unavailable (a write carrying an etag);
+        for the other methods grpc core already retried it per the service config.
+        """
+        deadline = time.monotonic() + (timeout or self.timeout)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            remaining = deadline - time.monotonic()
+            try:
+                return await call(request, timeout=remaining, metadata=self._metadata())
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+            delay = self._retry_delay(error, attempt, retry_unavailable)
+            if delay is None or attempt == MAX_ATTEMPTS or time.monotonic() + delay >= deadline:
+                raise error
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retry_delay(
+        error: UserServiceError, attempt: int, retry_unavailable: bool
+    ) -> float | None:
+        if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is not None:
+            return error.retry_delay
+        if error.code == grpc.StatusCode.UNAVAILABLE and retry_unavailable:
+            low, high = _RETRY_BACKOFF_SECONDS
+            return random.uniform(0, min(high, low * 2 ** (attempt - 1)))
+        return None
+
+    async def create_user(
+        self,
+        email: str,
+        display_name: str,
+        role: user_pb2.UserRole.ValueType = user_pb2.USER_ROLE_UNSPECIFIED,
+        *,
+        request_id: str = "",
+    ) -> user_pb2.User:
+        """Create a user; a request_id is always sent, so the call is safe to retry."""
+        request = pb.CreateUserRequest(
+            user=user_pb2.User(email=email, display_name=display_name, role=role),
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        response = await self._unary(self.stub.CreateUser, request)
+        return response.user
+
+    async def get_user(self, user_id: str) -> user_pb2.User:
+        """Return one user."""
+        response = await self._unary(self.stub.GetUser, pb.GetUserRequest(id=user_id))
+        return response.user
+
+    async def batch_get_users(self, ids: Sequence[str]) -> pb.BatchGetUsersResponse:
+        """Return the users found (request order) and the ids not found."""
+        return await self._unary(self.stub.BatchGetUsers, pb.BatchGetUsersRequest(ids=ids))
+
+    async def list_users(
+        self, *, page_size: int = 0, page_token: str = "", filter: str = ""
+    ) -> pb.ListUsersResponse:
+        """Return one page of users."""
+        request = pb.ListUsersRequest(page_size=page_size, page_token=page_token, filter=filter)
+        return await self._unary(self.stub.ListUsers, request)
+
+    async def iter_users(
+        self, *, filter: str = "", page_size: int = 100
+    ) -> AsyncIterator[user_pb2.User]:
+        """Yield every user matching filter, page after page."""
+        token = ""
+        while True:
+            page = await self.list_users(page_size=page_size, page_token=token, filter=filter)
+            for user in page.users:
+                yield user
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def update_user(
+        self, user: user_pb2.User, update_mask: Sequence[str] = ()
+    ) -> user_pb2.User:
+        """Update the fields in update_mask (all when empty); retried only with user.etag."""
+        request = pb.UpdateUserRequest(
+            user=user, update_mask=field_mask_pb2.FieldMask(paths=list(update_mask))
+        )
+        if not update_mask:
+            request.ClearField("update_mask")
+        response = await self._unary(
+            self.stub.UpdateUser, request, retry_unavailable=bool(user.etag)
+        )
+        return response.user
+
+    async def delete_user(self, user_id: str, *, etag: str = "") -> None:
+        """Delete a user; retried on UNAVAILABLE only with an etag."""
+        request = pb.DeleteUserRequest(id=user_id, etag=etag)
+        await self._unary(self.stub.DeleteUser, request, retry_unavailable=bool(etag))
+
+    async def stream_users(self, *, filter: str = "") -> AsyncIterator[user_pb2.User]:
+        """Yield every user matching filter from one server stream."""
+        call = self.stub.StreamUsers(
+            pb.StreamUsersRequest(filter=filter),
+            timeout=self.stream_timeout,
+            metadata=self._metadata(),
+        )
+        try:
+            async for response in call:
+                yield response.user
+        except grpc.aio.AioRpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
+
+    async def import_users(
+        self, users: Iterable[user_pb2.User] | AsyncIterable[user_pb2.User]
+    ) -> pb.ImportUsersResponse:
+        """Stream users to ImportUsers; returns the counts and per-item rejections."""
+
+        async def requests() -> AsyncIterator[pb.ImportUsersRequest]:
+            if isinstance(users, AsyncIterable):
+                async for user in users:
+                    yield pb.ImportUsersRequest(user=user)
+            else:
+                for user in users:
+                    yield pb.ImportUsersRequest(user=user)
+
+        try:
+            return await self.stub.ImportUsers(
+                requests(), timeout=self.stream_timeout, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
+
+    async def watch_users(
+        self, *, after_sequence: int | None = None, resume: bool = True
+    ) -> AsyncIterator[pb.WatchUsersResponse]:
+        """Yield change events; when a replica goes away, resume after the last one seen.
+
+        The stream has no deadline (keepalive finds dead connections). With resume, an
+        UNAVAILABLE end (a replica shutting down) reconnects from the last sequence, so no
+        event is missed or repeated; other errors (OUT_OF_RANGE: history gone) are raised.
+        """
+        last = after_sequence
+        while True:
+            request = (
+                pb.WatchUsersRequest()
+                if last is None
+                else pb.WatchUsersRequest(after_sequence=last)
+            )
+            call = self.stub.WatchUsers(request, metadata=self._metadata())
+            try:
+                async for event in call:
+                    last = event.sequence
+                    yield event
+                return
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if not resume or error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise error from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(random.uniform(0.05, 0.25))

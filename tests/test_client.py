@@ -1,0 +1,173 @@
+"""userservice.client against real servers: typed errors, retries, health checking, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from support import bearer, make_settings, running_app
+from test_tls import pki  # noqa: F401 (the fixture)
+
+from user.v1 import user_pb2
+from userservice.client import (
+    AbortedError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UserServiceClient,
+)
+from userservice.health import NOT_SERVING, SERVING
+from userservice.server import Application
+
+TOKEN = bearer().removeprefix("Bearer ")
+
+
+@pytest.mark.asyncio
+async def test_crud_through_the_client(app: Application) -> None:
+    async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN) as client:
+        created = await client.create_user("ada@example.com", "Ada", user_pb2.USER_ROLE_EDITOR)
+        assert (await client.get_user(created.id)).email == "ada@example.com"
+        updated = await client.update_user(
+            user_pb2.User(id=created.id, display_name="Ada L.", etag=created.etag),
+            ["display_name"],
+        )
+        assert updated.display_name == "Ada L."
+        assert updated.role == user_pb2.USER_ROLE_EDITOR
+        assert [user.id async for user in client.iter_users(page_size=1)] == [created.id]
+        assert [user.id async for user in client.stream_users()] == [created.id]
+        batch = await client.batch_get_users([created.id, str(uuid.uuid4())])
+        assert [user.id for user in batch.users] == [created.id]
+        with pytest.raises(AbortedError) as stale:
+            await client.delete_user(created.id, etag=created.etag)
+        assert stale.value.reason == "ETAG_MISMATCH"
+        await client.delete_user(created.id, etag=updated.etag)
+        with pytest.raises(NotFoundError) as missing:
+            await client.get_user(created.id)
+        assert missing.value.reason == "USER_NOT_FOUND"
+        assert missing.value.domain == "userservice"
+        assert missing.value.resource_name == created.id
+
+
+@pytest.mark.asyncio
+async def test_create_sends_a_request_id_so_a_replay_returns_the_first_result(
+    app: Application,
+) -> None:
+    async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN) as client:
+        key = str(uuid.uuid4())
+        first = await client.create_user("grace@example.com", "Grace", request_id=key)
+        again = await client.create_user("grace@example.com", "Grace", request_id=key)
+        assert again.id == first.id
+
+
+@pytest.mark.asyncio
+async def test_errors_carry_reason_and_field_violations(app: Application) -> None:
+    async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN) as client:
+        with pytest.raises(InvalidArgumentError) as caught:
+            await client.create_user("not-an-email", "")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.reason == "INVALID_FIELD"
+    assert {v.field for v in caught.value.violations} == {"user.email", "user.display_name"}
+    async with UserServiceClient(f"127.0.0.1:{app.port}", token="garbage") as client:
+        with pytest.raises(UnauthenticatedError):
+            await client.get_user(str(uuid.uuid4()))
+
+
+@pytest.mark.asyncio
+async def test_resource_exhausted_waits_out_retry_info(sqlite_url: str) -> None:
+    settings = make_settings(sqlite_url, rate_limit_rps=4, rate_limit_burst=1)
+    async with running_app(settings) as app:
+        async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN) as client:
+            created = await client.create_user("ada@example.com", "Ada")
+            # The bucket is empty: the client waits the RetryInfo delay (~0.25 s) and succeeds.
+            assert (await client.get_user(created.id)).id == created.id
+        # A deadline shorter than the delay surfaces the error with its RetryInfo.
+        async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN, timeout=0.1) as hasty:
+            with pytest.raises(ResourceExhaustedError) as caught:
+                await hasty.get_user(created.id)
+    assert caught.value.retry_delay is not None
+    assert 0 < caught.value.retry_delay <= 1
+
+
+@pytest.mark.asyncio
+async def test_a_not_serving_replica_leaves_the_rotation(tmp_path: Path) -> None:
+    """Two replicas with their own databases: a user in A only tells who answered."""
+    settings_a = make_settings(f"sqlite:///{tmp_path / 'a.db'}")
+    settings_b = make_settings(f"sqlite:///{tmp_path / 'b.db'}")
+    async with running_app(settings_a) as a, running_app(settings_b) as b:
+        async with UserServiceClient(f"127.0.0.1:{a.port}", token=TOKEN) as only_a:
+            user = await only_a.create_user("ada@example.com", "Ada")
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        async with UserServiceClient(target, token=TOKEN) as client:
+
+            async def answered_by_a(calls: int) -> int:
+                hits = 0
+                for _ in range(calls):
+                    try:
+                        await client.get_user(user.id)
+                        hits += 1
+                    except NotFoundError:
+                        pass
+                return hits
+
+            assert 0 < await answered_by_a(20) < 20  # round_robin over both
+            await b.health.set(NOT_SERVING)
+            await asyncio.sleep(0.3)
+            assert await answered_by_a(20) == 20  # B's health Watch took it out
+            await b.health.set(SERVING)
+            await asyncio.sleep(0.3)
+            assert await answered_by_a(20) < 20  # and back in
+
+
+@pytest.mark.asyncio
+async def test_tls_and_mtls_with_call_credentials(
+    sqlite_url: str,
+    pki: dict[str, Path | bytes],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    for name in ("client.pem", "client.key"):
+        (tmp_path / name).write_bytes(bytes(pki[name]))  # type: ignore[arg-type]
+    settings = make_settings(
+        sqlite_url,
+        tls_cert_file=str(pki["server.pem"]),
+        tls_key_file=str(pki["server.key"]),
+        tls_client_ca_file=str(pki["ca.pem"]),
+    )
+    async with running_app(settings) as app:
+        async with UserServiceClient(
+            f"localhost:{app.port}",
+            token=TOKEN,
+            root_certificates=str(pki["ca.pem"]),
+            client_certificate=tmp_path / "client.pem",
+            client_key=tmp_path / "client.key",
+        ) as client:
+            created = await client.create_user("ada@example.com", "Ada")
+            assert (await client.get_user(created.id)).id == created.id
+        async with UserServiceClient(
+            f"localhost:{app.port}", token=TOKEN, root_certificates=str(pki["ca.pem"]), timeout=2
+        ) as no_client_cert:
+            with pytest.raises(UnavailableError):
+                await no_client_cert.get_user(created.id)
+
+
+@pytest.mark.asyncio
+async def test_watch_yields_events_in_order(app: Application) -> None:
+    async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN) as client:
+        events = client.watch_users(after_sequence=0)
+        created = [await client.create_user(f"u{i}@example.com", f"U {i}") for i in range(3)]
+        seen = [await asyncio.wait_for(anext(events), 5) for _ in created]
+        await events.aclose()
+    assert [event.user.id for event in seen] == [user.id for user in created]
+    assert [event.sequence for event in seen] == sorted(event.sequence for event in seen)
+
+
+@pytest.mark.asyncio
+async def test_a_dns_target_reaches_the_server(app: Application) -> None:
+    # localhost may resolve to ::1 as well, where nothing listens: round_robin skips it.
+    async with UserServiceClient(f"dns:///localhost:{app.port}", token=TOKEN) as client:
+        created = await client.create_user("ada@example.com", "Ada")
+        assert (await client.get_user(created.id)).id == created.id

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Write a new service from this repository, renamed throughout: `make new-service`.
+
+Usage: tools/new_service.py --name orders --resource Order [--plural Orders] [--dest ../orders]
+
+This repository stays the runnable reference: it carries no template placeholders. The
+generator copies every file git knows of (tracked, or new and not ignored — never a list of
+its own), renames contents, file names and directory names by the rules in `rename_rules`,
+regenerates the stubs, and makes the first commit. Rules are whole identifier parts, so
+`CreateUser`, `user_id`, `USER_ROLE_ADMIN` and `users` all follow, while words that merely
+contain the resource name (`runAsUser`, `useradd`, a `USER` directive) are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+OLD_NAME = "userservice"  # package, console script, error domain, metric and k8s labels
+OLD_SERVICE = "UserService"
+OLD_RESOURCE = "User"
+OLD_PLURAL = "Users"
+OLD_PROTO_PACKAGE = "user"  # proto package user.v1 in proto/user/v1, generated into src/user
+OLD_LOCK_KEY = "usersvc1"  # PostgreSQL migration advisory lock: 8 ASCII bytes
+# Words that contain the resource name but belong to someone else.
+PROTECTED = ("runAsUser", "useradd", "userinfo")
+NAME_RE = re.compile(r"^[a-z][a-z0-9]*$")
+RESOURCE_RE = re.compile(r"^[A-Z][a-z0-9]+$")
+
+Rule = Callable[[str], str]
+
+
+def _lock_key(name: str) -> str:
+    """Return the 8-byte advisory-lock tag of a service: its name, padded, then `1`."""
+    return f"{name[:7]:_<7}1"
+
+
+def _hex_literal(tag: str) -> str:
+    """Return a tag as the grouped hex literal the source spells it with (0x7573_6572_…)."""
+    digits = tag.encode().hex()
+    return "0x" + "_".join(digits[i : i + 4] for i in range(0, len(digits), 4))
+
+
+def rename_rules(name: str, resource: str, plural: str) -> list[tuple[re.Pattern[str], str]]:
+    """Return (pattern, replacement) pairs, most specific first."""
+    old_lower, old_plural_lower = OLD_RESOURCE.lower(), OLD_PLURAL.lower()
+    lower, plural_lower = resource.lower(), plural.lower()
+    pairs: list[tuple[str, str]] = [
+        # The service as a whole.
+        (re.escape(_hex_literal(OLD_LOCK_KEY)), _hex_literal(_lock_key(name))),
+        (re.escape(OLD_LOCK_KEY), _lock_key(name)),
+        (OLD_NAME.upper(), name.upper()),
+        (OLD_NAME, name),
+        (OLD_SERVICE, f"{resource}Service"),
+        # The proto package (user.v1, user/v1, src/user) becomes the service's name.
+        (rf"\b{OLD_PROTO_PACKAGE}(?=[./]v1\b)", name),
+        (rf"(?<=src/){OLD_PROTO_PACKAGE}\b", name),
+        # The resource, as an identifier part: User, Users, user, users, USER_, _USERS.
+        (rf"{OLD_PLURAL}(?![a-z])", plural),
+        (rf"{OLD_RESOURCE}(?![a-z])", resource),
+        (rf"(?<![a-z]){old_plural_lower}(?![a-z])", plural_lower),
+        (rf"(?<![a-z]){old_lower}(?![a-z])", lower),
+        (rf"(?<![A-Za-z]){OLD_PLURAL.upper()}(?=_)|(?<=_){OLD_PLURAL.upper()}(?![A-Za-z])",
+         plural.upper()),
+        (rf"(?<![A-Za-z]){OLD_RESOURCE.upper()}(?=_)|(?<=_){OLD_RESOURCE.upper()}(?![A-Za-z])",
+         resource.upper()),
+    ]  # fmt: skip
+    return [(re.compile(pattern), replacement) for pattern, replacement in pairs]
+
+
+def renamer(name: str, resource: str, plural: str) -> Rule:
+    """Return a function applying every rule in one pass (no rule sees another's output)."""
+    rules = rename_rules(name, resource, plural)
+    # Protected words come first in the alternation, so they match (and stay) as a whole.
+    alternatives = [f"(?P<keep>{'|'.join(re.escape(word) for word in PROTECTED)})"]
+    alternatives += [f"(?P<r{index}>{pattern.pattern})" for index, (pattern, _) in enumerate(rules)]
+    everything = re.compile("|".join(alternatives))
+
+    def one(match: re.Match[str]) -> str:
+        group = match.lastgroup or "keep"
+        return match.group(0) if group == "keep" else rules[int(group[1:])][1]
+
+    return lambda text: everything.sub(one, text)
+
+
+def source_files(root: Path) -> list[Path]:
+    """Return every file git tracks, or would track (new and not ignored), under root."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=root, check=True, capture_output=True,
+    ).stdout.decode()  # fmt: skip
+    return sorted({Path(p) for p in listed.split("\0") if p and (root / p).is_file()})
+
+
+def _merge(existing: bytes, incoming: bytes) -> bytes:
+    """Two files renamed onto one path (src/user/__init__.py, src/userservice/…): keep content."""
+    if not existing.strip():
+        return incoming
+    if not incoming.strip() or incoming == existing:
+        return existing
+    raise SystemExit(f"two different files rename to the same path:\n{existing!r}\n{incoming!r}")
+
+
+def copy_renamed(source: Path, dest: Path, files: Iterable[Path], rename: Rule) -> list[Path]:
+    """Write every file under dest with renamed path and (text) content; return dest paths."""
+    written: list[Path] = []
+    for relative in files:
+        target = dest / rename(relative.as_posix())
+        data = (source / relative).read_bytes()
+        with contextlib.suppress(UnicodeDecodeError):  # binary: copied as it is
+            data = rename(data.decode("utf-8")).encode("utf-8")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            data = _merge(target.read_bytes(), data)
+        target.write_bytes(data)
+        shutil.copymode(source / relative, target)
+        written.append(target)
+    return written
+
+
+def leftovers(dest: Path) -> list[str]:
+    """Return `path:line` for every remaining old name (userservice, UserService, user.v1)."""
+    found = subprocess.run(
+        ["grep", "-rnIi", "-e", OLD_NAME, "-e", f"{OLD_PROTO_PACKAGE}.v1", "-e", OLD_SERVICE,
+         "--exclude-dir=.git", "--exclude-dir=.venv", "--exclude-dir=node_modules", "."],
+        cwd=dest, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return found.stdout.splitlines()
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    print("+", " ".join(command), file=sys.stderr)
+    subprocess.run(command, cwd=cwd, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate the service; return the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="service and package name, e.g. orders")
+    parser.add_argument("--resource", required=True, help="resource message, e.g. Order")
+    parser.add_argument("--plural", default="", help="plural of the resource (default: +s)")
+    parser.add_argument("--dest", default="", help="new repository (default: ../NAME)")
+    parser.add_argument("--skip-generate", action="store_true", help="do not run make generate")
+    arguments = parser.parse_args(argv)
+    if not NAME_RE.match(arguments.name):
+        parser.error("--name: lowercase letters and digits, starting with a letter")
+    if not RESOURCE_RE.match(arguments.resource):
+        parser.error("--resource: one capitalised word, e.g. Order")
+    plural = arguments.plural or arguments.resource + "s"
+    source = Path(__file__).resolve().parent.parent
+    dest = Path(arguments.dest or source.parent / arguments.name).resolve()
+    if dest.exists() and any(dest.iterdir()):
+        parser.error(f"{dest} exists and is not empty")
+    rename = renamer(arguments.name, arguments.resource, plural)
+    written = copy_renamed(source, dest, source_files(source), rename)
+    print(f"wrote {len(written)} files to {dest}", file=sys.stderr)
+    if not arguments.skip_generate:
+        # The renamed *_pb2.py embed serialized descriptors: only regeneration makes them right.
+        _run(["make", "--no-print-directory", "generate"], dest)
+        # Longer names change line lengths and import order: let the project's ruff settle them.
+        ruff = str(dest / ".venv" / "bin" / "ruff")
+        _run([ruff, "check", "--quiet", "--fix", "--select", "I,RUF022", "."], dest)
+        _run([ruff, "format", "--quiet", "."], dest)
+    remaining = leftovers(dest)
+    if remaining:
+        print("old names remain:\n" + "\n".join(remaining), file=sys.stderr)
+        return 1
+    _run(["git", "init", "--quiet", "--initial-branch=main"], dest)
+    _run(["git", "add", "--all"], dest)
+    _run(
+        ["git", "-c", "user.name=new-service", "-c", "user.email=new-service@localhost",
+         "commit", "--quiet", "-m",
+         f"{arguments.name}: generated from {OLD_NAME} by tools/new_service.py"],
+        dest,
+    )  # fmt: skip
+    print(f"{dest}: ready; run `make test` there", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
