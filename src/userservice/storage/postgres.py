@@ -31,7 +31,6 @@ from userservice.config import Settings
 from userservice.domain.errors import (
     DomainError,
     EmailAlreadyExistsError,
-    EtagMismatchError,
     RequestIdReusedError,
     StorageUnavailableError,
     UserNotFoundError,
@@ -46,6 +45,7 @@ from userservice.domain.model import (
     UserChanges,
     UserEvent,
     UserFilter,
+    email_key,
 )
 
 __all__ = [
@@ -519,7 +519,7 @@ class PostgresUserRepository:
         async def work(conn: asyncpg.Connection) -> tuple[None, int]:
             current = await _lock_user(conn, user_id, expected_etag)
             await conn.execute("DELETE FROM users WHERE id = $1", user_id)
-            event_time = max(now_us, current.update_time_us)
+            event_time = current.deletion_time(now_us)
             return None, await self._append_events(conn, [(EventType.DELETED, current, event_time)])
 
         await self._transact(work)
@@ -543,13 +543,9 @@ class PostgresUserRepository:
                     break
             else:
                 raise StorageUnavailableError("upsert kept racing with deletes; retry")
-            current = _user_from_row(row)
-            if current.display_name == candidate.display_name and current.role == candidate.role:
-                return (SyncOutcome.UNCHANGED, current), 0
-            updated = current.changed(
-                UserChanges(display_name=candidate.display_name, role=candidate.role),
-                candidate.update_time_us,
-            )
+            outcome, updated = _user_from_row(row).synced(candidate)
+            if outcome is SyncOutcome.UNCHANGED:
+                return (outcome, updated), 0
             await _write_user(conn, updated)
             last = await self._append_events(
                 conn, [(EventType.UPDATED, updated, updated.update_time_us)]
@@ -835,7 +831,7 @@ class PostgresUserRepository:
 
 
 def _normalize_email(email: str) -> str:
-    return email.lower()
+    return email_key(email)
 
 
 def _user_values(user: User) -> tuple[str, str, str, str, int, int, int, int]:
@@ -899,8 +895,7 @@ async def _lock_user(conn: asyncpg.Connection, user_id: str, expected_etag: str 
     if row is None:
         raise UserNotFoundError(user_id)
     current = _user_from_row(row)
-    if expected_etag is not None and expected_etag != current.etag:
-        raise EtagMismatchError(user_id)
+    current.require_etag(expected_etag)
     return current
 
 

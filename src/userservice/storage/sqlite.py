@@ -26,7 +26,6 @@ from typing import Any, Final, TypeVar, TypeVarTuple
 from userservice.domain.errors import (
     DomainError,
     EmailAlreadyExistsError,
-    EtagMismatchError,
     RequestIdReusedError,
     StorageUnavailableError,
     UserNotFoundError,
@@ -41,6 +40,7 @@ from userservice.domain.model import (
     UserChanges,
     UserEvent,
     UserFilter,
+    email_key,
 )
 
 T = TypeVar("T")
@@ -326,7 +326,7 @@ class SqliteUserRepository:
     async def get_by_email(self, email: str) -> User | None:
         """Return the user whose email equals this one without regard to case."""
         generation = self._write_generation
-        user = await self._read(_fetch_user, _SELECT_USER_BY_EMAIL, email.lower())
+        user = await self._read(_fetch_user, _SELECT_USER_BY_EMAIL, email_key(email))
         if user is not None:
             self._remember(user, generation)
         return user
@@ -494,12 +494,12 @@ class _Writes:
 
     def insert(self, user: User) -> bool:
         """Insert a user unless its email is taken; tell whether it was inserted."""
-        cursor = self.conn.execute(_INSERT_USER, (*_values(user), user.email.lower()))
+        cursor = self.conn.execute(_INSERT_USER, (*_values(user), email_key(user.email)))
         return cursor.rowcount == 1
 
     def overwrite(self, user: User) -> None:
         """Overwrite the stored row of user.id with user."""
-        values = (user.email, user.email.lower(), user.display_name, int(user.role))
+        values = (user.email, email_key(user.email), user.display_name, int(user.role))
         try:
             self.conn.execute(_UPDATE_USER, (*values, user.update_time_us, user.revision, user.id))
         except sqlite3.IntegrityError as error:
@@ -558,25 +558,22 @@ def _update(
 def _delete(writes: _Writes, user_id: str, expected_etag: str | None, now: int) -> None:
     current = _current(writes, user_id, expected_etag)
     writes.conn.execute(_DELETE_USER, (user_id,))
-    writes.event(EventType.DELETED, current, now)
+    writes.event(EventType.DELETED, current, current.deletion_time(now))
     writes.cache[user_id] = None
 
 
 def _upsert_by_email(writes: _Writes, candidate: User) -> tuple[SyncOutcome, User]:
     # Reading first is safe here: BEGIN IMMEDIATE and the single writer exclude any other write.
-    current = _fetch_user(writes.conn, _SELECT_USER_BY_EMAIL, candidate.email.lower())
+    current = _fetch_user(writes.conn, _SELECT_USER_BY_EMAIL, email_key(candidate.email))
     if current is None:
         if not writes.insert(candidate):
             raise EmailAlreadyExistsError()
         writes.event(EventType.CREATED, candidate, candidate.create_time_us)
         writes.cache[candidate.id] = candidate
         return SyncOutcome.CREATED, candidate
-    if (current.display_name, current.role) == (candidate.display_name, candidate.role):
-        return SyncOutcome.UNCHANGED, current
-    updated = current.changed(
-        UserChanges(display_name=candidate.display_name, role=candidate.role),
-        candidate.update_time_us,
-    )
+    outcome, updated = current.synced(candidate)
+    if outcome is SyncOutcome.UNCHANGED:
+        return outcome, current
     writes.overwrite(updated)
     writes.event(EventType.UPDATED, updated, updated.update_time_us)
     writes.cache[updated.id] = updated
@@ -588,8 +585,7 @@ def _current(writes: _Writes, user_id: str, expected_etag: str | None) -> User:
     current = _fetch_user(writes.conn, _SELECT_USER, user_id)
     if current is None:
         raise UserNotFoundError(user_id)
-    if expected_etag is not None and expected_etag != current.etag:
-        raise EtagMismatchError(user_id)
+    current.require_etag(expected_etag)
     return current
 
 
@@ -639,7 +635,7 @@ def _filter_clauses(user_filter: UserFilter) -> tuple[list[str], list[object]]:
     if user_filter.role_not is not None:
         match("role != ?", int(user_filter.role_not))
     if user_filter.email_equals is not None:
-        match("email_normalized = ?", user_filter.email_equals.lower())
+        match("email_normalized = ?", email_key(user_filter.email_equals))
     if user_filter.email_contains is not None:
         match("email_normalized LIKE ? ESCAPE '\\'", _contains(user_filter.email_contains))
     if user_filter.display_name_contains is not None:
