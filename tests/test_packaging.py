@@ -31,8 +31,8 @@ def test_wheel_contains_migrations_stubs_and_the_console_script(tmp_path: Path) 
     (wheel,) = tmp_path.glob("userservice-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
-        "userservice/storage/sql/sqlite/0001_init.sql",
-        "userservice/storage/sql/postgres/0001_init.sql",
+        "userservice/storage/sqlite/sql/0001_init.sql",
+        "userservice/storage/postgres/sql/0001_init.sql",
         "userservice/py.typed",
         "user/v1/user_service_pb2.py",
         "user/v1/user_service_pb2_grpc.py",

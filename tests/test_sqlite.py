@@ -20,16 +20,15 @@ from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import Role, SyncOutcome, User, UserChanges, UserFilter
 from userservice.storage import open_repository, parse_sqlite_path
+from userservice.storage.migrations import Migration, backend_migrations
 from userservice.storage.sqlite import (
-    Migration,
     SqliteLockedError,
     SqliteUserRepository,
-    _connect,
-    _storage_errors,
-    apply_migrations,
     migrate_sqlite,
     open_sqlite,
 )
+from userservice.storage.sqlite.connection import connect, storage_errors
+from userservice.storage.sqlite.migrations import apply_migrations
 
 
 def make_user(email: str = "ann@example.com", display_name: str = "Ann") -> User:
@@ -95,7 +94,7 @@ async def test_open_repository_rejects_unknown_schemes() -> None:
 
 def test_connections_use_wal_normal_sync_foreign_keys_and_a_busy_timeout(db_path: Path) -> None:
     db_path.parent.mkdir()
-    conn = _connect(db_path)
+    conn = connect(db_path)
     try:
         pragmas = {
             name: conn.execute(f"PRAGMA {name}").fetchone()[0]
@@ -118,8 +117,9 @@ def test_migrate_records_versions_and_is_idempotent(db_path: Path) -> None:
     assert migrate_sqlite(db_path) == ["0001_init"]
     assert migrate_sqlite(db_path) == []
 
-    [(version, name, applied_at)] = raw_rows(db_path, "SELECT * FROM schema_migrations")
+    [(version, name, applied_at, checksum)] = raw_rows(db_path, "SELECT * FROM schema_migrations")
     assert (version, name) == (1, "0001_init")
+    assert checksum == backend_migrations("sqlite")[0].checksum
     assert isinstance(applied_at, str)
     assert applied_at.endswith("Z")
     tables = {row[0] for row in raw_rows(db_path, "SELECT name FROM sqlite_master")}
@@ -128,7 +128,7 @@ def test_migrate_records_versions_and_is_idempotent(db_path: Path) -> None:
 
 def test_a_failing_migration_rolls_back_and_earlier_ones_stay(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
-    good = Migration(
+    good = Migration.from_text(
         1,
         "0001_good",
         """
@@ -139,7 +139,9 @@ def test_a_failing_migration_rolls_back_and_earlier_ones_stay(tmp_path: Path) ->
         -- trailing comment
         """,
     )
-    bad = Migration(2, "0002_bad", "CREATE TABLE half (y INTEGER);\nSELECT * FROM missing;")
+    bad = Migration.from_text(
+        2, "0002_bad", "CREATE TABLE half (y INTEGER);\nSELECT * FROM missing;"
+    )
     try:
         with pytest.raises(sqlite3.OperationalError, match="missing"):
             apply_migrations(conn, [good, bad])
@@ -359,11 +361,11 @@ async def test_unexpected_database_errors_propagate_and_roll_back(
 
 
 def test_io_failures_become_storage_unavailable(tmp_path: Path) -> None:
-    with pytest.raises(StorageUnavailableError), _storage_errors():
+    with pytest.raises(StorageUnavailableError), storage_errors():
         sqlite3.connect(tmp_path / "missing" / "dir.db")
     conn = sqlite3.connect(":memory:")
     try:
-        with pytest.raises(sqlite3.OperationalError, match="no such table"), _storage_errors():
+        with pytest.raises(sqlite3.OperationalError, match="no such table"), storage_errors():
             conn.execute("SELECT * FROM absent")
     finally:
         conn.close()

@@ -59,6 +59,9 @@ class Settings:
     db_pool_max_size: int = _setting(10, "PostgreSQL: most connections per process")
     db_connect_timeout_seconds: float = _setting(5.0, "PostgreSQL: connect timeout")
     db_statement_timeout_seconds: float = _setting(10.0, "PostgreSQL: statement timeout")
+    migration_lock_timeout_seconds: float = _setting(
+        10.0, "PostgreSQL: how long a migration waits for a table lock before it fails"
+    )
     event_retention: int = _setting(100_000, "change events kept for WatchUsers resume")
     watch_progress_seconds: float = _setting(
         15.0, "an idle WatchUsers stream gets a progress message this often"
@@ -107,6 +110,7 @@ class Settings:
             "db_pool_max_size",
             "db_connect_timeout_seconds",
             "db_statement_timeout_seconds",
+            "migration_lock_timeout_seconds",
             "event_retention",
             "request_id_retention_seconds",
             "watch_progress_seconds",

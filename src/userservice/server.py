@@ -45,15 +45,17 @@ class StartupError(RuntimeError):
 
 def _storage_startup_error(error: Exception) -> StartupError | None:
     """Return the one-line StartupError for a known failure to open storage, else None."""
+    from userservice.storage.migrations import MigrationError, SchemaNotReadyError
     from userservice.storage.sqlite import SqliteLockedError
 
+    if isinstance(error, SchemaNotReadyError):
+        return StartupError(f"schema not ready: {error}")
+    if isinstance(error, MigrationError):
+        return StartupError(f"schema migrations: {error}")
     if isinstance(error, StorageUnavailableError | OSError):
         return StartupError(f"database unreachable: {error}")
     if isinstance(error, SqliteLockedError):
         return StartupError(f"database locked: {error}")
-    postgres = sys.modules.get("userservice.storage.postgres")
-    if postgres is not None and isinstance(error, postgres.SchemaNotReadyError):
-        return StartupError(f"schema not ready: {error}")
     asyncpg = sys.modules.get("asyncpg")
     if asyncpg is not None and isinstance(error, asyncpg.PostgresError):
         # SQLSTATE class 28 (authentication) and friends: the server's own message.

@@ -29,6 +29,11 @@ def email_key(email: str) -> str:
     return email.lower()
 
 
+def search_key(text: str) -> str:
+    """Return the form a substring filter's fragment is matched in (case-insensitive)."""
+    return text.lower()
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """A stored user. Times are integer microseconds since the Unix epoch (UTC)."""

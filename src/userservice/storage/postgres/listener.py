@@ -1,0 +1,110 @@
+"""The PostgreSQL store's change feed: one LISTEN connection per process wakes waiting readers.
+
+Writers NOTIFY in their own transaction; the listener records the newest sequence and wakes
+wait_for_events, which falls back to polling at its timeout if a notice is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Final
+
+import asyncpg
+
+from userservice.storage.postgres import queries
+from userservice.storage.postgres.connection import ConnectOptions
+
+EVENTS_CHANNEL: Final = "user_events"
+_KEEPALIVE_SECONDS: Final = 10.0
+_MAX_BACKOFF_SECONDS: Final = 5.0
+
+_log = logging.getLogger(__name__)
+
+
+class EventListener:
+    """Knows the newest committed sequence and lets readers wait for a newer one."""
+
+    def __init__(self, url: str, options: ConnectOptions, latest_sequence: int) -> None:
+        """Start from latest_sequence; run() keeps the LISTEN connection up."""
+        self._url = url
+        self._options = options
+        self.latest_sequence = latest_sequence
+        self._changed = asyncio.Event()
+        self._failures = 0
+        self._closed = False
+
+    def wake(self, sequence: int) -> None:
+        """Record that sequence committed and wake every waiter."""
+        self.latest_sequence = max(self.latest_sequence, sequence)
+        waiters, self._changed = self._changed, asyncio.Event()
+        waiters.set()
+
+    def close(self) -> None:
+        """Release every waiter for good."""
+        self._closed = True
+        self._changed.set()
+
+    async def wait(self, after_sequence: int, timeout: float) -> None:
+        """Return once a sequence above after_sequence may exist, or after timeout seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.latest_sequence <= after_sequence and not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            changed = self._changed
+            try:
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
+            except TimeoutError:
+                return
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with jittered back-off."""
+        while True:
+            try:
+                await self._listen_once()
+            except Exception:
+                if self._failures == 0:
+                    _log.warning(
+                        "PostgreSQL event listener lost; watchers poll until it is back",
+                        exc_info=True,
+                    )
+                self._failures += 1
+            backoff = min(0.1 * 2 ** min(self._failures, 10), _MAX_BACKOFF_SECONDS)
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.wake(int(payload))
+
+    async def _listen_once(self) -> None:
+        conn = await asyncpg.connect(
+            self._url, **self._options.connect_kwargs("userservice-listener")
+        )
+        try:
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(EVENTS_CHANNEL, self._on_notification)
+            # Notices sent while nobody listened are gone: wake anyone behind. The
+            # value is assigned, not maxed, so that after a restore of an older
+            # backup watchers wait again instead of spinning on a stale high mark;
+            # a write that commits after this read still NOTIFYs this listener.
+            self.latest_sequence = int(await conn.fetchval(queries.SELECT_LATEST_SEQUENCE))
+            self.wake(self.latest_sequence)
+            if self._failures:
+                _log.info("PostgreSQL event listener reconnected")
+                self._failures = 0
+            while not lost.is_set():
+                # A periodic query notices a connection that died without a word.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_KEEPALIVE_SECONDS):
+                        await lost.wait()
+                if not lost.is_set():
+                    await conn.fetchval(queries.PING)
+            raise ConnectionResetError("the listener connection closed")
+        finally:
+            conn.terminate()

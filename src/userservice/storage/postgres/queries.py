@@ -1,0 +1,167 @@
+"""Every SQL text the PostgreSQL store runs, apart from the migrations in sql/."""
+
+from __future__ import annotations
+
+from typing import Final
+
+SELECT_USER: Final = """
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+FROM users WHERE id = $1
+"""
+
+SELECT_USERS: Final = """
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+FROM users WHERE id = ANY($1::text[])
+"""
+
+SELECT_USER_BY_EMAIL: Final = """
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+FROM users WHERE email_normalized = $1
+"""
+
+LOCK_USER: Final = """
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+FROM users WHERE id = $1 FOR UPDATE
+"""
+
+LOCK_USER_BY_EMAIL: Final = """
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+FROM users WHERE email_normalized = $1 FOR UPDATE
+"""
+
+
+INSERT_USER: Final = """
+INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
+                   email_normalized)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+"""
+
+UPSERT_INSERT: Final = """
+INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
+                   email_normalized)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (email_normalized) DO NOTHING
+RETURNING id
+"""
+
+INSERT_MANY: Final = """
+INSERT INTO users (id, email, email_normalized, display_name, role,
+                   create_time_us, update_time_us, revision)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
+                     $6::bigint[], $7::bigint[], $8::bigint[])
+ON CONFLICT (email_normalized) DO NOTHING
+RETURNING id
+"""
+
+# Claims a new key, or takes over an expired one ($11 is the cutoff) in place. On a
+# conflict DO UPDATE waits for the row's writer, then locks the row's newest version
+# and tests the WHERE on it even when it declines to update; so of replicas racing on
+# one expired key exactly one takes it over, and the rest find a live row they hold
+# locked, which no sweep can delete before they read it.
+CLAIM_REQUEST: Final = """
+INSERT INTO create_requests (request_id, fingerprint, user_id, email, display_name, role,
+                             create_time_us, update_time_us, revision, created_us)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (request_id) DO UPDATE
+SET fingerprint = EXCLUDED.fingerprint, user_id = EXCLUDED.user_id, email = EXCLUDED.email,
+    display_name = EXCLUDED.display_name, role = EXCLUDED.role,
+    create_time_us = EXCLUDED.create_time_us, update_time_us = EXCLUDED.update_time_us,
+    revision = EXCLUDED.revision, created_us = EXCLUDED.created_us
+WHERE create_requests.created_us < $11
+RETURNING request_id
+"""
+
+SELECT_REQUEST: Final = """
+SELECT user_id, email, display_name, role, create_time_us, update_time_us, revision,
+       fingerprint
+FROM create_requests WHERE request_id = $1
+"""
+
+UPDATE_USER: Final = """
+UPDATE users SET email = $2, email_normalized = $3, display_name = $4, role = $5,
+                 update_time_us = $6, revision = $7
+WHERE id = $1
+"""
+
+# One statement, issued last so the counter's row lock (which orders commits)
+# is held only for this statement and the COMMIT. It allocates a block of
+# sequences, appends the events, drops the events that fall out of retention
+# and queues the NOTIFY, all in the writer's transaction. Retention deletes the
+# range this block pushes out, plus a small slack that catches rows a
+# concurrent writer committed after this statement's snapshot was taken;
+# a bounded range keeps the scan off the dead index entries of earlier prunes.
+APPEND_EVENTS: Final = """
+WITH allocated AS (
+    UPDATE event_sequence SET value = value + cardinality($1::smallint[])
+    RETURNING value AS last, value - cardinality($1::smallint[]) AS previous
+),
+inserted AS (
+    INSERT INTO user_events (sequence, type, user_id, email, display_name, role,
+                             create_time_us, update_time_us, revision, event_time_us)
+    SELECT a.previous + e.ord, e.type, e.user_id, e.email, e.display_name, e.role,
+           e.create_time_us, e.update_time_us, e.revision, e.event_time_us
+    FROM allocated AS a,
+         unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::smallint[],
+                $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
+             WITH ORDINALITY AS e(type, user_id, email, display_name, role,
+                                  create_time_us, update_time_us, revision,
+                                  event_time_us, ord)
+    WHERE a.previous + e.ord > a.last - $10::bigint
+),
+pruned AS (
+    DELETE FROM user_events
+    WHERE sequence > (SELECT previous FROM allocated) - $10::bigint - 64
+      AND sequence <= (SELECT last FROM allocated) - $10::bigint
+)
+SELECT last, pg_notify('user_events', last::text) FROM allocated
+"""
+
+# Deletes the oldest events beyond retention, at most $2 + 1 of them, from the
+# bottom up so that what remains is always a contiguous run of sequences.
+PRUNE_BATCH: Final = """
+DELETE FROM user_events
+WHERE sequence <= LEAST((SELECT min(sequence) FROM user_events) + $2::bigint,
+                        (SELECT value FROM event_sequence) - $1::bigint)
+"""
+PRUNE_BATCH_SIZE: Final = 10_000
+
+# The oldest keys expired before $1, at most $2, off the created_us index. SKIP LOCKED
+# passes over a key a create is taking over (or another replica's sweep holds), and the
+# locking read re-tests created_us on a row changed since the snapshot, so a key claimed
+# anew is never deleted.
+EXPIRE_REQUESTS: Final = """
+DELETE FROM create_requests
+WHERE request_id = ANY(ARRAY(
+    SELECT request_id FROM create_requests
+    WHERE created_us < $1
+    ORDER BY created_us
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+))
+"""
+
+SELECT_EVENTS: Final = """
+SELECT user_id, email, display_name, role, create_time_us, update_time_us, revision,
+       sequence, type, event_time_us
+FROM user_events WHERE sequence > $1 ORDER BY sequence LIMIT $2
+"""
+
+DELETE_USER: Final = "DELETE FROM users WHERE id = $1"
+SELECT_LATEST_SEQUENCE: Final = "SELECT value FROM event_sequence"
+EVENT_BOUNDS: Final = "SELECT min(sequence), max(sequence) FROM user_events"
+PING: Final = "SELECT 1"
+
+CREATE_MIGRATIONS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    checksum text
+)
+"""
+ADD_CHECKSUM_COLUMN: Final = "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text"
+SELECT_APPLIED: Final = "SELECT version, checksum FROM schema_migrations"
+RECORD_MIGRATION: Final = (
+    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+)
+RECORD_CHECKSUM: Final = "UPDATE schema_migrations SET checksum = $1 WHERE version = $2"

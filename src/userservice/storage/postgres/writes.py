@@ -1,0 +1,201 @@
+"""The PostgreSQL store's writes: each runs inside one transaction and returns its last sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+
+from userservice.domain.errors import (
+    ConcurrentConflictError,
+    DomainError,
+    EmailAlreadyExistsError,
+    RequestIdReusedError,
+    StorageUnavailableError,
+    UserNotFoundError,
+)
+from userservice.domain.model import EventType, SyncOutcome, User, UserChanges, email_key
+from userservice.storage.postgres import queries
+from userservice.storage.rows import insert_fields, user_from_row
+
+_EMAIL_INDEX: Final = "users_email_normalized_key"
+_UPSERT_ATTEMPTS: Final = 5
+
+Event = tuple[EventType, User, int]
+
+
+async def append_events(conn: asyncpg.Connection, events: Sequence[Event], retention: int) -> int:
+    """Append events (type, user snapshot, event time) last in the transaction; return the last."""
+    if not events:
+        return 0
+    last = await conn.fetchval(
+        queries.APPEND_EVENTS,
+        [int(kind) for kind, _, _ in events],
+        [user.id for _, user, _ in events],
+        [user.email for _, user, _ in events],
+        [user.display_name for _, user, _ in events],
+        [int(user.role) for _, user, _ in events],
+        [user.create_time_us for _, user, _ in events],
+        [user.update_time_us for _, user, _ in events],
+        [user.revision for _, user, _ in events],
+        [event_time for _, _, event_time in events],
+        retention,
+    )
+    return int(last)
+
+
+async def create(
+    conn: asyncpg.Connection,
+    user: User,
+    request_id: str | None,
+    fingerprint: str,
+    expired_before_us: int,
+    retention: int,
+) -> tuple[User, int]:
+    """Insert user; a live request_id answers with the user it created before."""
+    if request_id is not None:
+        claimed = await conn.fetchval(
+            queries.CLAIM_REQUEST,
+            request_id,
+            fingerprint,
+            user.id,
+            user.email,
+            user.display_name,
+            int(user.role),
+            user.create_time_us,
+            user.update_time_us,
+            user.revision,
+            user.create_time_us,
+            expired_before_us,
+        )
+        if claimed is None:
+            # A live key: ON CONFLICT waited for its writer to commit and locked the row,
+            # so this statement's fresh snapshot sees it.
+            row = await conn.fetchrow(queries.SELECT_REQUEST, request_id)
+            if row is None:
+                raise StorageUnavailableError("request_id expired while in use; retry")
+            if row["fingerprint"] != fingerprint:
+                raise RequestIdReusedError()
+            return user_from_row(row), 0
+    await _insert_user(conn, user)
+    events = [(EventType.CREATED, user, user.create_time_us)]
+    return user, await append_events(conn, events, retention)
+
+
+async def create_many(
+    conn: asyncpg.Connection, users: Sequence[User], retention: int
+) -> tuple[list[User | DomainError], int]:
+    """Insert a batch with one statement; per row the user or EmailAlreadyExistsError."""
+    results: list[User | DomainError] = [EmailAlreadyExistsError() for _ in users]
+    first_by_email: dict[str, tuple[int, User]] = {}
+    for index, user in enumerate(users):
+        first_by_email.setdefault(email_key(user.email), (index, user))
+    if not first_by_email:
+        return results, 0
+    # Inserting in email order makes concurrent batches wait on each other's unique-index
+    # entries in one direction only, so they cannot deadlock.
+    batch = [first_by_email[key][1] for key in sorted(first_by_email)]
+    rows = await conn.fetch(
+        queries.INSERT_MANY,
+        [u.id for u in batch],
+        [u.email for u in batch],
+        [email_key(u.email) for u in batch],
+        [u.display_name for u in batch],
+        [int(u.role) for u in batch],
+        [u.create_time_us for u in batch],
+        [u.update_time_us for u in batch],
+        [u.revision for u in batch],
+    )
+    inserted = {str(row["id"]) for row in rows}
+    events: list[Event] = []
+    for index, user in sorted(first_by_email.values(), key=lambda item: item[0]):
+        if user.id in inserted:
+            results[index] = user
+            events.append((EventType.CREATED, user, user.create_time_us))
+    return results, await append_events(conn, events, retention)
+
+
+async def update(
+    conn: asyncpg.Connection,
+    user_id: str,
+    changes: UserChanges,
+    expected_etag: str | None,
+    now_us: int,
+    retention: int,
+) -> tuple[User, int]:
+    """Apply changes under a row lock after the domain's etag check."""
+    updated = (await _lock_user(conn, user_id, expected_etag)).changed(changes, now_us)
+    await _write_user(conn, updated)
+    events = [(EventType.UPDATED, updated, updated.update_time_us)]
+    return updated, await append_events(conn, events, retention)
+
+
+async def delete(
+    conn: asyncpg.Connection, user_id: str, expected_etag: str | None, now_us: int, retention: int
+) -> tuple[None, int]:
+    """Delete under a row lock after the domain's etag check."""
+    current = await _lock_user(conn, user_id, expected_etag)
+    await conn.execute(queries.DELETE_USER, user_id)
+    events = [(EventType.DELETED, current, current.deletion_time(now_us))]
+    return None, await append_events(conn, events, retention)
+
+
+async def upsert_by_email(
+    conn: asyncpg.Connection, candidate: User, retention: int
+) -> tuple[tuple[SyncOutcome, User], int]:
+    """Create candidate, or apply the domain's sync decision to the user holding its email."""
+    # The insert either wins the email or waits for whoever holds it; the locked read then
+    # sees that user, unless it was deleted meanwhile.
+    for _ in range(_UPSERT_ATTEMPTS):
+        inserted = await conn.fetchval(queries.UPSERT_INSERT, *insert_fields(candidate))
+        if inserted is not None:
+            events = [(EventType.CREATED, candidate, candidate.create_time_us)]
+            return (SyncOutcome.CREATED, candidate), await append_events(conn, events, retention)
+        row = await conn.fetchrow(queries.LOCK_USER_BY_EMAIL, email_key(candidate.email))
+        if row is not None:
+            break
+    else:
+        raise ConcurrentConflictError("the upsert kept racing with deletes of its email")
+    outcome, updated = user_from_row(row).synced(candidate)
+    if outcome is SyncOutcome.UNCHANGED:
+        return (outcome, updated), 0
+    await _write_user(conn, updated)
+    events = [(EventType.UPDATED, updated, updated.update_time_us)]
+    return (SyncOutcome.UPDATED, updated), await append_events(conn, events, retention)
+
+
+async def _insert_user(conn: asyncpg.Connection, user: User) -> None:
+    try:
+        await conn.execute(queries.INSERT_USER, *insert_fields(user))
+    except asyncpg.UniqueViolationError as error:
+        if error.constraint_name == _EMAIL_INDEX:
+            raise EmailAlreadyExistsError() from None
+        raise
+
+
+async def _write_user(conn: asyncpg.Connection, user: User) -> None:
+    try:
+        await conn.execute(
+            queries.UPDATE_USER,
+            user.id,
+            user.email,
+            email_key(user.email),
+            user.display_name,
+            int(user.role),
+            user.update_time_us,
+            user.revision,
+        )
+    except asyncpg.UniqueViolationError as error:
+        if error.constraint_name == _EMAIL_INDEX:
+            raise EmailAlreadyExistsError() from None
+        raise
+
+
+async def _lock_user(conn: asyncpg.Connection, user_id: str, expected_etag: str | None) -> User:
+    row = await conn.fetchrow(queries.LOCK_USER, user_id)
+    if row is None:
+        raise UserNotFoundError(user_id)
+    current = user_from_row(row)
+    current.require_etag(expected_etag)
+    return current

@@ -1,0 +1,48 @@
+"""The users columns both stores select, and the mapping between a row and a domain User."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from userservice.domain.model import Role, User, email_key
+
+# The order user_fields() and user_from_row() rely on; SQL texts interpolate only these
+# constants, never a value.
+USER_DATA: Final = "email, display_name, role, create_time_us, update_time_us, revision"
+USER_COLUMNS: Final = f"id, {USER_DATA}"
+# The same fields as kept in the event log and the idempotency table, keyed by user_id.
+SNAPSHOT_COLUMNS: Final = f"user_id, {USER_DATA}"
+# The users table's insert columns: USER_COLUMNS plus the unique email key, last.
+INSERT_COLUMNS: Final = f"{USER_COLUMNS}, email_normalized"
+
+
+def user_fields(user: User) -> tuple[str, str, str, int, int, int, int]:
+    """Return a user's values in USER_COLUMNS (and SNAPSHOT_COLUMNS) order."""
+    return (
+        user.id,
+        user.email,
+        user.display_name,
+        int(user.role),
+        user.create_time_us,
+        user.update_time_us,
+        user.revision,
+    )
+
+
+def insert_fields(user: User) -> tuple[str, str, str, int, int, int, int, str]:
+    """Return a user's values in INSERT_COLUMNS order."""
+    return (*user_fields(user), email_key(user.email))
+
+
+def user_from_row(row: Sequence[Any]) -> User:
+    """Build a User from a row whose first seven columns are USER_COLUMNS or SNAPSHOT_COLUMNS."""
+    return User(
+        str(row[0]),
+        str(row[1]),
+        str(row[2]),
+        Role(row[3]),
+        int(row[4]),
+        int(row[5]),
+        int(row[6]),
+    )

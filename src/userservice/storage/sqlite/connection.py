@@ -1,0 +1,100 @@
+"""SQLite connections: the single-process lock, pragmas, transactions and driver error mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+from userservice.domain.errors import StorageUnavailableError
+
+BUSY_TIMEOUT_MS: Final = 5_000
+# Primary result codes that mean the file cannot be used right now, as opposed to a bad query.
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+
+
+class SqliteLockedError(RuntimeError):
+    """The database file is already open in another process (or another repository)."""
+
+
+def connect(path: Path, *, query_only: bool = False) -> sqlite3.Connection:
+    """Open path in WAL mode with the pragmas every connection of this store uses."""
+    # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) where they belong.
+    # check_same_thread is off because a connection is opened on the writer thread and
+    # then used by exactly one executor thread.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise RuntimeError(f"SQLite database {path} cannot use WAL mode (got {mode!r})")
+        if query_only:
+            conn.execute("PRAGMA query_only = ON")
+            # SQLite's own lower() only folds ASCII; filters must match "É" with "é" too.
+            conn.create_function("unicode_lower", 1, str.lower, deterministic=True)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def lock(path: Path) -> int:
+    """Take the exclusive lock that makes this process the file's only user; return its fd."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SqliteLockedError(
+            f"SQLite database {path} is already in use (lock {lock_path} held by pid {holder}); "
+            "the SQLite store serves a single process: stop the other one, "
+            "or use PostgreSQL to run several replicas"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """Run the body in one transaction: commit if it returns, roll back if anything raises."""
+    conn.execute(begin)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn the driver's I/O and locking failures into StorageUnavailableError."""
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        # Errors raised by the sqlite3 module itself carry no result code.
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF in _UNAVAILABLE_CODES:
+            raise StorageUnavailableError(f"SQLite database unavailable: {error}") from error
+        raise

@@ -1,0 +1,75 @@
+"""Every SQL text the SQLite store runs, apart from the migrations in sql/."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from userservice.storage.rows import INSERT_COLUMNS, SNAPSHOT_COLUMNS, USER_COLUMNS
+
+# Assembled only from the constant column lists (hence the S608 waivers); every value is a
+# bound parameter.
+SELECT_USER: Final = f"SELECT {USER_COLUMNS} FROM users WHERE id = ?"  # noqa: S608
+SELECT_USER_BY_EMAIL: Final = f"SELECT {USER_COLUMNS} FROM users WHERE email_normalized = ?"  # noqa: S608
+# json_each binds any number of ids as one parameter, so the statement text never varies.
+SELECT_USERS: Final = (
+    f"SELECT {USER_COLUMNS} FROM users WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608
+)
+SELECT_PAGE: Final = f"SELECT {USER_COLUMNS} FROM users{{where}} ORDER BY id LIMIT ?"  # noqa: S608
+COUNT_USERS: Final = "SELECT count(*) FROM users{where}"
+INSERT_USER: Final = (
+    f"INSERT INTO users ({INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    " ON CONFLICT (email_normalized) DO NOTHING"
+)
+UPDATE_USER: Final = (
+    "UPDATE users SET email = ?, email_normalized = ?, display_name = ?, role = ?,"
+    " update_time_us = ?, revision = ? WHERE id = ?"
+)
+DELETE_USER: Final = "DELETE FROM users WHERE id = ?"
+INSERT_EVENT: Final = (
+    f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING sequence"
+)
+SELECT_EVENTS: Final = (
+    f"SELECT {SNAPSHOT_COLUMNS}, sequence, type, event_time_us FROM user_events"  # noqa: S608
+    " WHERE sequence > ? ORDER BY sequence LIMIT ?"
+)
+# Two subqueries, because SQLite answers a lone min() or max() from the index but scans for both.
+EVENT_BOUNDS: Final = (
+    "SELECT (SELECT min(sequence) FROM user_events), (SELECT max(sequence) FROM user_events)"
+)
+PRUNE_EVENTS: Final = (
+    "DELETE FROM user_events WHERE sequence <= (SELECT max(sequence) FROM user_events) - ?"
+)
+# An expired key reads as unknown, whether or not the sweep has deleted its row yet.
+SELECT_REQUEST: Final = (
+    f"SELECT {SNAPSHOT_COLUMNS}, fingerprint FROM create_requests"  # noqa: S608
+    " WHERE request_id = ? AND created_us >= ?"
+)
+# REPLACE can only ever meet an expired row: a live one was found by SELECT_REQUEST in the
+# same transaction and answered the request instead.
+INSERT_REQUEST: Final = (
+    "INSERT OR REPLACE INTO create_requests"  # noqa: S608
+    f" ({SNAPSHOT_COLUMNS}, request_id, fingerprint, created_us)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# SQLite has no DELETE ... LIMIT by default; the oldest keys come off the created_us index.
+EXPIRE_REQUESTS: Final = (
+    "DELETE FROM create_requests WHERE request_id IN (SELECT request_id FROM create_requests"
+    " WHERE created_us < ? ORDER BY created_us LIMIT ?)"
+)
+PING: Final = "SELECT 1 FROM schema_migrations LIMIT 1"
+
+CREATE_MIGRATIONS_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+    " name TEXT NOT NULL,"
+    " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),"
+    " checksum TEXT)"
+)
+HAS_MIGRATIONS_TABLE: Final = (
+    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+)
+MIGRATION_COLUMNS: Final = "SELECT name FROM pragma_table_info('schema_migrations')"
+ADD_CHECKSUM_COLUMN: Final = "ALTER TABLE schema_migrations ADD COLUMN checksum TEXT"
+SELECT_APPLIED: Final = "SELECT version, checksum FROM schema_migrations"
+RECORD_MIGRATION: Final = "INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)"
+RECORD_CHECKSUM: Final = "UPDATE schema_migrations SET checksum = ? WHERE version = ?"

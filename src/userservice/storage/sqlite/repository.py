@@ -1,0 +1,300 @@
+"""SQLite UserRepository: one writer thread, one reader thread and an exact read cache.
+
+The store serves a single process (an exclusive lock file enforces it). That is what makes
+the in-process cache exact rather than time-limited: every write passes through this
+object and refreshes the cache once it has committed. It is also the store's change feed:
+a commit wakes wait_for_events in-process, with no query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final, TypeVar, TypeVarTuple
+
+from userservice.domain.errors import DomainError, StorageUnavailableError
+from userservice.domain.model import (
+    Page,
+    SyncOutcome,
+    User,
+    UserChanges,
+    UserEvent,
+    UserFilter,
+    email_key,
+)
+from userservice.storage.maintenance import EXPIRE_BATCH, ExpirySchedule
+from userservice.storage.sqlite import queries, reads, writes
+from userservice.storage.sqlite.cache import ReadCache
+from userservice.storage.sqlite.connection import storage_errors, transaction
+from userservice.storage.sqlite.files import StoreFiles, close_writer, open_files
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+DEFAULT_CACHE_SIZE: Final = 10_000
+DEFAULT_EVENT_RETENTION: Final = 100_000
+DEFAULT_REQUEST_ID_RETENTION_SECONDS: Final = 86_400.0
+_PRUNE_INTERVAL: Final = 1_000
+_CLOSED: Final = "the SQLite repository is closed"
+
+
+async def open_sqlite(
+    path: Path,
+    *,
+    event_retention: int = DEFAULT_EVENT_RETENTION,
+    migrate: bool = True,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+    request_id_retention_seconds: float = DEFAULT_REQUEST_ID_RETENTION_SECONDS,
+) -> SqliteUserRepository:
+    """Open (creating it if needed) the database file at path for this process alone."""
+    if event_retention < 1 or cache_size < 0:
+        raise ValueError("event_retention must be positive and cache_size not negative")
+    expiry = ExpirySchedule(request_id_retention_seconds)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
+    try:
+        files = await asyncio.get_running_loop().run_in_executor(
+            writer, open_files, path, migrate, event_retention
+        )
+    except BaseException:
+        writer.shutdown(wait=False)
+        reader.shutdown(wait=False)
+        raise
+    return SqliteUserRepository(
+        files, writer, reader, event_retention=event_retention, cache_size=cache_size, expiry=expiry
+    )
+
+
+class SqliteUserRepository:
+    """UserRepository on one SQLite file for one process; create it with open_sqlite."""
+
+    def __init__(
+        self,
+        files: StoreFiles,
+        writer: ThreadPoolExecutor,
+        reader: ThreadPoolExecutor,
+        *,
+        event_retention: int,
+        cache_size: int,
+        expiry: ExpirySchedule,
+    ) -> None:
+        """Serve from what open_sqlite opened; the executors each own one connection."""
+        self._files = files
+        self._loop = asyncio.get_running_loop()
+        # A sqlite3 connection is used by one thread at a time; giving each its own
+        # thread also serialises all writes without any lock contention.
+        self._writer = writer
+        self._reader = reader
+        # Health pings get a thread and connection of their own, so a long scan on the
+        # reader never reads as an outage.
+        self._pinger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ping")
+        self._event_retention = event_retention
+        self._prune_interval = min(_PRUNE_INTERVAL, event_retention)
+        self._events_since_prune = 0  # writer thread only
+        self._expiry = expiry  # writer thread only
+        # The read running on the reader thread, shared with the loop thread to interrupt it.
+        self._reading_lock = threading.Lock()
+        self._reading: object | None = None
+        # Everything below belongs to the event loop thread, so it needs no lock.
+        self._cache = ReadCache(cache_size)
+        self._latest_sequence = files.latest_sequence
+        self._events_arrived = asyncio.Event()
+        self._closed = False
+        self.event_reads = 0
+        """Queries of the event log so far: the change feed keeps it at one per wake-up."""
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._files.path
+
+    async def create(self, user: User, request_id: str | None, fingerprint: str) -> User:
+        """Insert a user; a request_id seen before returns its first result (see the protocol)."""
+        retention_us = self._expiry.retention_us
+        return await self._write(writes.create, user, request_id, fingerprint, retention_us)
+
+    async def create_many(self, users: Sequence[User]) -> list[User | DomainError]:
+        """Insert a batch in one transaction; a taken email fails only its own row."""
+        if not users:
+            return []
+        return await self._write(writes.create_many, users)
+
+    async def get(self, user_id: str) -> User | None:
+        """Return the user with this id, or None; a cache hit costs no thread hop."""
+        self._check_open()
+        cached = self._cache.get(user_id)
+        if cached is not None:
+            return cached
+        generation = self._cache.generation
+        user = await self._read(reads.fetch_user, queries.SELECT_USER, user_id)
+        if user is not None:
+            self._cache.remember(user, generation)
+        return user
+
+    async def get_many(self, user_ids: Sequence[str]) -> dict[str, User]:
+        """Return the users among these ids that exist; only cache misses reach the file."""
+        self._check_open()
+        found: dict[str, User] = {}
+        missing: list[str] = []
+        for user_id in dict.fromkeys(user_ids):
+            cached = self._cache.get(user_id)
+            if cached is None:
+                missing.append(user_id)
+            else:
+                found[user_id] = cached
+        if missing:
+            generation = self._cache.generation
+            for user in await self._read(reads.fetch_users, missing):
+                found[user.id] = user
+                self._cache.remember(user, generation)
+        return found
+
+    async def get_by_email(self, email: str) -> User | None:
+        """Return the user whose email equals this one without regard to case."""
+        generation = self._cache.generation
+        sql = queries.SELECT_USER_BY_EMAIL
+        user = await self._read(reads.fetch_user, sql, email_key(email))
+        if user is not None:
+            self._cache.remember(user, generation)
+        return user
+
+    async def list_page(
+        self, user_filter: UserFilter, after_id: str | None, limit: int, with_total: bool
+    ) -> Page:
+        """Return up to limit matching users with id > after_id, in id order."""
+        return await self._read(reads.select_page, user_filter, after_id, limit, with_total)
+
+    async def update(
+        self, user_id: str, changes: UserChanges, expected_etag: str | None, now_us: int
+    ) -> User:
+        """Apply changes atomically; update_time becomes max(now_us, previous + 1)."""
+        return await self._write(writes.update, user_id, changes, expected_etag, now_us)
+
+    async def delete(self, user_id: str, expected_etag: str | None, now_us: int) -> None:
+        """Delete a user. Raises UserNotFoundError or EtagMismatchError."""
+        await self._write(writes.delete, user_id, expected_etag, now_us)
+
+    async def upsert_by_email(self, candidate: User) -> tuple[SyncOutcome, User]:
+        """Create candidate, or set display_name and role on the user with its email."""
+        return await self._write(writes.upsert_by_email, candidate)
+
+    async def events_after(self, sequence: int, limit: int) -> list[UserEvent]:
+        """Return up to limit events with sequence > the given one, ascending."""
+        self.event_reads += 1
+        return await self._read(reads.select_events, sequence, limit)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """Return (oldest retained sequence - 1, latest sequence); (0, 0) when empty."""
+        return await self._read(reads.event_bounds)
+
+    async def wait_for_events(self, after_sequence: int, timeout: float) -> None:
+        """Return once an event after after_sequence may exist, or after timeout seconds."""
+        self._check_open()
+        if self._latest_sequence > after_sequence:
+            return
+        arrived = self._events_arrived
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await arrived.wait()
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailableError unless the file answers a trivial query."""
+        self._check_open()
+        with storage_errors():
+            await self._loop.run_in_executor(self._pinger, reads.ping, self._files.ping_conn)
+
+    async def close(self) -> None:
+        """Finish queued work, close the connections, stop the threads and release the lock."""
+        if self._closed:
+            return
+        self._closed = True
+        self._events_arrived.set()
+        self._cache.clear()
+        executors = (self._pinger, self._reader, self._writer)
+        try:
+            await self._loop.run_in_executor(self._pinger, self._files.ping_conn.close)
+            await self._loop.run_in_executor(self._reader, self._files.read_conn.close)
+            await self._loop.run_in_executor(self._writer, close_writer, self._files)
+        except BaseException:
+            for executor in executors:
+                executor.shutdown(wait=False)
+            raise
+        # The threads are idle now, so joining them takes microseconds, not a blocking wait.
+        for executor in executors:
+            executor.shutdown(wait=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageUnavailableError(_CLOSED)
+
+    async def _read(self, query: Callable[[sqlite3.Connection, *Ts], T], *args: *Ts) -> T:
+        self._check_open()
+        job = object()
+
+        def run() -> T:
+            with self._reading_lock:
+                self._reading = job
+            try:
+                return query(self._files.read_conn, *args)
+            finally:
+                with self._reading_lock:
+                    self._reading = None
+
+        with storage_errors():
+            try:
+                return await self._loop.run_in_executor(self._reader, run)
+            except asyncio.CancelledError:
+                self._interrupt_read(job)
+                raise
+
+    def _interrupt_read(self, job: object) -> None:
+        """Stop job's query if it is the one running: its caller gave up (deadline, cancel).
+
+        A job still queued was cancelled with its future. The lock keeps the check and the
+        interrupt together, so a later caller's query is never the one interrupted.
+        """
+        with self._reading_lock:
+            if self._reading is job:
+                self._files.read_conn.interrupt()
+
+    async def _write(self, work: Callable[[writes.WriteTransaction, *Ts], T], *args: *Ts) -> T:
+        self._check_open()
+        with storage_errors():
+            return await self._loop.run_in_executor(
+                self._writer, lambda: self._transact(work, *args)
+            )
+
+    def _transact(self, work: Callable[[writes.WriteTransaction, *Ts], T], *args: *Ts) -> T:
+        """Run work in one write transaction on the writer thread, then publish its effects."""
+        transaction_effects = writes.WriteTransaction(self._files.write_conn)
+        conn = transaction_effects.conn
+        with transaction(conn):
+            result = work(transaction_effects, *args)
+            self._events_since_prune += transaction_effects.events
+            if self._events_since_prune >= self._prune_interval:
+                conn.execute(queries.PRUNE_EVENTS, (self._event_retention,))
+                self._events_since_prune = 0
+            if self._expiry.due():
+                deleted = conn.execute(
+                    queries.EXPIRE_REQUESTS, (self._expiry.cutoff_us(), EXPIRE_BATCH)
+                ).rowcount
+                self._expiry.swept(deleted)
+        if transaction_effects.events:
+            # Scheduled before this function returns, so the cache is current by the time
+            # the caller resumes, and still applied if the caller was cancelled meanwhile.
+            self._loop.call_soon_threadsafe(
+                self._committed, transaction_effects.cache, transaction_effects.last_sequence
+            )
+        return result
+
+    def _committed(self, cache: dict[str, User | None], last_sequence: int) -> None:
+        if not self._closed:
+            self._cache.committed(cache)
+        self._latest_sequence = last_sequence
+        self._events_arrived.set()
+        self._events_arrived = asyncio.Event()

@@ -1,0 +1,143 @@
+"""The SQLite store's writes, each inside one BEGIN IMMEDIATE transaction (writer thread)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from userservice.domain.errors import (
+    DomainError,
+    EmailAlreadyExistsError,
+    RequestIdReusedError,
+    UserNotFoundError,
+)
+from userservice.domain.ids import now_us
+from userservice.domain.model import EventType, SyncOutcome, User, UserChanges, email_key
+from userservice.storage.rows import insert_fields, user_fields, user_from_row
+from userservice.storage.sqlite import queries
+from userservice.storage.sqlite.reads import fetch_user
+
+
+class WriteTransaction:
+    """One write transaction's connection and effects: cache changes and appended events."""
+
+    __slots__ = ("cache", "conn", "events", "last_sequence")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        """Collect the effects of a transaction on conn (already begun by the caller)."""
+        self.conn = conn
+        self.cache: dict[str, User | None] = {}
+        self.events = 0
+        self.last_sequence = 0
+
+    def insert(self, user: User) -> bool:
+        """Insert a user unless its email is taken; tell whether it was inserted."""
+        return self.conn.execute(queries.INSERT_USER, insert_fields(user)).rowcount == 1
+
+    def overwrite(self, user: User) -> None:
+        """Overwrite the stored row of user.id with user."""
+        values = (user.email, email_key(user.email), user.display_name, int(user.role))
+        try:
+            self.conn.execute(
+                queries.UPDATE_USER, (*values, user.update_time_us, user.revision, user.id)
+            )
+        except sqlite3.IntegrityError as error:
+            if "users.email_normalized" in str(error):
+                raise EmailAlreadyExistsError() from None
+            raise
+
+    def event(self, event_type: EventType, user: User, event_time_us: int) -> None:
+        """Append a change event in this transaction."""
+        values = (int(event_type), event_time_us, *user_fields(user))
+        self.last_sequence = self.conn.execute(queries.INSERT_EVENT, values).fetchone()[0]
+        self.events += 1
+
+
+def create(
+    writes: WriteTransaction,
+    user: User,
+    request_id: str | None,
+    fingerprint: str,
+    retention_us: int,
+) -> User:
+    """Insert user; a live request_id answers with the user it created before."""
+    now = now_us()
+    if request_id is not None:
+        request = (request_id, now - retention_us)
+        row = writes.conn.execute(queries.SELECT_REQUEST, request).fetchone()
+        if row is not None:
+            if row[7] != fingerprint:
+                raise RequestIdReusedError()
+            return user_from_row(row)
+    if not writes.insert(user):
+        raise EmailAlreadyExistsError()
+    if request_id is not None:
+        record = (*user_fields(user), request_id, fingerprint, now)
+        writes.conn.execute(queries.INSERT_REQUEST, record)
+    writes.event(EventType.CREATED, user, user.create_time_us)
+    writes.cache[user.id] = user
+    return user
+
+
+def create_many(writes: WriteTransaction, users: Sequence[User]) -> list[User | DomainError]:
+    """Insert each user whose email is free; the others get EmailAlreadyExistsError."""
+    # New ids cannot be cached yet, and caching a bulk import would only push out hot entries.
+    results: list[User | DomainError] = []
+    for user in users:
+        if writes.insert(user):
+            writes.event(EventType.CREATED, user, user.create_time_us)
+            results.append(user)
+        else:
+            results.append(EmailAlreadyExistsError())
+    return results
+
+
+def update(
+    writes: WriteTransaction,
+    user_id: str,
+    changes: UserChanges,
+    expected_etag: str | None,
+    now: int,
+) -> User:
+    """Apply changes to the current user after the domain's etag check."""
+    updated = _current(writes, user_id, expected_etag).changed(changes, now)
+    writes.overwrite(updated)
+    writes.event(EventType.UPDATED, updated, updated.update_time_us)
+    writes.cache[user_id] = updated
+    return updated
+
+
+def delete(writes: WriteTransaction, user_id: str, expected_etag: str | None, now: int) -> None:
+    """Delete the current user after the domain's etag check."""
+    current = _current(writes, user_id, expected_etag)
+    writes.conn.execute(queries.DELETE_USER, (user_id,))
+    writes.event(EventType.DELETED, current, current.deletion_time(now))
+    writes.cache[user_id] = None
+
+
+def upsert_by_email(writes: WriteTransaction, candidate: User) -> tuple[SyncOutcome, User]:
+    """Create candidate, or apply the domain's sync decision to the user holding its email."""
+    # Reading first is safe here: BEGIN IMMEDIATE and the single writer exclude any other write.
+    current = fetch_user(writes.conn, queries.SELECT_USER_BY_EMAIL, email_key(candidate.email))
+    if current is None:
+        if not writes.insert(candidate):
+            raise EmailAlreadyExistsError()
+        writes.event(EventType.CREATED, candidate, candidate.create_time_us)
+        writes.cache[candidate.id] = candidate
+        return SyncOutcome.CREATED, candidate
+    outcome, updated = current.synced(candidate)
+    if outcome is SyncOutcome.UNCHANGED:
+        return outcome, current
+    writes.overwrite(updated)
+    writes.event(EventType.UPDATED, updated, updated.update_time_us)
+    writes.cache[updated.id] = updated
+    return SyncOutcome.UPDATED, updated
+
+
+def _current(writes: WriteTransaction, user_id: str, expected_etag: str | None) -> User:
+    """Return the stored user the caller may change, or raise not-found / etag mismatch."""
+    current = fetch_user(writes.conn, queries.SELECT_USER, user_id)
+    if current is None:
+        raise UserNotFoundError(user_id)
+    current.require_etag(expected_etag)
+    return current
