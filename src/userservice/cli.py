@@ -62,7 +62,27 @@ async def _migrate(settings: Settings) -> list[str]:
         return await asyncio.to_thread(migrate_sqlite, parse_sqlite_path(url))
     from userservice.storage.postgres import migrate_postgres
 
-    return await migrate_postgres(url, connect_timeout=settings.db_connect_timeout_seconds)
+    return await migrate_postgres(
+        url,
+        connect_timeout=settings.db_connect_timeout_seconds,
+        lock_timeout=settings.migration_lock_timeout_seconds,
+    )
+
+
+def _run_migrate(settings: Settings) -> int:
+    from userservice.storage import storage_failure
+
+    try:
+        applied = asyncio.run(_migrate(settings))
+    except Exception as error:
+        line = storage_failure(error)
+        if line is None:
+            raise
+        log.debug("migration failed", exc_info=True)
+        print(f"userservice: cannot migrate: {line}", file=sys.stderr)
+        return 1
+    log.info("migrations applied", extra={"applied": applied})
+    return 0
 
 
 def _stop_before_start(signum: int, frame: object) -> None:
@@ -102,9 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     if arguments.command == "migrate":
-        applied = asyncio.run(_migrate(settings))
-        log.info("migrations applied", extra={"applied": applied})
-        return 0
+        return _run_migrate(settings)
     from userservice.server import run
 
     if settings.dev:

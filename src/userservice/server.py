@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
 from userservice.metrics import MetricsServer, start_metrics_server
 from userservice.reflection import enable_reflection
-from userservice.storage import open_repository
+from userservice.storage import open_repository, storage_failure
 from userservice.transport.servicer import register
 
 log = logging.getLogger("userservice.server")
@@ -45,22 +44,8 @@ class StartupError(RuntimeError):
 
 def _storage_startup_error(error: Exception) -> StartupError | None:
     """Return the one-line StartupError for a known failure to open storage, else None."""
-    from userservice.storage.migrations import MigrationError, SchemaNotReadyError
-    from userservice.storage.sqlite import SqliteLockedError
-
-    if isinstance(error, SchemaNotReadyError):
-        return StartupError(f"schema not ready: {error}")
-    if isinstance(error, MigrationError):
-        return StartupError(f"schema migrations: {error}")
-    if isinstance(error, StorageUnavailableError | OSError):
-        return StartupError(f"database unreachable: {error}")
-    if isinstance(error, SqliteLockedError):
-        return StartupError(f"database locked: {error}")
-    asyncpg = sys.modules.get("asyncpg")
-    if asyncpg is not None and isinstance(error, asyncpg.PostgresError):
-        # SQLSTATE class 28 (authentication) and friends: the server's own message.
-        return StartupError(f"database refused the connection: {error}")
-    return None
+    line = storage_failure(error)
+    return None if line is None else StartupError(line)
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from userservice.config import Settings
+from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.repository import UserRepository
-from userservice.storage.sqlite import open_sqlite
+from userservice.storage.migrations import MigrationError, SchemaNotReadyError
+from userservice.storage.sqlite import SqliteLockedError, open_sqlite
 
 _SQLITE_PREFIX = "sqlite:///"
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
@@ -40,3 +43,20 @@ def parse_sqlite_path(url: str) -> Path:
     if not path or "?" in path or path == ":memory:":
         raise ValueError(f"{url!r} does not name a database file")
     return Path(path).absolute()
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """Return one line for a known failure to open or migrate storage, else None (a bug)."""
+    if isinstance(error, SchemaNotReadyError):
+        return f"schema not ready: {error}"
+    if isinstance(error, MigrationError):
+        return f"schema migrations: {error}"
+    if isinstance(error, StorageUnavailableError | OSError):
+        return f"database unreachable: {error}"
+    if isinstance(error, SqliteLockedError):
+        return f"database locked: {error}"
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is not None and isinstance(error, asyncpg.PostgresError):
+        # SQLSTATE class 28 (authentication) and friends: the server's own message.
+        return f"database refused the connection: {error}"
+    return None
