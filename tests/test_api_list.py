@@ -158,3 +158,22 @@ async def test_pagination_is_stable_under_concurrent_inserts(client: Client) -> 
     assert len(seen) == len(set(seen)), "a user appeared on two pages"
     assert existing <= set(seen), "a user that existed before paging was skipped"
     assert seen == sorted(seen)
+
+
+@pytest.mark.asyncio
+async def test_the_total_is_counted_with_the_first_page_and_carried_by_the_token(
+    client: Client,
+) -> None:
+    await seed(client, 5)
+    first = await client.stub.ListUsers(pb.ListUsersRequest(page_size=2), metadata=client.metadata)
+    assert first.total_size == 5
+    # A later page repeats the first page's count instead of counting again (AIP-132):
+    # a user created meanwhile shows up in the rows, not in the carried total.
+    await seed(client, 1, prefix="late")
+    second = await client.stub.ListUsers(
+        pb.ListUsersRequest(page_size=2, page_token=first.next_page_token),
+        metadata=client.metadata,
+    )
+    assert second.total_size == 5
+    fresh = await client.stub.ListUsers(pb.ListUsersRequest(page_size=2), metadata=client.metadata)
+    assert fresh.total_size == 6

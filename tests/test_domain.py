@@ -11,6 +11,7 @@ from userservice.domain.model import Role, User, UserChanges, UserFilter
 from userservice.domain.pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    PagePosition,
     PageTokenCodec,
     effective_page_size,
 )
@@ -48,8 +49,8 @@ def test_filter_syntax_errors_name_the_filter_field(text: str) -> None:
 def test_page_tokens_round_trip_and_reject_tampering() -> None:
     codec = PageTokenCodec(b"k" * 32)
     key = canonical_filter(UserFilter(role=Role.ADMIN))
-    token = codec.encode("some-id", key)
-    assert codec.decode(token, key) == "some-id"
+    token = codec.encode("some-id", key, 42)
+    assert codec.decode(token, key) == PagePosition("some-id", 42)
     for bad in (token[:-2] + "AA", "x" + token, "garbage", token + ".x"):
         with pytest.raises(InvalidArgumentError) as caught:
             codec.decode(bad, key)

@@ -243,7 +243,10 @@ class ListUsersResponse(message.Message):
     next_page_token: builtins.str
     """Token for the next page; empty on the last page."""
     total_size: builtins.int
-    """Exact number of users matching the filter."""
+    """Number of users matching the filter, counted exactly when the first page
+    was read; later pages of the same listing repeat that count (AIP-132), so
+    rows created or deleted meanwhile show in the pages but not in the total.
+    """
     @builtins.property
     def users(self) -> containers.RepeatedCompositeFieldContainer[user_pb2.User]:
         """One page of users in id order."""

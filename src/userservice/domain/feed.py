@@ -132,7 +132,9 @@ class ChangeFeed:
             raise ValueError("buffer_size, batch_size and poll_seconds must be positive")
         self.source = source
         self.buffer_size = buffer_size
-        self.batch_size = batch_size
+        # A pump read never exceeds one buffer, so a watcher that keeps up between two
+        # reads is never ended just because one commit appended many events.
+        self.batch_size = min(batch_size, buffer_size)
         self._poll_seconds = poll_seconds
         self._watchers: set[Watcher] = set()  # every open watcher, replaying or attached
         self._attached: set[Watcher] = set()

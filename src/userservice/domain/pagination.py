@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+from dataclasses import dataclass
 
 from userservice.domain.errors import InvalidArgumentError, Reason
 
@@ -36,6 +37,14 @@ def effective_page_size(requested: int) -> int:
     return min(requested, MAX_PAGE_SIZE)
 
 
+@dataclass(frozen=True, slots=True)
+class PagePosition:
+    """Where a page token resumes: after this id, with the total counted at the first page."""
+
+    after_id: str
+    total_size: int | None
+
+
 class PageTokenCodec:
     """Signs and verifies page tokens with an HMAC key shared by every replica."""
 
@@ -45,16 +54,16 @@ class PageTokenCodec:
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
 
-    def encode(self, after_id: str, filter_text: str) -> str:
+    def encode(self, after_id: str, filter_text: str, total_size: int) -> str:
         """Return a token resuming after after_id for this (canonical) filter."""
         body = json.dumps(
-            {"v": _VERSION, "a": after_id, "f": _filter_digest(filter_text)},
+            {"v": _VERSION, "a": after_id, "f": _filter_digest(filter_text), "t": total_size},
             separators=(",", ":"),
         ).encode()
         return f"{_b64encode(body)}.{_b64encode(self._mac(body))}"
 
-    def decode(self, token: str, filter_text: str) -> str:
-        """Return the id to resume after; raise InvalidArgumentError if forged or reused."""
+    def decode(self, token: str, filter_text: str) -> PagePosition:
+        """Return where to resume; raise InvalidArgumentError if forged or reused."""
         body_text, _, mac_text = token.partition(".")
         try:
             body, mac = _b64decode(body_text), _b64decode(mac_text)
@@ -67,7 +76,10 @@ class PageTokenCodec:
             raise _invalid("has an unsupported version")
         if payload.get("f") != _filter_digest(filter_text):
             raise _invalid("was issued for a different filter")
-        return str(payload["a"])
+        total = payload.get("t")
+        # Tokens minted before totals were carried have none: the next page counts again.
+        carried = total if isinstance(total, int) and total >= 0 else None
+        return PagePosition(str(payload["a"]), carried)
 
 
 def _filter_digest(filter_text: str) -> str:

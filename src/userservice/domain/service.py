@@ -154,18 +154,28 @@ class UserService:
         return users, missing
 
     async def list_users(self, page_size: int, page_token: str, filter_text: str) -> ListResult:
-        """Return one page in id order with the exact total and the next page's token."""
+        """Return one page in id order, its total and the next page's token.
+
+        The total is counted once, with the first page and in its snapshot, then carried
+        in the signed token (AIP-132 allows it), so paging through N rows costs O(N)
+        instead of one full count per page.
+        """
         limit = effective_page_size(page_size)
         user_filter = parse_filter(filter_text)
         filter_key = canonical_filter(user_filter)
-        after_id = self._page_tokens.decode(page_token, filter_key) if page_token else None
-        page = await self._repository.list_page(user_filter, after_id, limit, with_total=True)
+        position = self._page_tokens.decode(page_token, filter_key) if page_token else None
+        carried = None if position is None else position.total_size
+        after_id = None if position is None else position.after_id
+        page = await self._repository.list_page(
+            user_filter, after_id, limit, with_total=carried is None
+        )
+        total = page.total_size if carried is None else carried
         next_token = (
-            self._page_tokens.encode(page.users[-1].id, filter_key)
+            self._page_tokens.encode(page.users[-1].id, filter_key, total)
             if page.has_more and page.users
             else ""
         )
-        return ListResult(page.users, next_token, page.total_size)
+        return ListResult(page.users, next_token, total)
 
     async def stream_users(self, filter_text: str) -> AsyncIterator[User]:
         """Yield every matching user in id order, one bounded batch in memory at a time."""
