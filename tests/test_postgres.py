@@ -17,8 +17,12 @@ from tcp_proxy import TcpProxy
 
 from userservice.config import Settings
 from userservice.domain.errors import (
+    CommitOutcomeUnknownError,
+    ConcurrentConflictError,
     EmailAlreadyExistsError,
     EtagMismatchError,
+    StorageBusyError,
+    StorageTimeoutError,
     StorageUnavailableError,
 )
 from userservice.domain.ids import new_user_id, now_us
@@ -498,7 +502,8 @@ async def test_statement_timeout_bounds_a_blocked_write(
         async with blocker.transaction():
             await blocker.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
             started = time.monotonic()
-            with pytest.raises(StorageUnavailableError):
+            # SQLSTATE 57014: the truth is "too slow", not "unavailable, retry".
+            with pytest.raises(StorageTimeoutError):
                 await repository.update(user.id, UserChanges(display_name="x"), None, now_us())
             assert time.monotonic() - started < 2
     finally:
@@ -575,3 +580,101 @@ async def test_substring_filters_treat_like_wildcards_literally(
         "axb@example.com",
     ]
     assert await emails(UserFilter(email_equals="AXB@EXAMPLE.COM")) == ["axb@example.com"]
+
+
+@pytest.mark.asyncio
+async def test_a_saturated_pool_is_busy_not_down_and_pings_still_answer(
+    postgres_url: str, open_repository: OpenRepository
+) -> None:
+    repository = await open_repository(db_pool_max_size=1, db_connect_timeout_seconds=0.5)
+    user = await repository.create(make_user("busy@example.com"), None, "")
+    blocker = await asyncpg.connect(postgres_url, timeout=5)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
+            # The pool's only connection waits on the row lock.
+            stuck = asyncio.create_task(
+                repository.update(user.id, UserChanges(display_name="x"), None, now_us())
+            )
+            await until_a_backend_is(blocker, "wait_event_type = 'Lock'")
+            started = time.monotonic()
+            with pytest.raises(StorageBusyError):
+                await repository.get(user.id)
+            assert time.monotonic() - started < 2
+            # The health ping has a connection of its own: overload is not an outage.
+            await repository.ping()
+        await stuck
+    finally:
+        await blocker.close()
+
+
+@pytest.mark.asyncio
+async def test_a_conflict_that_survives_the_retries_is_a_concurrent_conflict(
+    postgres_url: str, open_repository: OpenRepository
+) -> None:
+    repository = await open_repository()
+    user = await repository.create(make_user("conflict@example.com"), None, "")
+    # A real serialization failure on every attempt; the sequence counts the attempts,
+    # because nextval is not rolled back with them.
+    conn = await asyncpg.connect(postgres_url, timeout=5)
+    try:
+        await conn.execute(
+            """
+            CREATE SEQUENCE conflict_attempts;
+            CREATE FUNCTION always_conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM nextval('conflict_attempts');
+                RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+            END $$;
+            CREATE TRIGGER users_conflict BEFORE UPDATE ON users
+                FOR EACH ROW EXECUTE FUNCTION always_conflict();
+            """
+        )
+        with pytest.raises(ConcurrentConflictError):
+            await repository.update(user.id, UserChanges(display_name="x"), None, now_us())
+        assert await conn.fetchval("SELECT last_value FROM conflict_attempts") == 3
+    finally:
+        await conn.close()
+    assert await repository.get(user.id) == user
+
+
+@pytest.mark.asyncio
+async def test_a_connection_lost_during_commit_leaves_the_outcome_unknown(
+    postgres_url: str, open_repository: OpenRepository, proxy: TcpProxy
+) -> None:
+    repository = await open_repository(via_proxy=True)
+    conn = await asyncpg.connect(postgres_url, timeout=5)
+    try:
+        # A deferred constraint trigger runs inside COMMIT: it holds the commit open long
+        # enough for the test to cut the connection exactly there.
+        await conn.execute(
+            """
+            CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+            CREATE CONSTRAINT TRIGGER users_slow_commit AFTER INSERT ON users
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+            """
+        )
+        user = make_user("unknown@example.com")
+        write = asyncio.create_task(repository.create(user, None, ""))
+        await until_a_backend_is(conn, "query ILIKE 'COMMIT%' AND state = 'active'")
+        await proxy.kill_connections()
+        with pytest.raises(CommitOutcomeUnknownError):
+            await write
+        # Here the commit did complete on the server: the client could not know which.
+        async with asyncio.timeout(5):
+            while await conn.fetchval("SELECT count(*) FROM users WHERE id = $1", user.id) == 0:
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+async def until_a_backend_is(conn: asyncpg.Connection, condition: str) -> None:
+    """Wait (5 s at most) until a backend of this database matches a pg_stat_activity condition."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"  # noqa: S608
+        f" WHERE datname = current_database() AND pid <> pg_backend_pid() AND {condition}"
+    )
+    async with asyncio.timeout(5):
+        while not await conn.fetchval(query):
+            await asyncio.sleep(0.01)
