@@ -122,7 +122,6 @@ async def test_a_saturated_pool_sheds_calls_as_busy_while_health_stays_serving(
         postgres_url,
         db_pool_min_size=1,
         db_pool_max_size=1,
-        db_connect_timeout_seconds=0.3,
         health_check_interval_seconds=0.05,
         health_failures=1,
     )
@@ -153,9 +152,13 @@ async def test_a_saturated_pool_sheds_calls_as_busy_while_health_stays_serving(
                     timeout=20,
                 )
                 await _until_waiting_on_a_lock(blocker)
+                # The pool wait ends before the caller's deadline, whatever the connect
+                # timeout (5 s here), so the status says why the call failed.
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await client.stub.GetUser(
-                        pb.GetUserRequest(id=created.user.id), metadata=client.metadata
+                        pb.GetUserRequest(id=created.user.id),
+                        metadata=client.metadata,
+                        timeout=0.5,
                     )
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert rich_details(caught.value)["ErrorInfo"].reason == "STORAGE_BUSY"

@@ -12,6 +12,7 @@ import grpc
 
 from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc as pb_grpc
+from userservice.domain.deadlines import bind_time_remaining, unbind_time_remaining
 from userservice.domain.errors import DomainError, ShuttingDownError, StorageUnavailableError
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
@@ -28,20 +29,28 @@ def maps_domain_errors(method: _Method) -> _Method:
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+            bound = bind_time_remaining(context.time_remaining)
             try:
                 async for response in method(self, request, context):
                     yield response
             except DomainError as error:
                 await abort_with_domain_error(context, error)
+            finally:
+                unbind_time_remaining(bound)
 
         return cast(_Method, stream_wrapper)
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: Context) -> Any:
+        # The store bounds its waits (a pool connection) by what is left of the deadline,
+        # so an overloaded call still ends with the status that says why.
+        bound = bind_time_remaining(context.time_remaining)
         try:
             return await method(self, request, context)
         except DomainError as error:
             await abort_with_domain_error(context, error)
+        finally:
+            unbind_time_remaining(bound)
 
     return cast(_Method, unary_wrapper)
 

@@ -10,6 +10,7 @@ from typing import Any, Final
 import asyncpg
 
 from userservice.config import Settings
+from userservice.domain.deadlines import time_remaining
 from userservice.domain.errors import (
     StorageBusyError,
     StorageTimeoutError,
@@ -26,6 +27,8 @@ UNAVAILABLE_ERRORS: Final = (
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # connected to a standby during failover
 )
+# Time kept back from the caller's deadline to send the answer.
+_ANSWER_MARGIN_SECONDS: Final = 0.05
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +68,11 @@ async def acquire(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.C
     The timeout covers waiting for a free connection and reconnecting a dead one; the pool
     takes the connection back even when the caller is cancelled.
     """
+    remaining = time_remaining()
+    if remaining is not None:
+        # Answer before the caller's deadline: STORAGE_BUSY tells it why, a deadline
+        # expiring in the pool queue would not.
+        timeout = max(0.001, min(timeout, remaining - _ANSWER_MARGIN_SECONDS))
     acquired = False
     try:
         async with pool.acquire(timeout=timeout) as conn:

@@ -287,19 +287,16 @@ async def _in_transaction(
     conn: asyncpg.Connection, work: Callable[[asyncpg.Connection], Awaitable[tuple[_T, int]]]
 ) -> tuple[_T, int]:
     """Run work and COMMIT; a connection lost during COMMIT leaves the outcome unknown."""
-    transaction = conn.transaction()
-    await transaction.start()
+    committing = False
     try:
-        result = await work(conn)
-    except BaseException:
-        if not conn.is_closed():
-            with contextlib.suppress(*UNAVAILABLE_ERRORS):
-                await transaction.rollback()
-        raise
-    try:
-        await transaction.commit()
+        async with conn.transaction():
+            result = await work(conn)
+            # Whatever fails after this line failed in COMMIT, run by the block's exit.
+            committing = True
     except (*UNAVAILABLE_ERRORS, asyncpg.exceptions.QueryCanceledError) as error:
-        # The server may have committed before the connection went: say so, since a
-        # blind retry could apply the change twice.
-        raise CommitOutcomeUnknownError() from error
+        if committing:
+            # The server may have committed before the connection went: say so, since a
+            # blind retry could apply the change twice.
+            raise CommitOutcomeUnknownError() from error
+        raise
     return result
