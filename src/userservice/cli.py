@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import sys
@@ -53,27 +52,11 @@ def _settings(arguments: argparse.Namespace) -> Settings:
     return load_settings(overrides=overrides, require_auth=arguments.command != "migrate")
 
 
-async def _migrate(settings: Settings) -> list[str]:
-    url = settings.database_url
-    if url.startswith("sqlite:"):
-        from userservice.storage import parse_sqlite_path
-        from userservice.storage.sqlite import migrate_sqlite
-
-        return await asyncio.to_thread(migrate_sqlite, parse_sqlite_path(url))
-    from userservice.storage.postgres import migrate_postgres
-
-    return await migrate_postgres(
-        url,
-        connect_timeout=settings.db_connect_timeout_seconds,
-        lock_timeout=settings.migration_lock_timeout_seconds,
-    )
-
-
 def _run_migrate(settings: Settings) -> int:
-    from userservice.storage import storage_failure
+    from userservice.storage import migrate, storage_failure
 
     try:
-        applied = asyncio.run(_migrate(settings))
+        applied = migrate(settings)
     except Exception as error:
         line = storage_failure(error)
         if line is None:

@@ -51,6 +51,9 @@ class Settings:
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     dev: bool = _setting(False, "development run: allows the built-in development JWT secret")
     uvloop: bool = _setting(True, "run the event loop on uvloop")
+    workers: int = _setting(
+        1, "serving processes forked on one port (SO_REUSEPORT); keep 1 in Kubernetes"
+    )
     migrate_on_start: bool = _setting(True, "apply pending schema migrations at start")
     page_token_secret: str = _setting(
         "", "HMAC key for page tokens; share it across replicas (random per process if empty)"
@@ -107,6 +110,7 @@ class Settings:
             "health_failures",
             "health_check_interval_seconds",
             "max_message_bytes",
+            "workers",
             "db_pool_max_size",
             "db_connect_timeout_seconds",
             "db_statement_timeout_seconds",
@@ -119,6 +123,9 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")
+        port = self.listen_address.rpartition(":")[2]
+        if self.workers > 1 and (not port.isdigit() or int(port) == 0):
+            raise ConfigError("USERSERVICE_WORKERS above 1 needs a fixed port to share")
         if not 0 <= self.db_pool_min_size <= self.db_pool_max_size:
             raise ConfigError("USERSERVICE_DB_POOL_MIN_SIZE must be between 0 and the max size")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from user.v1 import user_service_pb2
+from userservice import workers
 from userservice.config import Settings
 from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.pagination import PageTokenCodec
@@ -29,7 +30,10 @@ from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
 from userservice.metrics import MetricsServer, start_metrics_server
 from userservice.reflection import enable_reflection
-from userservice.storage import open_repository, storage_failure
+from userservice.storage import migrate as storage_migrate
+from userservice.storage import open_repository, parse_sqlite_path, storage_failure
+from userservice.storage.sqlite.connection import lock as sqlite_lock
+from userservice.storage.sqlite.shared import SharedCommits
 from userservice.transport.servicer import register
 
 log = logging.getLogger("userservice.server")
@@ -51,8 +55,9 @@ def _storage_startup_error(error: Exception) -> StartupError | None:
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     """Return the server channel arguments; the README explains each choice."""
     return [
-        # A second server on a taken port must fail, not silently share it.
-        ("grpc.so_reuseport", 0),
+        # A second server on a taken port must fail, not silently share it; only the
+        # workers of one parent share theirs (the parent checked that it was free).
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", 256),
@@ -97,8 +102,9 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 class Application:
     """The running service: start() brings it up, stop() runs the shutdown sequence."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shared: SharedCommits | None = None) -> None:
         self.settings = settings
+        self._shared = shared
         self.health = HealthServicer([SERVICE_NAME])
         self.port = 0
         self._repository: UserRepository | None = None
@@ -131,7 +137,9 @@ class Application:
     async def _start(self) -> None:
         settings = self.settings
         try:
-            self._repository = await open_repository(settings.database_url, settings=settings)
+            self._repository = await open_repository(
+                settings.database_url, settings=settings, shared=self._shared
+            )
         except Exception as error:
             known = _storage_startup_error(error)
             if known is None:
@@ -260,7 +268,7 @@ def _as_async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
     return closing
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, shared: SharedCommits | None = None) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; return the exit code.
 
     The handlers are installed before start-up work begins, so a signal during start-up
@@ -279,7 +287,7 @@ async def serve(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    app = Application(settings)
+    app = Application(settings, shared)
     starting = asyncio.ensure_future(app.start())
     stopping = asyncio.ensure_future(stop_requested.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -301,6 +309,13 @@ async def serve(settings: Settings) -> int:
 
 
 def run(settings: Settings) -> int:
+    """Serve in this process, or in settings.workers forked ones; return the exit code."""
+    if settings.workers > 1:
+        return _run_workers(settings)
+    return _run_loop(settings, None)
+
+
+def _run_loop(settings: Settings, shared: SharedCommits | None) -> int:
     """Run serve() on a fresh event loop (uvloop when enabled and installed)."""
     loop_factory = None
     if settings.uvloop:
@@ -311,4 +326,34 @@ def run(settings: Settings) -> int:
         else:
             loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(settings))
+        return runner.run(serve(settings, shared))
+
+
+def _run_workers(settings: Settings) -> int:
+    """Prepare what the workers share (port, schema, SQLite lock), then supervise them."""
+    try:
+        worker_settings = workers.prepare(settings)
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    lock_fd: int | None = None
+    shared = None
+    try:
+        if settings.migrate_on_start:
+            storage_migrate(settings)
+        if not settings.database_url.startswith(("postgresql://", "postgres://")):
+            # Held by the parent for all its workers: still one server group per file.
+            lock_fd = sqlite_lock(parse_sqlite_path(settings.database_url))
+            shared = SharedCommits()
+    except Exception as error:
+        line = storage_failure(error)
+        if line is None:
+            raise
+        log.error("cannot start: %s", line)
+        return 1
+    try:
+        supervisor = workers.Supervisor(worker_settings, lambda: _run_loop(worker_settings, shared))
+        return supervisor.run()
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)

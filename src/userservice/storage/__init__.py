@@ -10,13 +10,19 @@ from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.repository import UserRepository
 from userservice.storage.migrations import MigrationError, SchemaNotReadyError
 from userservice.storage.sqlite import SqliteLockedError, open_sqlite
+from userservice.storage.sqlite.shared import SharedCommits
 
 _SQLITE_PREFIX = "sqlite:///"
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
-async def open_repository(url: str, *, settings: Settings | None = None) -> UserRepository:
-    """Open the store the URL names: sqlite:///relative.db, sqlite:////absolute.db or postgresql://."""
+async def open_repository(
+    url: str, *, settings: Settings | None = None, shared: SharedCommits | None = None
+) -> UserRepository:
+    """Open the store the URL names: sqlite:///relative.db, sqlite:////absolute.db or postgresql://.
+
+    shared is set in a worker of `--workers N` on SQLite (see storage/sqlite/shared.py).
+    """
     if url.startswith(_POSTGRES_PREFIXES):
         # Imported here so a SQLite deployment never loads the PostgreSQL driver.
         from userservice.storage.postgres import open_postgres
@@ -28,6 +34,7 @@ async def open_repository(url: str, *, settings: Settings | None = None) -> User
         event_retention=settings.event_retention,
         migrate=settings.migrate_on_start,
         request_id_retention_seconds=settings.request_id_retention_seconds,
+        shared=shared,
     )
 
 
@@ -60,3 +67,23 @@ def storage_failure(error: BaseException) -> str | None:
         # SQLSTATE class 28 (authentication) and friends: the server's own message.
         return f"database refused the connection: {error}"
     return None
+
+
+def migrate(settings: Settings) -> list[str]:
+    """Apply pending migrations to the configured store (blocking); return the names applied."""
+    url = settings.database_url
+    if url.startswith(_POSTGRES_PREFIXES):
+        import asyncio
+
+        from userservice.storage.postgres import migrate_postgres
+
+        return asyncio.run(
+            migrate_postgres(
+                url,
+                connect_timeout=settings.db_connect_timeout_seconds,
+                lock_timeout=settings.migration_lock_timeout_seconds,
+            )
+        )
+    from userservice.storage.sqlite import migrate_sqlite
+
+    return migrate_sqlite(parse_sqlite_path(url))

@@ -44,6 +44,11 @@ class ReadCache:
             else:
                 self._put(user)
 
+    def invalidate(self) -> None:
+        """Forget every user because another process committed; reads in flight go uncached."""
+        self.generation += 1
+        self._users.clear()
+
     def clear(self) -> None:
         """Forget every user (the store is closing)."""
         self._users.clear()

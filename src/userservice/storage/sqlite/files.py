@@ -16,7 +16,7 @@ from userservice.storage.sqlite.migrations import apply_migrations, require_migr
 
 @dataclass(frozen=True, slots=True)
 class StoreFiles:
-    """The lock, one connection per thread (writer, reader, ping) and the newest sequence."""
+    """The lock (-1: held by the parent), a connection per thread and the newest sequence."""
 
     path: Path
     lock_fd: int
@@ -26,12 +26,16 @@ class StoreFiles:
     latest_sequence: int
 
 
-def open_files(path: Path, migrate: bool, event_retention: int) -> StoreFiles:
-    """Lock path, migrate it (or require it migrated) and open the connections."""
+def open_files(
+    path: Path, migrate: bool, event_retention: int, *, locked_by_parent: bool = False
+) -> StoreFiles:
+    """Lock path (unless the supervising parent holds the lock), migrate and connect."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as undo:
-        lock_fd = lock(path)
-        undo.callback(os.close, lock_fd)
+        lock_fd = -1
+        if not locked_by_parent:
+            lock_fd = lock(path)
+            undo.callback(os.close, lock_fd)
         write_conn = connect(path)
         undo.callback(write_conn.close)
         if migrate:
@@ -51,7 +55,8 @@ def open_files(path: Path, migrate: bool, event_retention: int) -> StoreFiles:
 def close_writer(files: StoreFiles) -> None:
     """Close the write connection and release the lock (on the writer thread)."""
     with contextlib.ExitStack() as stack:
-        stack.callback(os.close, files.lock_fd)
+        if files.lock_fd >= 0:
+            stack.callback(os.close, files.lock_fd)
         stack.callback(files.write_conn.close)
         # Recommended before closing: refreshes planner statistics where they went stale.
         files.write_conn.execute("PRAGMA optimize")

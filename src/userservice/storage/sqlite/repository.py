@@ -9,9 +9,8 @@ a commit wakes wait_for_events in-process, with no query.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,10 @@ from userservice.storage.maintenance import EXPIRE_BATCH, ExpirySchedule
 from userservice.storage.sqlite import queries, reads, writes
 from userservice.storage.sqlite.cache import ReadCache
 from userservice.storage.sqlite.connection import storage_errors, transaction
+from userservice.storage.sqlite.feed import CommitSignal
 from userservice.storage.sqlite.files import StoreFiles, close_writer, open_files
+from userservice.storage.sqlite.reader import ReaderThread
+from userservice.storage.sqlite.shared import SharedCommits
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -50,8 +52,13 @@ async def open_sqlite(
     migrate: bool = True,
     cache_size: int = DEFAULT_CACHE_SIZE,
     request_id_retention_seconds: float = DEFAULT_REQUEST_ID_RETENTION_SECONDS,
+    shared: SharedCommits | None = None,
 ) -> SqliteUserRepository:
-    """Open (creating it if needed) the database file at path for this process alone."""
+    """Open (creating it if needed) the database file at path for this process alone.
+
+    With shared, this process is one of the workers a parent forked: the parent holds the
+    file's lock and has migrated it, and the workers keep their caches exact through shared.
+    """
     if event_retention < 1 or cache_size < 0:
         raise ValueError("event_retention must be positive and cache_size not negative")
     expiry = ExpirySchedule(request_id_retention_seconds)
@@ -59,14 +66,27 @@ async def open_sqlite(
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
     try:
         files = await asyncio.get_running_loop().run_in_executor(
-            writer, open_files, path, migrate, event_retention
+            writer,
+            functools.partial(
+                open_files,
+                path,
+                migrate and shared is None,
+                event_retention,
+                locked_by_parent=shared is not None,
+            ),
         )
     except BaseException:
         writer.shutdown(wait=False)
         reader.shutdown(wait=False)
         raise
     return SqliteUserRepository(
-        files, writer, reader, event_retention=event_retention, cache_size=cache_size, expiry=expiry
+        files,
+        writer,
+        reader,
+        event_retention=event_retention,
+        cache_size=cache_size,
+        expiry=expiry,
+        shared=shared,
     )
 
 
@@ -82,6 +102,7 @@ class SqliteUserRepository:
         event_retention: int,
         cache_size: int,
         expiry: ExpirySchedule,
+        shared: SharedCommits | None = None,
     ) -> None:
         """Serve from what open_sqlite opened; the executors each own one connection."""
         self._files = files
@@ -89,7 +110,7 @@ class SqliteUserRepository:
         # A sqlite3 connection is used by one thread at a time; giving each its own
         # thread also serialises all writes without any lock contention.
         self._writer = writer
-        self._reader = reader
+        self._reader = ReaderThread(reader, files.read_conn)
         # Health pings get a thread and connection of their own, so a long scan on the
         # reader never reads as an outage.
         self._pinger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ping")
@@ -97,13 +118,11 @@ class SqliteUserRepository:
         self._prune_interval = min(_PRUNE_INTERVAL, event_retention)
         self._events_since_prune = 0  # writer thread only
         self._expiry = expiry  # writer thread only
-        # The read running on the reader thread, shared with the loop thread to interrupt it.
-        self._reading_lock = threading.Lock()
-        self._reading: object | None = None
         # Everything below belongs to the event loop thread, so it needs no lock.
         self._cache = ReadCache(cache_size)
-        self._latest_sequence = files.latest_sequence
-        self._events_arrived = asyncio.Event()
+        self._shared = shared
+        self._seen_commits = 0 if shared is None else shared.commits
+        self._commits = CommitSignal(files.latest_sequence, shared)
         self._closed = False
         self.event_reads = 0
         """Queries of the event log so far: the change feed keeps it at one per wake-up."""
@@ -127,18 +146,20 @@ class SqliteUserRepository:
     async def get(self, user_id: str) -> User | None:
         """Return the user with this id, or None; a cache hit costs no thread hop."""
         self._check_open()
+        self._sync_shared()
         cached = self._cache.get(user_id)
         if cached is not None:
             return cached
         generation = self._cache.generation
         user = await self._read(reads.fetch_user, queries.SELECT_USER, user_id)
         if user is not None:
-            self._cache.remember(user, generation)
+            self._remember(user, generation)
         return user
 
     async def get_many(self, user_ids: Sequence[str]) -> dict[str, User]:
         """Return the users among these ids that exist; only cache misses reach the file."""
         self._check_open()
+        self._sync_shared()
         found: dict[str, User] = {}
         missing: list[str] = []
         for user_id in dict.fromkeys(user_ids):
@@ -151,7 +172,7 @@ class SqliteUserRepository:
             generation = self._cache.generation
             for user in await self._read(reads.fetch_users, missing):
                 found[user.id] = user
-                self._cache.remember(user, generation)
+                self._remember(user, generation)
         return found
 
     async def get_by_email(self, email: str) -> User | None:
@@ -160,7 +181,7 @@ class SqliteUserRepository:
         sql = queries.SELECT_USER_BY_EMAIL
         user = await self._read(reads.fetch_user, sql, email_key(email))
         if user is not None:
-            self._cache.remember(user, generation)
+            self._remember(user, generation)
         return user
 
     async def list_page(
@@ -195,12 +216,7 @@ class SqliteUserRepository:
     async def wait_for_events(self, after_sequence: int, timeout: float) -> None:
         """Return once an event after after_sequence may exist, or after timeout seconds."""
         self._check_open()
-        if self._latest_sequence > after_sequence:
-            return
-        arrived = self._events_arrived
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await arrived.wait()
+        await self._commits.wait(after_sequence, timeout)
 
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the file answers a trivial query."""
@@ -213,12 +229,12 @@ class SqliteUserRepository:
         if self._closed:
             return
         self._closed = True
-        self._events_arrived.set()
+        self._commits.close()
         self._cache.clear()
-        executors = (self._pinger, self._reader, self._writer)
+        executors = (self._pinger, self._reader.executor, self._writer)
         try:
             await self._loop.run_in_executor(self._pinger, self._files.ping_conn.close)
-            await self._loop.run_in_executor(self._reader, self._files.read_conn.close)
+            await self._loop.run_in_executor(self._reader.executor, self._files.read_conn.close)
             await self._loop.run_in_executor(self._writer, close_writer, self._files)
         except BaseException:
             for executor in executors:
@@ -232,35 +248,21 @@ class SqliteUserRepository:
         if self._closed:
             raise StorageUnavailableError(_CLOSED)
 
+    def _sync_shared(self) -> None:
+        """Drop the cache if another worker committed since this process last looked."""
+        if self._shared is not None:
+            commits = self._shared.commits
+            if commits != self._seen_commits:
+                self._seen_commits = commits
+                self._cache.invalidate()
+
+    def _remember(self, user: User, generation: int) -> None:
+        self._sync_shared()
+        self._cache.remember(user, generation)
+
     async def _read(self, query: Callable[[sqlite3.Connection, *Ts], T], *args: *Ts) -> T:
         self._check_open()
-        job = object()
-
-        def run() -> T:
-            with self._reading_lock:
-                self._reading = job
-            try:
-                return query(self._files.read_conn, *args)
-            finally:
-                with self._reading_lock:
-                    self._reading = None
-
-        with storage_errors():
-            try:
-                return await self._loop.run_in_executor(self._reader, run)
-            except asyncio.CancelledError:
-                self._interrupt_read(job)
-                raise
-
-    def _interrupt_read(self, job: object) -> None:
-        """Stop job's query if it is the one running: its caller gave up (deadline, cancel).
-
-        A job still queued was cancelled with its future. The lock keeps the check and the
-        interrupt together, so a later caller's query is never the one interrupted.
-        """
-        with self._reading_lock:
-            if self._reading is job:
-                self._files.read_conn.interrupt()
+        return await self._reader.run(query, *args)
 
     async def _write(self, work: Callable[[writes.WriteTransaction, *Ts], T], *args: *Ts) -> T:
         self._check_open()
@@ -285,16 +287,27 @@ class SqliteUserRepository:
                 ).rowcount
                 self._expiry.swept(deleted)
         if transaction_effects.events:
+            # Bumped before the caller hears of the commit, so any worker's read that starts
+            # after that sees it.
+            commits = (
+                0
+                if self._shared is None
+                else self._shared.committed(transaction_effects.last_sequence)
+            )
             # Scheduled before this function returns, so the cache is current by the time
             # the caller resumes, and still applied if the caller was cancelled meanwhile.
             self._loop.call_soon_threadsafe(
-                self._committed, transaction_effects.cache, transaction_effects.last_sequence
+                self._committed,
+                transaction_effects.cache,
+                transaction_effects.last_sequence,
+                commits,
             )
         return result
 
-    def _committed(self, cache: dict[str, User | None], last_sequence: int) -> None:
+    def _committed(self, cache: dict[str, User | None], last_sequence: int, commits: int) -> None:
+        if commits == self._seen_commits + 1:
+            # Only this process committed since the last look: its own effects are exact.
+            self._seen_commits = commits
         if not self._closed:
             self._cache.committed(cache)
-        self._latest_sequence = last_sequence
-        self._events_arrived.set()
-        self._events_arrived = asyncio.Event()
+        self._commits.committed(last_sequence)

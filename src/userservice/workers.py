@@ -1,0 +1,147 @@
+"""`--workers N`: a parent that forks N serving processes on one port and supervises them.
+
+The parent forks before any gRPC object exists (grpc's examples/python/multiprocessing):
+each worker builds its own server, with SO_REUSEPORT so the kernel spreads connections (not
+calls) across them, and opens its own store. The parent migrates the schema once, holds the
+SQLite file's lock for all of them and shares a page-token key, then only forwards signals
+and watches its children:
+
+- SIGTERM/SIGINT is forwarded; every worker runs the full shutdown sequence; the parent exits
+  0 once all have exited 0 (a second signal is forwarded too: workers then exit at once).
+- A worker that exits 1 or 2 during its start-up (a configuration or start-up error) would
+  fail again: the others are stopped and the parent exits with that code.
+- A worker that dies later (killed, crashed) is restarted after a back-off that doubles with
+  each death in a row (0.5 s up to 30 s), so one bad process does not take the pod down and a
+  crash loop does not spin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Final
+
+from userservice.config import Settings
+
+log = logging.getLogger(__name__)
+
+_STARTUP_SECONDS: Final = 10.0
+_MAX_BACKOFF_SECONDS: Final = 30.0
+# A worker that lived this long before dying starts the back-off from the beginning.
+_STABLE_SECONDS: Final = 60.0
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    started: float
+
+
+class Supervisor:
+    """Forks and watches the workers; run() returns the parent's exit code."""
+
+    def __init__(self, settings: Settings, serve_worker: Callable[[], int]) -> None:
+        """Run serve_worker in each of settings.workers forked processes."""
+        self._settings = settings
+        self._serve_worker = serve_worker
+        self._workers: dict[int, _Worker] = {}
+        self._signals: list[int] = []
+        self._deaths_in_a_row = 0
+
+    def run(self) -> int:
+        """Fork the workers, then supervise until they have all exited."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._forward)
+        for index in range(self._settings.workers):
+            self._spawn(index)
+        failure = 0
+        while self._workers:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            worker = self._workers.pop(pid, None)
+            if worker is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self._signals:
+                failure = failure or (0 if code == 0 else abs(code))
+                continue
+            log.error("worker %d (pid %d) exited with %d", worker.index, pid, code)
+            lived = time.monotonic() - worker.started
+            if code in (1, 2) and lived < _STARTUP_SECONDS:
+                # It could not start; its siblings cannot either, and restarts would loop.
+                failure = code
+                self._stop_all(signal.SIGTERM)
+                continue
+            if lived > _STABLE_SECONDS:
+                self._deaths_in_a_row = 0
+            self._restart(worker.index)
+        return failure
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                # Until serve() installs its own: a stop during start-up is a clean exit.
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, _stop_before_serving)
+                code = self._serve_worker()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self._workers[pid] = _Worker(index, time.monotonic())
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def _restart(self, index: int) -> None:
+        backoff = min(_MAX_BACKOFF_SECONDS, 0.5 * 2**self._deaths_in_a_row)
+        self._deaths_in_a_row += 1
+        log.warning("restarting worker %d in %.1f s", index, backoff)
+        deadline = time.monotonic() + backoff
+        while time.monotonic() < deadline and not self._signals:
+            time.sleep(min(0.1, deadline - time.monotonic()))
+        if not self._signals:
+            self._spawn(index)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+        self._stop_all(signum)
+
+    def _stop_all(self, signum: int) -> None:
+        for pid in list(self._workers):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                continue
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def prepare(settings: Settings) -> Settings:
+    """Check that the port is free and return the settings every worker gets."""
+    host, _, port = settings.listen_address.rpartition(":")
+    _require_free_port(host.strip("[]"), int(port))
+    # One key for all, or a page token from one worker would be refused by the others.
+    secret = settings.page_token_secret or secrets.token_urlsafe(32)
+    return dataclasses.replace(settings, page_token_secret=secret, migrate_on_start=False)
+
+
+def _require_free_port(host: str, port: int) -> None:
+    """Fail now if another process listens there: with SO_REUSEPORT a bind would not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host or "::", port))
+        except OSError as error:
+            raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
