@@ -35,6 +35,8 @@ from userservice.interceptors.auth import METHOD_SCOPES, current_principal, mint
 from userservice.interceptors.chain import InterceptorChain, build_chain
 
 SECRET = "interceptor-test-secret-0123456789abcdef"
+ISSUER = "https://issuer.test"
+AUDIENCE = "userservice"
 ALL_SCOPES = ("users.read", "users.write", "users.admin")
 SERVICE = "user.v1.UserService"
 STYLE_KEY = "x-test-style"
@@ -74,14 +76,19 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 def settings(**overrides: Any) -> Settings:
     """Return valid Settings for tests: HS256 secret, no rate limit unless overridden."""
-    values: dict[str, Any] = {"auth_jwt_secret": SECRET, "rate_limit_rps": 0.0}
+    values: dict[str, Any] = {
+        "auth_jwt_secret": SECRET,
+        "auth_issuer": ISSUER,
+        "auth_audience": AUDIENCE,
+        "rate_limit_rps": 0.0,
+    }
     values.update(overrides)
     return dataclasses.replace(Settings(), **values).validate()
 
 
 def token(subject: str = "tester", scopes: Sequence[str] = ALL_SCOPES, ttl: float = 300) -> str:
-    """Return an HS256 token signed with the test secret."""
-    return mint_token(SECRET, subject, scopes, ttl)
+    """Return an HS256 token signed with the test secret, for the test issuer and audience."""
+    return mint_token(SECRET, subject, scopes, ttl, ISSUER, AUDIENCE)
 
 
 async def abort_not_found(context: Context) -> None:

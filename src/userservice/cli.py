@@ -107,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from userservice.server import run
 
+    if settings.auth_allow_any_issuer_audience.strip() and not (
+        settings.auth_issuer and settings.auth_audience
+    ):
+        log.warning(
+            "tokens are not required to name this service's issuer and audience",
+            extra={"reason": settings.auth_allow_any_issuer_audience.strip()},
+        )
     if settings.dev:
         log.warning(
             "development run: mint a token with `make token` or "
