@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from interceptor_harness import ALL_SCOPES, AUDIENCE, ISSUER, Harness, serve, settings
 from support import make_settings
 
-from userservice.interceptors.keys import cache_seconds
+from userservice.interceptors.keys import cache_seconds, display_url
 from userservice.server import Application, StartupError
 
 Key = ec.EllipticCurvePrivateKey
@@ -271,3 +271,9 @@ async def test_the_key_file_is_re_read_when_it_changes(
 
         await eventually(old_rejected)
         assert await code_for(harness, new_token) is OK
+
+
+def test_logged_urls_carry_no_credentials_or_query() -> None:
+    url = "https://client:s3cret@idp.example.com:8443/keys?api_key=s3cret#frag"
+    assert display_url(url) == "https://idp.example.com:8443/keys"
+    assert display_url("http://[::1]:8080/jwks.json") == "http://[::1]:8080/jwks.json"

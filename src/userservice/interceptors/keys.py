@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -305,6 +305,7 @@ class JwksUrlKeys:
     ) -> None:
         """Fetch nothing yet: start() fetches the first key set."""
         self._url = url
+        self._shown_url = display_url(url)
         self._min = min_cache_seconds
         self._max = max_cache_seconds
         self._refetch_seconds = refetch_seconds
@@ -368,13 +369,13 @@ class JwksUrlKeys:
         except KeyFetchError:
             raise
         except (OSError, ValueError, jwt.PyJWTError) as error:
-            raise KeyFetchError(f"cannot fetch the JWKS from {self._url}: {error}") from error
+            raise KeyFetchError(f"cannot fetch the JWKS from {self._shown_url}: {error}") from error
         self._fresh_until = time.monotonic() + cache_seconds(headers, self._min, self._max)
         if body == self._body:
             return False
         self._keys, self._body = keys, body
         self._generation += 1
-        _log.info("JWKS fetched", extra={"url": self._url, "kids": sorted(keys.by_kid)})
+        _log.info("JWKS fetched", extra={"url": self._shown_url, "kids": sorted(keys.by_kid)})
         return True
 
     async def _refresh_loop(self) -> None:
@@ -395,6 +396,16 @@ class JwksUrlKeys:
         await _cancel(self._task)
         await _cancel(self._inflight)
         self._task = self._inflight = None
+
+
+def display_url(url: str) -> str:
+    """Return url without credentials or query, which may hold secrets: fit for logs."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _why(error: Exception) -> dict[str, str]:
