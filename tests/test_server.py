@@ -257,6 +257,16 @@ async def test_development_secret_is_accepted_for_a_development_run(tmp_path: Pa
 
 
 @pytest.mark.asyncio
+async def test_token_refuses_a_ttl_the_server_would_reject(tmp_path: Path) -> None:
+    env = service_env(tmp_path / "db.sqlite", free_port())
+    code, output = await run_userservice("token", "--subject", "s", "--ttl", "25h", env=env)
+    assert code == 2
+    assert "--ttl exceeds USERSERVICE_AUTH_MAX_TOKEN_LIFETIME_SECONDS (86400 s)" in output
+    code, output = await run_userservice("token", "--subject", "s", "--ttl", "24h", env=env)
+    assert code == 0, output
+
+
+@pytest.mark.asyncio
 async def test_migrate_needs_no_auth_settings_and_is_idempotent(tmp_path: Path) -> None:
     env = service_env(tmp_path / "db.sqlite", free_port(), USERSERVICE_AUTH_JWT_SECRET="")
     code, output = await run_userservice("migrate", env=env)
