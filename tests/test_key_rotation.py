@@ -277,3 +277,20 @@ def test_logged_urls_carry_no_credentials_or_query() -> None:
     url = "https://client:s3cret@idp.example.com:8443/keys?api_key=s3cret#frag"
     assert display_url(url) == "https://idp.example.com:8443/keys"
     assert display_url("http://[::1]:8080/jwks.json") == "http://[::1]:8080/jwks.json"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body", [b"[]", b"null", b"{not json", b'{"keys": [{"kty": "oct"}]}'])
+async def test_a_broken_jwks_response_keeps_the_keys_in_use(
+    jwks_server: JwksServer, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="userservice.keys")
+    key, stranger = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    jwks_server.body = _jwks(current=key)
+    async with serving_jwks(jwks_server.url) as harness:
+        jwks_server.body = body
+        # An unknown kid makes the service refetch, and get the broken document.
+        assert await code_for(harness, _token(stranger, "unknown")) is UNAUTHENTICATED
+        assert jwks_server.hits == 2
+        assert await code_for(harness, _token(key, "current")) is OK
+    assert any("JWKS refetch failed" in record.getMessage() for record in caplog.records)

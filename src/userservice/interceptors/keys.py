@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -158,9 +159,12 @@ def parse_jwks(text: str) -> KeySet:
     """Parse a JWKS document, keeping only its RSA and EC signing keys."""
     # Symmetric (oct) keys do not belong in a public key set: accepting one would let
     # anyone who can read the file or the URL mint tokens.
+    document = json.loads(text)
+    if not isinstance(document, dict):
+        raise ValueError("a JWKS is a JSON object with a keys list")
     keys = [
         jwk
-        for jwk in jwt.PyJWKSet.from_json(text).keys
+        for jwk in jwt.PyJWKSet.from_dict(document).keys
         if jwk.key_type in ("RSA", "EC") and jwk.public_key_use in (None, "sig")
     ]
     if not keys:
@@ -368,7 +372,9 @@ class JwksUrlKeys:
             keys = parse_jwks(body.decode())
         except KeyFetchError:
             raise
-        except (OSError, ValueError, jwt.PyJWTError) as error:
+        except Exception as error:
+            # The network and the document are outside our control: whatever fails there
+            # is a failed fetch (keys kept), never a dead refresh task.
             raise KeyFetchError(f"cannot fetch the JWKS from {self._shown_url}: {error}") from error
         self._fresh_until = time.monotonic() + cache_seconds(headers, self._min, self._max)
         if body == self._body:
