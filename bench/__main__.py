@@ -180,6 +180,8 @@ def full_environment(workdir: Path, port: int, concurrency: int) -> dict[str, st
         {
             "USERSERVICE_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
             "USERSERVICE_AUTH_JWT_SECRET": secrets.token_urlsafe(30),  # 40 characters
+            "USERSERVICE_AUTH_ISSUER": "https://issuer.bench.invalid",
+            "USERSERVICE_AUTH_AUDIENCE": "userservice-bench",
             "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
             "USERSERVICE_METRICS_ADDRESS": "",
             # Access logging stays on at INFO: its cost is part of the service's cost.

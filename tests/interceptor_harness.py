@@ -35,6 +35,8 @@ from userservice.interceptors.auth import METHOD_SCOPES, current_principal, mint
 from userservice.interceptors.chain import InterceptorChain, build_chain
 
 SECRET = "interceptor-test-secret-0123456789abcdef"
+ISSUER = "https://issuer.test"
+AUDIENCE = "userservice"
 ALL_SCOPES = ("users.read", "users.write", "users.admin")
 SERVICE = "user.v1.UserService"
 STYLE_KEY = "x-test-style"
@@ -72,16 +74,31 @@ assert {f"/{SERVICE}/{name}" for name in KINDS} - set(METHOD_SCOPES) == {f"/{SER
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def refused_requests(kind: str) -> tuple[bytes, ...]:
+    """Request messages for a call the server refuses before reading any.
+
+    A grpc.aio client whose write is in flight when such a status arrives may report
+    INTERNAL "Internal error from Core" instead of it (grpc/grpc#36066), so calls that
+    stream requests send none: the refusal never depends on them.
+    """
+    return () if kind in (CLIENT_STREAM, BIDI_STREAM) else (b"x",)
+
+
 def settings(**overrides: Any) -> Settings:
     """Return valid Settings for tests: HS256 secret, no rate limit unless overridden."""
-    values: dict[str, Any] = {"auth_jwt_secret": SECRET, "rate_limit_rps": 0.0}
+    values: dict[str, Any] = {
+        "auth_jwt_secret": SECRET,
+        "auth_issuer": ISSUER,
+        "auth_audience": AUDIENCE,
+        "rate_limit_rps": 0.0,
+    }
     values.update(overrides)
     return dataclasses.replace(Settings(), **values).validate()
 
 
 def token(subject: str = "tester", scopes: Sequence[str] = ALL_SCOPES, ttl: float = 300) -> str:
-    """Return an HS256 token signed with the test secret."""
-    return mint_token(SECRET, subject, scopes, ttl)
+    """Return an HS256 token signed with the test secret, for the test issuer and audience."""
+    return mint_token(SECRET, subject, scopes, ttl, ISSUER, AUDIENCE)
 
 
 async def abort_not_found(context: Context) -> None:

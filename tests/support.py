@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -19,7 +20,25 @@ from userservice.interceptors.auth import mint_token
 from userservice.server import Application
 
 TEST_JWT_SECRET = "test-secret-for-the-suite-only-0123456789abcdef"
+TEST_ISSUER = "https://issuer.userservice.test"
+TEST_AUDIENCE = "userservice-tests"
+TEST_PAGE_TOKEN_SECRET = "page-token-secret-for-the-suite-0123456789"
 ALL_SCOPES = ("users.read", "users.write", "users.admin")
+
+
+def suite_env(**settings: str) -> dict[str, str]:
+    """Return this process's environment without USERSERVICE_*, plus the suite's auth settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
+    env.update(
+        {
+            "USERSERVICE_AUTH_JWT_SECRET": TEST_JWT_SECRET,
+            "USERSERVICE_AUTH_ISSUER": TEST_ISSUER,
+            "USERSERVICE_AUTH_AUDIENCE": TEST_AUDIENCE,
+            "USERSERVICE_PAGE_TOKEN_SECRET": TEST_PAGE_TOKEN_SECRET,
+        }
+    )
+    env.update(settings)
+    return env
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
@@ -28,6 +47,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         listen_address="127.0.0.1:0",
         database_url=database_url,
         auth_jwt_secret=TEST_JWT_SECRET,
+        auth_issuer=TEST_ISSUER,
+        auth_audience=TEST_AUDIENCE,
+        page_token_secret=TEST_PAGE_TOKEN_SECRET,
         rate_limit_rps=0,
         shutdown_grace_seconds=5,
         uvloop=False,
@@ -38,7 +60,9 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
 
 def bearer(scopes: Sequence[str] = ALL_SCOPES, subject: str = "tester", ttl: float = 600) -> str:
     """Return an authorization header value for a freshly minted test token."""
-    return "Bearer " + mint_token(TEST_JWT_SECRET, subject, list(scopes), ttl)
+    return "Bearer " + mint_token(
+        TEST_JWT_SECRET, subject, list(scopes), ttl, TEST_ISSUER, TEST_AUDIENCE
+    )
 
 
 @contextlib.asynccontextmanager

@@ -8,7 +8,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from interceptor_harness import (
     ALL_SCOPES,
+    AUDIENCE,
     BIDI_STREAM,
     BY_KIND,
     CLIENT_STREAM,
+    ISSUER,
     KINDS,
     SECRET,
     SERVER_STREAM,
     UNARY,
     UNLISTED,
     Result,
+    refused_requests,
     serve,
     settings,
     token,
@@ -36,14 +39,9 @@ from interceptor_harness import (
 
 from userservice.config import ConfigError
 from userservice.interceptors.auth import METHOD_SCOPES, current_principal, mint_token
-from userservice.interceptors.jwt_verifier import (
-    TokenVerifier,
-    load_key_file,
-    verifier_from_settings,
-)
+from userservice.interceptors.jwt_verifier import TokenVerifier, verifier_from_settings
+from userservice.interceptors.keys import KeyEntry, load_key_file
 
-ISSUER = "https://issuer.test"
-AUDIENCE = "userservice"
 CHALLENGE = 'Bearer realm="userservice"'
 INVALID_CHALLENGE = CHALLENGE + ', error="invalid_token"'
 
@@ -113,7 +111,7 @@ async def test_handler_sees_the_principal() -> None:
 async def test_missing_token_is_unauthenticated(kind: str, header: str | None) -> None:
     metadata = [] if header is None else [("authorization", header)]
     async with serve(settings()) as harness:
-        result = await harness.call(BY_KIND[kind], b"x", metadata=metadata)
+        result = await harness.call(BY_KIND[kind], *refused_requests(kind), metadata=metadata)
     assert result.code is grpc.StatusCode.UNAUTHENTICATED
     assert result.details == "missing bearer token"
     assert result.trailing_metadata["www-authenticate"] == CHALLENGE
@@ -142,6 +140,12 @@ def _invalid_tokens() -> dict[str, str]:
         "wrong-secret": _hs256(_claims(), secret="another-secret-0123456789abcdefghij"),
         "garbage": "not-a-jwt",
         "three-garbage-parts": "a.b.c",
+        "lifetime-over-the-maximum": _hs256(_claims(exp=now + 86_400 + 60)),
+        "no-iat-and-exp-beyond-the-maximum": _hs256(_claims(iat=None, exp=now + 86_400 + 60)),
+        "typ-not-a-jwt": jwt.encode(_claims(), SECRET, "HS256", headers={"typ": "dpop+jwt"}),
+        "typ-not-a-string": jwt.encode(_claims(), SECRET, "HS256", headers={"typ": 7}),
+        "scope-not-a-string": _hs256(_claims(scope=["users.read"])),
+        "scp-not-strings": _hs256(_claims(scope=None, scp=["users.read", 7])),
     }
 
 
@@ -151,8 +155,7 @@ async def test_invalid_tokens_are_rejected_without_the_reason(
     case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="userservice.auth")
-    config = settings(auth_issuer=ISSUER, auth_audience=AUDIENCE)
-    async with serve(config) as harness:
+    async with serve(settings()) as harness:
         assert (await harness.call("GetUser", b"x", token=_hs256(_claims()))).responses == [b"x"]
         result = await harness.call("GetUser", b"x", token=_invalid_tokens()[case])
     _assert_invalid(result)
@@ -165,7 +168,7 @@ async def test_invalid_tokens_are_rejected_without_the_reason(
 async def test_leeway_tolerates_small_clock_skew() -> None:
     now = int(time.time())
     async with serve(settings(auth_leeway_seconds=30)) as harness:
-        for claims in (_claims(exp=now - 5, aud=None), _claims(nbf=now + 5, aud=None)):
+        for claims in (_claims(exp=now - 5), _claims(nbf=now + 5)):
             result = await harness.call("GetUser", b"x", token=_hs256(claims))
             assert result.code is grpc.StatusCode.OK
 
@@ -182,7 +185,7 @@ async def test_rs256_with_a_pem_public_key(rsa_key: rsa.RSAPrivateKey, tmp_path:
     key_file = tmp_path / "public.pem"
     key_file.write_bytes(pem)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    claims = _claims(aud=None)
+    claims = _claims()
     config = settings(auth_jwt_secret="", auth_jwt_public_key_file=str(key_file))
     async with serve(config) as harness:
         good = await harness.call("GetUser", b"x", token=jwt.encode(claims, rsa_key, "RS256"))
@@ -215,7 +218,7 @@ async def test_es256_with_a_jwks_picks_the_key_by_kid(tmp_path: Path) -> None:
     first, second = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [_jwk(first, "k1"), _jwk(second, "k2")]}))
-    claims = _claims(aud=None)
+    claims = _claims()
 
     def es256(key: ec.EllipticCurvePrivateKey, kid: str | None) -> str:
         headers = {} if kid is None else {"kid": kid}
@@ -236,9 +239,7 @@ async def test_jwks_with_one_key_accepts_tokens_without_kid(tmp_path: Path) -> N
     jwks.write_text(json.dumps({"keys": [_jwk(key, None)]}))
     config = settings(auth_jwt_secret="", auth_jwt_public_key_file=str(jwks))
     async with serve(config) as harness:
-        result = await harness.call(
-            "GetUser", b"x", token=jwt.encode(_claims(aud=None), key, "ES256")
-        )
+        result = await harness.call("GetUser", b"x", token=jwt.encode(_claims(), key, "ES256"))
         assert result.code is grpc.StatusCode.OK
 
 
@@ -282,47 +283,101 @@ async def test_health_needs_no_token() -> None:
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _counting_verifier(leeway: float = 0.0) -> tuple[TokenVerifier, list[str]]:
-    resolved: list[str] = []
+class _CountingKeys:
+    """A key source holding the test secret, recording every token it resolves."""
 
-    def resolve(raw: str) -> tuple[Any, Sequence[str]]:
-        resolved.append(raw)
+    generation = 0
+
+    def __init__(self) -> None:
+        self.resolved: list[str] = []
+
+    def resolve(self, raw: str) -> KeyEntry:
+        self.resolved.append(raw)
         return SECRET, ("HS256",)
 
-    return TokenVerifier(resolve, leeway=leeway), resolved
+    async def refresh_unknown(self) -> bool:
+        return False
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
 
 
-def test_verifications_are_cached_by_token() -> None:
+def _counting_verifier(leeway: float = 0.0, **options: Any) -> tuple[TokenVerifier, list[str]]:
+    keys = _CountingKeys()
+    options = {"issuer": ISSUER, "audience": AUDIENCE, **options}
+    return TokenVerifier(keys, leeway=leeway, **options), keys.resolved
+
+
+@pytest.mark.asyncio
+async def test_verifications_are_cached_by_token() -> None:
     verifier, resolved = _counting_verifier()
     raw = token("cached")
-    first, second = verifier.verify(raw), verifier.verify(raw)
+    first, second = await verifier.verify(raw), await verifier.verify(raw)
     assert first == second
     assert first.subject == "cached"
     assert first.scopes == frozenset(ALL_SCOPES)
     assert resolved == [raw]
 
 
-def test_a_cached_token_is_not_served_past_its_exp() -> None:
+@pytest.mark.asyncio
+async def test_a_cached_token_is_not_served_past_its_exp() -> None:
     verifier, resolved = _counting_verifier(leeway=0.0)
-    raw = jwt.encode({"sub": "s", "exp": int(time.time()) + 1}, SECRET, algorithm="HS256")
-    verifier.verify(raw)
-    time.sleep(max(0.0, jwt.decode(raw, SECRET, ["HS256"])["exp"] - time.time()) + 0.05)
+    claims = _claims(exp=int(time.time()) + 1)
+    raw = _hs256(claims)
+    await verifier.verify(raw)
+    time.sleep(max(0.0, claims["exp"] - time.time()) + 0.05)
     with pytest.raises(jwt.ExpiredSignatureError):
-        verifier.verify(raw)
+        await verifier.verify(raw)
     assert resolved == [raw, raw]
 
 
-def test_the_cache_is_bounded() -> None:
-    verifier = TokenVerifier(lambda raw: (SECRET, ("HS256",)), cache_size=3)
+@pytest.mark.asyncio
+async def test_the_cache_is_bounded() -> None:
+    verifier, _ = _counting_verifier(cache_size=3)
     for index in range(10):
-        verifier.verify(token(f"user-{index}"))
+        await verifier.verify(token(f"user-{index}"))
     assert len(verifier._cache) == 3
 
 
-def test_scopes_may_be_a_list() -> None:
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        ({"scope": "users.read  users.write"}, {"users.read", "users.write"}),
+        ({"scp": ["users.read", "users.admin"]}, {"users.read", "users.admin"}),
+        ({"scp": "users.read users.write"}, {"users.read", "users.write"}),
+        ({"scope": "users.read", "scp": ["users.admin"]}, {"users.read"}),
+        ({}, set()),
+    ],
+    ids=["scope-string", "scp-list", "scp-string", "scope-wins-over-scp", "none"],
+)
+async def test_scopes_come_from_scope_or_scp(claims: dict[str, Any], scopes: set[str]) -> None:
     verifier, _ = _counting_verifier()
-    claims = {"sub": "s", "exp": int(time.time()) + 60, "scope": ["users.read", 7]}
-    assert verifier.verify(_hs256(claims)).scopes == frozenset({"users.read"})
+    raw = _hs256(_claims(**{"scope": None, **claims}))
+    assert (await verifier.verify(raw)).scopes == frozenset(scopes)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "at+jwt", "AT+JWT", "application/at+jwt"])
+async def test_typ_jwt_and_at_jwt_are_accepted_in_any_case(typ: str) -> None:
+    verifier, _ = _counting_verifier()
+    raw = jwt.encode(_claims(), SECRET, "HS256", headers={"typ": typ})
+    assert (await verifier.verify(raw)).subject == "subject-1"
+
+
+@pytest.mark.asyncio
+async def test_the_maximum_lifetime_is_configurable() -> None:
+    now = int(time.time())
+    verifier, _ = _counting_verifier(max_lifetime=600)
+    assert (await verifier.verify(_hs256(_claims(iat=now, exp=now + 600)))).subject
+    with pytest.raises(jwt.InvalidTokenError, match="exceeds the maximum 600 s"):
+        await verifier.verify(_hs256(_claims(iat=now, exp=now + 601)))
+    # Issued an hour ago for 61 minutes: one minute left, but the lifetime is what counts.
+    with pytest.raises(jwt.InvalidTokenError, match="lifetime"):
+        await verifier.verify(_hs256(_claims(iat=now - 3600, exp=now + 60)))
 
 
 def test_mint_token_claims() -> None:

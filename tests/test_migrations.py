@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from conftest import fresh_postgres_database
-from support import TEST_JWT_SECRET, run_userservice
+from support import run_userservice, suite_env
 
 from userservice.storage import parse_sqlite_path
 from userservice.storage.migrations import (
@@ -286,14 +286,11 @@ def free_port() -> int:
 
 
 def env_for(database_url: str, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
-    env.update(
+    return suite_env(
         USERSERVICE_LISTEN_ADDRESS=f"127.0.0.1:{free_port()}",
         USERSERVICE_DATABASE_URL=database_url,
-        USERSERVICE_AUTH_JWT_SECRET=TEST_JWT_SECRET,
         **extra,
     )
-    return env
 
 
 async def forge_checksum(database_url: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import signal
 import socket
 import sys
@@ -25,7 +24,6 @@ import pytest_asyncio
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import (
-    TEST_JWT_SECRET,
     Client,
     connect,
     make_settings,
@@ -33,6 +31,7 @@ from support import (
     rich_details,
     run_userservice,
     running_app,
+    suite_env,
 )
 from tcp_proxy import TcpProxy
 
@@ -80,21 +79,16 @@ def free_port() -> int:
 
 def replica_env(database_url: str, port: int = 0, **extra: str) -> dict[str, str]:
     """Return the environment of a replica: only the settings given here, none inherited."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
-    env.update(
-        {
-            "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-            "USERSERVICE_DATABASE_URL": database_url,
-            "USERSERVICE_AUTH_JWT_SECRET": TEST_JWT_SECRET,
-            # Shared by every replica, or a page token would only work where it was issued.
-            "USERSERVICE_PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
-            # The races below fire bursts from one principal; limits are tested elsewhere.
-            "USERSERVICE_RATE_LIMIT_RPS": "0",
-            "USERSERVICE_SHUTDOWN_GRACE_SECONDS": "2",
-            **extra,
-        }
-    )
-    return env
+    settings = {
+        "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "USERSERVICE_DATABASE_URL": database_url,
+        # Shared by every replica, or a page token would only work where it was issued.
+        "USERSERVICE_PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
+        # The races below fire bursts from one principal; limits are tested elsewhere.
+        "USERSERVICE_RATE_LIMIT_RPS": "0",
+        "USERSERVICE_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    return suite_env(**{**settings, **extra})
 
 
 async def wait_serving(replica: Replica) -> None:

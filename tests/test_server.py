@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sys
@@ -18,7 +17,6 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support import (
-    TEST_JWT_SECRET,
     Client,
     bearer,
     connect,
@@ -26,6 +24,7 @@ from support import (
     new_user,
     run_userservice,
     running_app,
+    suite_env,
 )
 
 from user.v1 import user_service_pb2 as pb
@@ -43,17 +42,12 @@ def free_port() -> int:
 
 
 def service_env(database: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
-    env.update(
-        {
-            "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-            "USERSERVICE_DATABASE_URL": f"sqlite:///{database}",
-            "USERSERVICE_AUTH_JWT_SECRET": TEST_JWT_SECRET,
-            "USERSERVICE_UVLOOP": "true",
-            **extra,
-        }
-    )
-    return env
+    settings = {
+        "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "USERSERVICE_DATABASE_URL": f"sqlite:///{database}",
+        "USERSERVICE_UVLOOP": "true",
+    }
+    return suite_env(**{**settings, **extra})
 
 
 @pytest_asyncio.fixture
@@ -215,6 +209,29 @@ async def test_a_cancelled_import_commits_nothing_it_had_not_finished(client: Cl
             "refusing to start with the development JWT secret",
         ),
         ({"USERSERVICE_AUTH_JWT_SECRET": ""}, "authentication is required"),
+        (
+            {"USERSERVICE_AUTH_ISSUER": "", "USERSERVICE_AUTH_AUDIENCE": ""},
+            "USERSERVICE_AUTH_ISSUER and USERSERVICE_AUTH_AUDIENCE are required outside "
+            "development",
+        ),
+        (
+            {"USERSERVICE_AUTH_AUDIENCE": "", "USERSERVICE_AUTH_ALLOW_ANY_ISSUER_AUDIENCE": " "},
+            "USERSERVICE_AUTH_ISSUER and USERSERVICE_AUTH_AUDIENCE are required outside",
+        ),
+        (
+            {
+                "USERSERVICE_DATABASE_URL": "postgresql://127.0.0.1:1/none",
+                "USERSERVICE_PAGE_TOKEN_SECRET": "",
+            },
+            "USERSERVICE_PAGE_TOKEN_SECRET is required on PostgreSQL outside development",
+        ),
+        (
+            {
+                "USERSERVICE_AUTH_JWT_SECRET": "",
+                "USERSERVICE_AUTH_JWKS_URL": "http://idp.example.com/jwks.json",
+            },
+            "USERSERVICE_AUTH_JWKS_URL must be an https:// URL",
+        ),
     ],
 )
 async def test_bad_configuration_exits_non_zero_with_a_clear_message(
@@ -225,6 +242,8 @@ async def test_bad_configuration_exits_non_zero_with_a_clear_message(
     )
     assert code == 2
     assert message in output
+    assert output.startswith("userservice: configuration error: ")
+    assert len(output.strip().splitlines()) == 1, output
 
 
 @pytest.mark.asyncio
@@ -235,6 +254,16 @@ async def test_development_secret_is_accepted_for_a_development_run(tmp_path: Pa
     code, output = await run_userservice("token", "--subject", "dev", "--dev", "true", env=env)
     assert code == 0
     assert output.count(".") == 2
+
+
+@pytest.mark.asyncio
+async def test_token_refuses_a_ttl_the_server_would_reject(tmp_path: Path) -> None:
+    env = service_env(tmp_path / "db.sqlite", free_port())
+    code, output = await run_userservice("token", "--subject", "s", "--ttl", "25h", env=env)
+    assert code == 2
+    assert "--ttl exceeds USERSERVICE_AUTH_MAX_TOKEN_LIFETIME_SECONDS (86400 s)" in output
+    code, output = await run_userservice("token", "--subject", "s", "--ttl", "24h", env=env)
+    assert code == 0, output
 
 
 @pytest.mark.asyncio

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import TEST_JWT_SECRET, make_settings, run_userservice, running_app
+from support import make_settings, run_userservice, running_app, suite_env
 from tcp_proxy import TcpProxy
 
 
@@ -25,16 +25,11 @@ def free_port() -> int:
 
 
 def env_for(database_url: str, port: int, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
-    env.update(
-        {
-            "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-            "USERSERVICE_DATABASE_URL": database_url,
-            "USERSERVICE_AUTH_JWT_SECRET": TEST_JWT_SECRET,
-            **extra,
-        }
-    )
-    return env
+    settings = {
+        "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "USERSERVICE_DATABASE_URL": database_url,
+    }
+    return suite_env(**{**settings, **extra})
 
 
 def assert_one_clear_line(output: str, expected: str) -> None:

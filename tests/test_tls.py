@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import logging
+import socket
+import ssl
+import time
 from pathlib import Path
 
 import grpc
@@ -70,6 +75,7 @@ def pki(tmp_path: Path) -> dict[str, Path | bytes]:
     }.items():
         (tmp_path / name).write_bytes(content)
         files[name] = tmp_path / name
+    files["ca.key"] = ca[1]  # type: ignore[assignment]  # to issue renewals
     files["client.pem"] = _pem(client_cert)
     files["client.key"] = _key_pem(client_key)
     return files
@@ -133,3 +139,62 @@ async def test_mutual_tls_requires_a_client_certificate(
                     health_pb2.HealthCheckRequest(), timeout=5
                 )
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _served_certificate(port: int, ca: bytes) -> x509.Certificate:
+    """Open a fresh TLS connection (verifying against ca) and return the server's leaf."""
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def _replace(path: Path, content: bytes) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(content)
+    temporary.replace(path)
+
+
+@pytest.mark.asyncio
+async def test_a_renewed_certificate_is_served_without_a_restart(
+    sqlite_url: str, pki: dict[str, Path | bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="userservice.tls")
+    cert_file, key_file = Path(str(pki["server.pem"])), Path(str(pki["server.key"]))
+    ca_pem = Path(str(pki["ca.pem"])).read_bytes()
+    ca = (x509.load_pem_x509_certificate(ca_pem), pki["ca.key"])
+    first = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    settings = make_settings(
+        sqlite_url,
+        tls_cert_file=str(cert_file),
+        tls_key_file=str(key_file),
+        reload_check_seconds=0.1,
+    )
+    deadline = time.monotonic() + 15
+    async with running_app(settings) as app:
+        served = await asyncio.to_thread(_served_certificate, app.port, ca_pem)
+        assert served.serial_number == first.serial_number
+        renewed, renewed_key = _issue("localhost", ca, server=True)  # type: ignore[arg-type]
+        # Half a rotation (the new key, not yet its certificate): the old pair stays in use.
+        _replace(key_file, _key_pem(renewed_key))
+        while not any("TLS files not reloaded" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the mismatched pair was never looked at"
+            served = await asyncio.to_thread(_served_certificate, app.port, ca_pem)
+            assert served.serial_number == first.serial_number
+            await asyncio.sleep(0.05)
+        _replace(cert_file, _pem(renewed))
+        while served.serial_number != renewed.serial_number:
+            assert time.monotonic() < deadline, "the renewed certificate was never served"
+            await asyncio.sleep(0.05)
+            served = await asyncio.to_thread(_served_certificate, app.port, ca_pem)
+        # A gRPC client on a new connection gets the new certificate and is served.
+        async with _channel(app.port, pki, client_cert=False) as channel:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert response.status == health_pb2.HealthCheckResponse.SERVING

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import TEST_JWT_SECRET, bearer, run_userservice
+from support import bearer, run_userservice, suite_env
 
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
@@ -29,16 +29,17 @@ def free_port() -> int:
 
 
 def env_for(database_url: str, port: int, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
-    env.update(
+    env = suite_env(
         USERSERVICE_LISTEN_ADDRESS=f"127.0.0.1:{port}",
         USERSERVICE_DATABASE_URL=database_url,
-        USERSERVICE_AUTH_JWT_SECRET=TEST_JWT_SECRET,
         USERSERVICE_WORKERS="2",
         USERSERVICE_LOG_LEVEL="WARNING",
         USERSERVICE_WATCH_PROGRESS_SECONDS="0.2",
         **extra,
     )
+    # The parent draws one page-token key for all its workers when none is configured.
+    if database_url.startswith("sqlite"):
+        env.pop("USERSERVICE_PAGE_TOKEN_SECRET")
     return env
 
 

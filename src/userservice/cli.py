@@ -91,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.auth_jwt_secret:
             print("userservice: token needs USERSERVICE_AUTH_JWT_SECRET (HS256)", file=sys.stderr)
             return 2
+        if arguments.ttl > settings.auth_max_token_lifetime_seconds:
+            # The server would refuse such a token: say so now rather than at the first call.
+            print(
+                "userservice: --ttl exceeds USERSERVICE_AUTH_MAX_TOKEN_LIFETIME_SECONDS "
+                f"({settings.auth_max_token_lifetime_seconds:.0f} s)",
+                file=sys.stderr,
+            )
+            return 2
         from userservice.interceptors.auth import mint_token
 
         print(
@@ -108,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_migrate(settings)
     from userservice.server import run
 
+    if settings.auth_allow_any_issuer_audience.strip() and not (
+        settings.auth_issuer and settings.auth_audience
+    ):
+        log.warning(
+            "tokens are not required to name this service's issuer and audience",
+            extra={"reason": settings.auth_allow_any_issuer_audience.strip()},
+        )
     if settings.dev:
         log.warning(
             "development run: mint a token with `make token` or "

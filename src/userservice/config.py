@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -56,7 +57,12 @@ class Settings:
     )
     migrate_on_start: bool = _setting(True, "apply pending schema migrations at start")
     page_token_secret: str = _setting(
-        "", "HMAC key for page tokens; share it across replicas (random per process if empty)"
+        "",
+        "HMAC key for page tokens; share it across replicas (random per process if empty, "
+        "allowed on PostgreSQL only in development)",
+    )
+    page_token_previous_secrets: str = _setting(
+        "", "comma-separated earlier page-token secrets, still accepted while a rotation rolls out"
     )
     db_pool_min_size: int = _setting(2, "PostgreSQL: connections kept open")
     db_pool_max_size: int = _setting(10, "PostgreSQL: most connections per process")
@@ -76,10 +82,34 @@ class Settings:
         86_400.0, "how long a CreateUser request_id is remembered for retries"
     )
     auth_jwt_secret: str = _setting("", "HS256 shared secret (at least 32 bytes)")
-    auth_jwt_public_key_file: str = _setting("", "PEM public key or JWKS file (RS256/ES256)")
-    auth_issuer: str = _setting("", "required iss claim, if set")
-    auth_audience: str = _setting("", "required aud claim, if set")
-    auth_leeway_seconds: float = _setting(30.0, "clock skew allowed for exp and nbf")
+    auth_jwt_public_key_file: str = _setting(
+        "", "PEM public key or JWKS file (RS256/ES256), re-read when it changes"
+    )
+    auth_jwks_url: str = _setting(
+        "", "JWKS URL (https, or http to a loopback host) fetched and cached (RS256/ES256)"
+    )
+    auth_jwks_min_cache_seconds: float = _setting(
+        60.0, "JWKS URL: shortest time a fetched key set is kept (floor for Cache-Control max-age)"
+    )
+    auth_jwks_max_cache_seconds: float = _setting(
+        3600.0, "JWKS URL: longest time a fetched key set is kept (ceiling for max-age)"
+    )
+    auth_jwks_refetch_seconds: float = _setting(
+        10.0, "JWKS URL: at most one refetch per this interval for tokens naming an unknown kid"
+    )
+    auth_jwks_timeout_seconds: float = _setting(5.0, "JWKS URL: timeout of one fetch")
+    auth_issuer: str = _setting("", "required iss claim (required setting outside development)")
+    auth_audience: str = _setting("", "required aud claim (required setting outside development)")
+    auth_allow_any_issuer_audience: str = _setting(
+        "", "the reason tokens need not name iss and aud; lets a non-development run omit them"
+    )
+    auth_leeway_seconds: float = _setting(30.0, "clock skew allowed for exp, nbf and iat")
+    auth_max_token_lifetime_seconds: float = _setting(
+        86_400.0, "longest accepted token lifetime (exp - iat, or exp - now without iat)"
+    )
+    reload_check_seconds: float = _setting(
+        5.0, "how often the key/JWKS file and the TLS files are checked for changes"
+    )
     tls_cert_file: str = _setting("", "server certificate chain (PEM); enables TLS")
     tls_key_file: str = _setting("", "server private key (PEM)")
     tls_client_ca_file: str = _setting("", "CA bundle for client certificates; enables mTLS")
@@ -100,7 +130,12 @@ class Settings:
             raise ConfigError(
                 "USERSERVICE_DATABASE_URL must start with sqlite:/// or postgresql://"
             )
-        for name in ("shutdown_grace_seconds", "shutdown_drain_seconds", "auth_leeway_seconds"):
+        for name in (
+            "shutdown_grace_seconds",
+            "shutdown_drain_seconds",
+            "auth_leeway_seconds",
+            "auth_jwks_refetch_seconds",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_env_name(name)} must not be negative")
         positive = (
@@ -119,6 +154,10 @@ class Settings:
             "request_id_retention_seconds",
             "watch_progress_seconds",
             "watch_buffer_events",
+            "auth_jwks_min_cache_seconds",
+            "auth_jwks_timeout_seconds",
+            "auth_max_token_lifetime_seconds",
+            "reload_check_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -132,15 +171,49 @@ class Settings:
             raise ConfigError("USERSERVICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         if self.rate_limit_rps < 0 or (self.rate_limit_rps > 0 and self.rate_limit_burst < 1):
             raise ConfigError("USERSERVICE_RATE_LIMIT_RPS must be >= 0 and the burst >= 1")
-        if self.auth_jwt_secret and self.auth_jwt_public_key_file:
+        key_sources = [self.auth_jwt_secret, self.auth_jwt_public_key_file, self.auth_jwks_url]
+        if sum(map(bool, key_sources)) > 1:
             raise ConfigError(
-                "set only one of USERSERVICE_AUTH_JWT_SECRET and "
-                "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE"
+                "set only one of USERSERVICE_AUTH_JWT_SECRET, "
+                "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE and USERSERVICE_AUTH_JWKS_URL"
             )
-        if require_auth and not self.auth_jwt_secret and not self.auth_jwt_public_key_file:
+        if require_auth and not any(key_sources):
             raise ConfigError(
-                "authentication is required: set USERSERVICE_AUTH_JWT_SECRET or "
-                "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE (make run uses a development secret)"
+                "authentication is required: set USERSERVICE_AUTH_JWT_SECRET, "
+                "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE or USERSERVICE_AUTH_JWKS_URL "
+                "(make run uses a development secret)"
+            )
+        if self.auth_jwks_max_cache_seconds < self.auth_jwks_min_cache_seconds:
+            raise ConfigError(
+                "USERSERVICE_AUTH_JWKS_MAX_CACHE_SECONDS must not be below the minimum"
+            )
+        if self.auth_jwks_url:
+            _check_jwks_url(self.auth_jwks_url, allow_plain_http=self.dev)
+        if (
+            require_auth
+            and not self.dev
+            and not (self.auth_issuer and self.auth_audience)
+            and not self.auth_allow_any_issuer_audience.strip()
+        ):
+            raise ConfigError(
+                "USERSERVICE_AUTH_ISSUER and USERSERVICE_AUTH_AUDIENCE are required outside "
+                "development (a token minted for another service must not be accepted here); "
+                "set both, or set USERSERVICE_AUTH_ALLOW_ANY_ISSUER_AUDIENCE to the reason"
+            )
+        if self.page_token_previous_secrets.strip() and not self.page_token_secret:
+            raise ConfigError(
+                "USERSERVICE_PAGE_TOKEN_PREVIOUS_SECRETS needs USERSERVICE_PAGE_TOKEN_SECRET "
+                "(the current secret, which signs new tokens)"
+            )
+        if (
+            require_auth
+            and not self.dev
+            and not self.page_token_secret
+            and self.database_url.startswith(("postgresql://", "postgres://"))
+        ):
+            raise ConfigError(
+                "USERSERVICE_PAGE_TOKEN_SECRET is required on PostgreSQL outside development: "
+                "replicas with random per-process keys reject each other's page tokens"
             )
         if self.auth_jwt_secret == DEV_JWT_SECRET and not self.dev:
             raise ConfigError(
@@ -171,7 +244,7 @@ class Settings:
         """Parse the key, JWKS and TLS files now, so a bad one is a configuration error."""
         if self.auth_jwt_public_key_file:
             # Imported here: the verifier module imports this one.
-            from userservice.interceptors.jwt_verifier import load_key_file
+            from userservice.interceptors.keys import load_key_file
 
             load_key_file(self.auth_jwt_public_key_file)
         if not self.tls_cert_file:
@@ -206,6 +279,26 @@ def _check_address(name: str, address: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{_env_name(name)} must be host:port, got {address!r}")
+
+
+def _check_jwks_url(url: str, *, allow_plain_http: bool) -> None:
+    # Plain http would let anyone on the path substitute their own signing keys.
+    parsed = urllib.parse.urlsplit(url)
+    loopback = parsed.hostname in {"127.0.0.1", "::1", "localhost"}
+    if parsed.scheme == "https" and parsed.hostname:
+        return
+    if parsed.scheme == "http" and parsed.hostname and (loopback or allow_plain_http):
+        return
+    raise ConfigError(
+        "USERSERVICE_AUTH_JWKS_URL must be an https:// URL "
+        "(http:// only to a loopback host or in development)"
+    )
+
+
+def previous_secrets(settings: Settings) -> list[str]:
+    """Return the earlier page-token secrets, in the order configured."""
+    parts = settings.page_token_previous_secrets.split(",")
+    return [part.strip() for part in parts if part.strip()]
 
 
 def _parse_bool(name: str, raw: str) -> bool:

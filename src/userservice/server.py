@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,19 +20,21 @@ from grpc_health.v1 import health_pb2_grpc
 
 from user.v1 import user_service_pb2
 from userservice import workers
-from userservice.config import Settings
+from userservice.config import Settings, previous_secrets
 from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.pagination import PageTokenCodec
 from userservice.domain.repository import UserRepository
 from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
+from userservice.interceptors.keys import KeyFetchError
 from userservice.metrics import MetricsServer, start_metrics_server
 from userservice.reflection import enable_reflection
 from userservice.storage import migrate as storage_migrate
 from userservice.storage import open_repository, parse_sqlite_path, storage_failure
 from userservice.storage.sqlite.connection import lock as sqlite_lock
 from userservice.storage.sqlite.shared import SharedCommits
+from userservice.tls import ReloadingServerCredentials, TlsFilesError
 from userservice.transport.servicer import register
 
 log = logging.getLogger("userservice.server")
@@ -89,14 +90,25 @@ def grpc_backstop(settings: Settings) -> int:
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert_file:
         return None
-    client_ca = (
-        Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
-    )
-    return grpc.ssl_server_credentials(
-        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
+    try:
+        reloading = ReloadingServerCredentials(
+            settings.tls_cert_file,
+            settings.tls_key_file,
+            settings.tls_client_ca_file,
+            settings.reload_check_seconds,
+        )
+    except TlsFilesError as error:
+        raise StartupError(str(error)) from error
+    return reloading.credentials()
+
+
+def page_token_codec(settings: Settings) -> PageTokenCodec:
+    """Return the codec signing with the current secret and accepting the previous ones."""
+    if not settings.page_token_secret:
+        # Development or SQLite (one process): tokens need not survive a restart.
+        return PageTokenCodec(os.urandom(32))
+    previous = [secret.encode() for secret in previous_secrets(settings)]
+    return PageTokenCodec(settings.page_token_secret.encode(), previous)
 
 
 class Application:
@@ -145,14 +157,16 @@ class Application:
             if known is None:
                 raise
             raise known from error
-        key = settings.page_token_secret.encode() or os.urandom(32)
         self._service = UserService(
             self._repository,
-            PageTokenCodec(key),
+            page_token_codec(settings),
             watch_progress_seconds=settings.watch_progress_seconds,
             watch_buffer_size=settings.watch_buffer_events,
         )
-        self._chain = await build_chain(settings)
+        try:
+            self._chain = await build_chain(settings)
+        except KeyFetchError as error:
+            raise StartupError(str(error)) from error
         server = grpc.aio.server(
             interceptors=self._chain.interceptors,
             options=channel_options(settings),

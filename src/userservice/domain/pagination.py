@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from userservice.domain.errors import InvalidArgumentError, Reason
@@ -46,13 +47,20 @@ class PagePosition:
 
 
 class PageTokenCodec:
-    """Signs and verifies page tokens with an HMAC key shared by every replica."""
+    """Signs page tokens with the current key, verifies them against the whole key ring.
 
-    def __init__(self, key: bytes) -> None:
+    A token is ``<key id>.<body>.<mac>``: the key id names the ring's key that signed it,
+    so a replica that already signs with a new secret still accepts the tokens its peers
+    (or it, before the rotation) issued under a previous one. The MAC covers the key id
+    and the encoded body, and is compared as text: any change to the token is rejected.
+    Two-part tokens (``<body>.<mac>``, from before key ids) are checked against every key.
+    """
+
+    def __init__(self, key: bytes, previous: Sequence[bytes] = ()) -> None:
+        """Sign with key; also accept tokens signed with any of previous."""
+        self._kid = key_id(key)
         self._key = key
-
-    def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self._key, body, hashlib.sha256).digest()[:_MAC_BYTES]
+        self._ring = {key_id(item): item for item in (*previous, key)}
 
     def encode(self, after_id: str, filter_text: str, total_size: int) -> str:
         """Return a token resuming after after_id for this (canonical) filter."""
@@ -60,18 +68,24 @@ class PageTokenCodec:
             {"v": _VERSION, "a": after_id, "f": _filter_digest(filter_text), "t": total_size},
             separators=(",", ":"),
         ).encode()
-        return f"{_b64encode(body)}.{_b64encode(self._mac(body))}"
+        signed = f"{self._kid}.{_b64encode(body)}"
+        return f"{signed}.{_b64encode(_mac(self._key, signed.encode()))}"
 
     def decode(self, token: str, filter_text: str) -> PagePosition:
         """Return where to resume; raise InvalidArgumentError if forged or reused."""
-        body_text, _, mac_text = token.partition(".")
+        parts = token.split(".")
         try:
-            body, mac = _b64decode(body_text), _b64decode(mac_text)
-        except (ValueError, UnicodeEncodeError):
+            if len(parts) == 3:
+                body = self._verified(*parts)
+            elif len(parts) == 2:
+                body = self._verified_legacy(*parts)
+            else:
+                raise _invalid("is malformed")
+            payload = json.loads(body)
+        except (ValueError, UnicodeError):
             raise _invalid("is malformed") from None
-        if not hmac.compare_digest(mac, self._mac(body)):
-            raise _invalid("is not a token this service issued")
-        payload = json.loads(body)
+        if not isinstance(payload, dict):
+            raise _invalid("is malformed")
         if payload.get("v") != _VERSION or not isinstance(payload.get("a"), str):
             raise _invalid("has an unsupported version")
         if payload.get("f") != _filter_digest(filter_text):
@@ -80,6 +94,30 @@ class PageTokenCodec:
         # Tokens minted before totals were carried have none: the next page counts again.
         carried = total if isinstance(total, int) and total >= 0 else None
         return PagePosition(str(payload["a"]), carried)
+
+    def _verified(self, kid: str, body_text: str, mac_text: str) -> bytes:
+        key = self._ring.get(kid)
+        if key is None:
+            raise _invalid("is not a token this service issued")
+        expected = _b64encode(_mac(key, f"{kid}.{body_text}".encode()))
+        if not hmac.compare_digest(mac_text.encode(), expected.encode()):
+            raise _invalid("is not a token this service issued")
+        return _b64decode(body_text)
+
+    def _verified_legacy(self, body_text: str, mac_text: str) -> bytes:
+        body, mac = _b64decode(body_text), _b64decode(mac_text)
+        if not any(hmac.compare_digest(mac, _mac(key, body)) for key in self._ring.values()):
+            raise _invalid("is not a token this service issued")
+        return body
+
+
+def key_id(key: bytes) -> str:
+    """Return the short public name of a page-token key (a hash: it reveals nothing of it)."""
+    return _b64encode(hashlib.sha256(b"userservice page-token key id\0" + key).digest()[:6])
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
 def _filter_digest(filter_text: str) -> str:

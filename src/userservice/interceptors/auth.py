@@ -140,7 +140,7 @@ class AuthInterceptor(WrappingInterceptor):
             if token is None:
                 await _MISSING.abort(context)
             try:
-                principal = verify(token)
+                principal = await verify(token)
             except jwt.InvalidTokenError as error:
                 _log.debug("bearer token rejected: %s", error, extra={"method": method})
                 await _INVALID.abort(context)

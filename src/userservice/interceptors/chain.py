@@ -98,10 +98,11 @@ async def build_chain(settings: Settings) -> InterceptorChain:
     """Build the chain for settings; a rate_limit_rps of 0 leaves the limiter out."""
     public = MethodMatcher(PUBLIC_METHODS)
     access_log = AccessLogInterceptor()
+    verifier = verifier_from_settings(settings)
     layers: list[WrappingInterceptor] = [
         RecoveryInterceptor(),
         access_log,
-        AuthInterceptor(verifier_from_settings(settings), public),
+        AuthInterceptor(verifier, public),
         AdmissionInterceptor(
             AdmissionLimits(
                 settings.max_concurrent_rpcs,
@@ -128,7 +129,15 @@ async def build_chain(settings: Settings) -> InterceptorChain:
         else:
             limiter = LocalLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
         layers.append(RateLimitInterceptor(limiter, public, burst=settings.rate_limit_burst))
-    return InterceptorChain(layers, closers)
+    chain = InterceptorChain(layers, closers)
+    try:
+        # The first JWKS fetch: without keys no call could be served (KeyFetchError).
+        await verifier.keys.start()
+    except BaseException:
+        await chain.aclose()
+        raise
+    chain.closers.append(verifier.keys.aclose)
+    return chain
 
 
 def _flusher(flush: Callable[[], None]) -> Callable[[], Awaitable[None]]:

@@ -1,30 +1,34 @@
-"""Bearer token verification: HS256 shared secret, or RS/ES public keys from a PEM or JWKS file.
+"""Bearer token verification: the claims checked, against keys from interceptors.keys.
 
 The accepted algorithm always comes from the configured key, never from the token
 header, so ``alg: none`` and HS/RS confusion (an HS256 token "signed" with the public
-key) fail. Successful verifications are cached by token string until the token's
-``exp``: a repeat token costs a dict lookup instead of ~30 µs of PyJWT.
+key) fail. Beyond the signature: ``exp`` and ``sub`` are required, ``iss`` and ``aud``
+when configured, the lifetime (``exp - iat``) is bounded, a ``typ`` header must say
+``JWT`` or ``at+jwt`` (RFC 8725 section 3.11, RFC 9068), and scopes come from ``scope``
+(space separated, RFC 8693) or else ``scp`` (a list, or a space-separated string).
+Successful verifications are cached by token string until the token's ``exp`` (or
+until the key set changes): a repeat token costs a dict lookup instead of ~30 µs of PyJWT.
+Rejection reasons never include the token or claim values the caller chose.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from userservice.config import ConfigError, Settings
+from userservice.interceptors.keys import (
+    FileKeys,
+    JwksUrlKeys,
+    KeySource,
+    StaticKeys,
+    UnknownKeyError,
+)
 
-KeyResolver = Callable[[str], tuple[Any, Sequence[str]]]
-"""Return the verification key and its one accepted algorithm for a (still unverified) token."""
-
-_EC_ALGORITHMS: Final = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_KEY_FILE_SETTING: Final = "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE"
+_TYPES: Final = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
+DEFAULT_MAX_LIFETIME_SECONDS: Final = 86_400.0
 
 
 class Principal(NamedTuple):
@@ -40,23 +44,39 @@ class TokenVerifier:
 
     def __init__(
         self,
-        resolve_key: KeyResolver,
+        keys: KeySource,
         *,
         issuer: str = "",
         audience: str = "",
         leeway: float = 0.0,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME_SECONDS,
         cache_size: int = 4096,
     ) -> None:
         """Check iss and aud only when given; exp and sub are always required."""
-        self._resolve_key = resolve_key
+        self.keys = keys
         self._issuer = issuer or None
         self._audience = audience or None
         self._leeway = leeway
+        self._max_lifetime = max_lifetime
         self._cache_size = cache_size
         self._cache: dict[str, Principal] = {}
+        self._generation = keys.generation
 
-    def verify(self, token: str) -> Principal:
+    async def verify(self, token: str) -> Principal:
         """Return the token's principal, or raise jwt.InvalidTokenError."""
+        try:
+            return self._verify(token)
+        except UnknownKeyError:
+            # Perhaps the issuer rotated its keys: look once more (the source rate-limits).
+            if not await self.keys.refresh_unknown():
+                raise
+        return self._verify(token)
+
+    def _verify(self, token: str) -> Principal:
+        if self.keys.generation != self._generation:
+            # A key may have been withdrawn: tokens it signed must not live on in the cache.
+            self._cache.clear()
+            self._generation = self.keys.generation
         cached = self._cache.get(token)
         now = time.time()
         if cached is not None:
@@ -64,11 +84,11 @@ class TokenVerifier:
                 return cached
             del self._cache[token]
         try:
-            key, algorithms = self._resolve_key(token)
-            claims = jwt.decode(
+            key, algorithms = self.keys.resolve(token)
+            decoded = jwt.decode_complete(
                 token,
                 key,
-                algorithms=algorithms,
+                algorithms=list(algorithms),
                 issuer=self._issuer,
                 audience=self._audience,
                 leeway=self._leeway,
@@ -79,7 +99,10 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError) as error:
             # Hostile input must read as a bad token, not as a server fault.
             raise jwt.InvalidTokenError(f"undecodable token ({type(error).__name__})") from error
-        principal = _principal(claims)
+        _check_type(decoded["header"])
+        claims: dict[str, Any] = decoded["payload"]
+        self._check_lifetime(claims, now)
+        principal = Principal(_subject(claims), _scopes(claims), float(claims["exp"]))
         # Inside the leeway after exp PyJWT still accepts the token; the cache does not.
         if principal.expires_at > now:
             if len(self._cache) >= self._cache_size:
@@ -87,92 +110,73 @@ class TokenVerifier:
             self._cache[token] = principal
         return principal
 
+    def _check_lifetime(self, claims: dict[str, Any], now: float) -> None:
+        # PyJWT has already checked that exp and iat (if present) are numbers. Without iat
+        # the lifetime left must fit, allowing for an issuer whose clock runs ahead.
+        issued_at = claims.get("iat")
+        start = now + self._leeway if issued_at is None else float(issued_at)
+        lifetime = float(claims["exp"]) - start
+        if lifetime > self._max_lifetime:
+            raise jwt.InvalidTokenError(
+                f"token lifetime {lifetime:.0f} s exceeds the maximum {self._max_lifetime:.0f} s"
+            )
 
-def _principal(claims: dict[str, Any]) -> Principal:
+
+def _check_type(header: dict[str, Any]) -> None:
+    kind = header.get("typ")
+    if kind is not None and (not isinstance(kind, str) or kind.lower() not in _TYPES):
+        raise jwt.InvalidTokenError("unexpected typ header (expected JWT or at+jwt)")
+
+
+def _subject(claims: dict[str, Any]) -> str:
     subject = claims["sub"]
     if not isinstance(subject, str) or not subject:
         raise jwt.InvalidTokenError("empty sub claim")
-    raw = claims.get("scope", "")
-    if isinstance(raw, str):
-        scopes = frozenset(raw.split())
-    elif isinstance(raw, list):
-        scopes = frozenset(item for item in raw if isinstance(item, str))
-    else:
-        scopes = frozenset()
-    return Principal(subject, scopes, float(claims["exp"]))
+    return subject
 
 
-def verifier_from_settings(settings: Settings) -> TokenVerifier:
-    """Build the verifier for the configured secret or public key file."""
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+    if "scope" in claims:
+        scope = claims["scope"]
+        if not isinstance(scope, str):
+            raise jwt.InvalidTokenError("the scope claim must be a space-separated string")
+        return frozenset(scope.split())
+    scp = claims.get("scp")
+    if scp is None:
+        return frozenset()
+    if isinstance(scp, str):
+        return frozenset(scp.split())
+    if isinstance(scp, list) and all(isinstance(item, str) for item in scp):
+        return frozenset(scp)
+    raise jwt.InvalidTokenError("the scp claim must be a list of strings")
+
+
+def key_source_from_settings(settings: Settings) -> KeySource:
+    """Return the (not yet started) key source for the configured secret, file or URL."""
     if settings.auth_jwt_secret:
-        resolver = _fixed(settings.auth_jwt_secret, "HS256")
-    elif settings.auth_jwt_public_key_file:
-        resolver = load_key_file(settings.auth_jwt_public_key_file)
-    else:
-        raise ConfigError(
-            "authentication is required: set USERSERVICE_AUTH_JWT_SECRET or " + _KEY_FILE_SETTING
+        return StaticKeys(settings.auth_jwt_secret, "HS256")
+    if settings.auth_jwt_public_key_file:
+        return FileKeys(settings.auth_jwt_public_key_file, settings.reload_check_seconds)
+    if settings.auth_jwks_url:
+        return JwksUrlKeys(
+            settings.auth_jwks_url,
+            min_cache_seconds=settings.auth_jwks_min_cache_seconds,
+            max_cache_seconds=settings.auth_jwks_max_cache_seconds,
+            refetch_seconds=settings.auth_jwks_refetch_seconds,
+            timeout_seconds=settings.auth_jwks_timeout_seconds,
         )
-    return TokenVerifier(
-        resolver,
-        issuer=settings.auth_issuer,
-        audience=settings.auth_audience,
-        leeway=settings.auth_leeway_seconds,
+    raise ConfigError(
+        "authentication is required: set USERSERVICE_AUTH_JWT_SECRET, "
+        "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE or USERSERVICE_AUTH_JWKS_URL"
     )
 
 
-def _fixed(key: Any, algorithm: str) -> KeyResolver:
-    algorithms = (algorithm,)
-
-    def resolve(token: str) -> tuple[Any, Sequence[str]]:
-        return key, algorithms
-
-    return resolve
-
-
-def load_key_file(path: str) -> KeyResolver:
-    """Load a PEM public key or certificate (RSA or EC), or a JWKS document."""
-    try:
-        data = Path(path).read_bytes()
-        if data.lstrip().startswith(b"{"):
-            return _jwks(data.decode())
-        return _pem(data)
-    except (OSError, ValueError, jwt.PyJWTError) as error:
-        raise ConfigError(f"{_KEY_FILE_SETTING}: cannot load {path!r}: {error}") from error
-
-
-def _pem(data: bytes) -> KeyResolver:
-    if b"-----BEGIN CERTIFICATE-----" in data:
-        key: Any = x509.load_pem_x509_certificate(data).public_key()
-    else:
-        key = serialization.load_pem_public_key(data)
-    if isinstance(key, rsa.RSAPublicKey):
-        return _fixed(key, "RS256")
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
-        return _fixed(key, _EC_ALGORITHMS[key.curve.name])
-    raise ValueError(f"unsupported key type {type(key).__name__} (use RSA or EC P-256/384/521)")
-
-
-def _jwks(text: str) -> KeyResolver:
-    # Symmetric (oct) keys do not belong in a public key file: accepting one would let
-    # anyone who can read the file mint tokens.
-    keys = [
-        jwk
-        for jwk in jwt.PyJWKSet.from_json(text).keys
-        if jwk.key_type in ("RSA", "EC") and jwk.public_key_use in (None, "sig")
-    ]
-    if not keys:
-        raise ValueError("the JWKS holds no RSA or EC signing key")
-    by_kid = {jwk.key_id: (jwk.key, (jwk.algorithm_name,)) for jwk in keys if jwk.key_id}
-    only = (keys[0].key, (keys[0].algorithm_name,)) if len(keys) == 1 else None
-    only_kid = keys[0].key_id
-
-    def resolve(token: str) -> tuple[Any, Sequence[str]]:
-        kid = jwt.get_unverified_header(token).get("kid")
-        found = by_kid.get(kid) if isinstance(kid, str) else None
-        if found is None and only is not None and (kid is None or only_kid is None):
-            found = only
-        if found is None:
-            raise jwt.InvalidTokenError("no key in the JWKS matches the token's kid")
-        return found
-
-    return resolve
+def verifier_from_settings(settings: Settings) -> TokenVerifier:
+    """Build the verifier for the configured key source; start its keys before serving."""
+    return TokenVerifier(
+        key_source_from_settings(settings),
+        issuer=settings.auth_issuer,
+        audience=settings.auth_audience,
+        leeway=settings.auth_leeway_seconds,
+        max_lifetime=settings.auth_max_token_lifetime_seconds,
+    )
