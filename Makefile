@@ -7,6 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed
+# checkov pins packaging (and more) differently from constraints.txt: its own virtualenv.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
+KUBECTL := $(VENV)/bin/kubectl
+RENDERED := build/k8s
+OVERLAYS := development production
 # Only the versioned package is generated: src/user/__init__.py is committed, so a service whose
 # Python package shares the proto package's name (see `make new-service`) keeps its own.
 GENERATED_DIR := src/user/v1
@@ -28,6 +34,11 @@ $(STAMP): pyproject.toml constraints.txt
 # that wrote the lock, and `npm ci` elsewhere would then refuse it.
 $(BUF): package.json
 	npm install --silent --no-audit --no-fund --no-package-lock
+	touch $@
+
+$(CHECKOV): tools/checkov-constraints.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --constraint tools/checkov-constraints.txt checkov
 	touch $@
 
 setup: $(STAMP) $(BUF) ## Create .venv and install Python and buf tooling.
@@ -74,8 +85,16 @@ typecheck: $(STAMP) ## mypy --strict on src/.
 test: $(STAMP) ## Run the whole test suite.
 	$(PY) -m pytest
 
-deploy-check: $(STAMP) ## Validate k8s manifests offline and lint the Dockerfile.
-	$(VENV)/bin/kubernetes-validate --strict deploy/k8s/*.yaml
+deploy-check: $(STAMP) $(CHECKOV) ## Render every overlay, validate it offline, run checkov on production, lint the Dockerfile.
+	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	for overlay in $(OVERLAYS); do \
+	  $(KUBECTL) kustomize deploy/k8s/overlays/$$overlay > $(RENDERED)/$$overlay.yaml || exit 1; \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet $(RENDERED)/$$overlay.yaml || exit 1; \
+	  echo "$$overlay: rendered to $(RENDERED)/$$overlay.yaml, valid"; \
+	done
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/overlays/production/secret.example.yaml
+	$(CHECKOV) --quiet --compact --skip-download --framework kubernetes --file $(RENDERED)/production.yaml
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py
 	$(VENV)/bin/hadolint Dockerfile
 
 run: $(STAMP) ## Serve on :50051 with the SQLite store (development auth secret).
@@ -95,4 +114,4 @@ bench: $(STAMP) ## Throughput and CPU per call: bare server vs the full stack, s
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 
 clean: ## Remove the virtualenv, node_modules and local data.
-	rm -rf $(VENV) node_modules var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules var build .pytest_cache .mypy_cache .ruff_cache
