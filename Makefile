@@ -18,7 +18,7 @@ OVERLAYS := development production
 GENERATED_DIR := src/user/v1
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check bench ci clean token
+.PHONY: help setup run test lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -72,8 +72,8 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
 lint: $(STAMP) ## ruff lint and format check.
-	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py
-	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py
+	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
+	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
 	$(VENV)/bin/ruff check --fix src tests bench
@@ -96,6 +96,14 @@ deploy-check: $(STAMP) $(CHECKOV) ## Render every overlay, validate it offline, 
 	$(CHECKOV) --quiet --compact --skip-download --framework kubernetes --file $(RENDERED)/production.yaml
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py
 	$(VENV)/bin/hadolint Dockerfile
+
+# Root only, as CI runs: podman (with the runc runtime), mmdebstrap for the stand-in base image.
+image-test: $(STAMP) ## Build the image with podman and run it locked down (installs podman, runc, mmdebstrap).
+	@missing=; for tool in podman runc mmdebstrap; do command -v $$tool >/dev/null || missing=1; done; \
+	  if [ -n "$$missing" ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends podman runc mmdebstrap; \
+	  fi
+	$(PY) tools/image_test.py
 
 run: $(STAMP) ## Serve on :50051 with the SQLite store (development auth secret).
 	@mkdir -p var
