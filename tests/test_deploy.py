@@ -269,6 +269,9 @@ def test_production_postgresql_connection_budget() -> None:
     max_connections = int(annotations["userservice.example.com/postgresql-max-connections"])
     reserved = int(annotations["userservice.example.com/postgresql-superuser-reserved-connections"])
     (hpa,) = of_kind(docs, "HorizontalPodAutoscaler")
+    # The HPA alone sets the count (a replicas field would reset it on every apply).
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["minReplicas"] >= 3
     surge = deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
     assert isinstance(surge, int), "a percentage surge needs its own arithmetic here"
     pods = hpa["spec"]["maxReplicas"] + surge
