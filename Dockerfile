@@ -3,7 +3,8 @@
 # virtualenv, the runtime stage copies only that virtualenv onto a clean slim base.
 #
 # Both stages must use the same base image: the virtualenv's scripts and symlinks point at
-# that image's /usr/local/bin/python3.11. For release builds pass a digest, e.g.
+# that image's python3.11 (/usr/local/bin/python3.11 in the official one). For release builds
+# pass a digest, e.g.
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest> .
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -19,14 +20,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /build
-# pyproject.toml names README.md as the package readme, so the build needs it too.
-COPY pyproject.toml constraints.txt README.md ./
+# pyproject.toml names README.md as the package readme and LICENSE as its license file, so the
+# build needs them too.
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY src ./src
 
 # constraints.txt pins the whole dependency tree, so the image matches what CI tested.
-# A regular (non-editable) install: the runtime image carries no source tree.
-RUN /opt/venv/bin/pip install --no-cache-dir --constraint constraints.txt . \
-    && /opt/venv/bin/userservice --help > /dev/null
+# A regular (non-editable) install: the runtime image carries no source tree. dumb-init (PID 1,
+# below) comes as a wheel with its static binary, pinned in constraints.txt like the rest, so
+# the image needs no apt-get and no download outside the package index.
+RUN /opt/venv/bin/pip install --no-cache-dir --constraint constraints.txt . dumb-init \
+    && /opt/venv/bin/userservice --help > /dev/null \
+    && /opt/venv/bin/dumb-init --version
 
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -63,7 +68,11 @@ USER 10001:10001
 # 50051: gRPC (h2c, or TLS when USERSERVICE_TLS_* is set). 9090: Prometheus /metrics.
 EXPOSE 50051 9090
 
-# The server handles SIGTERM itself: NOT_SERVING, drain delay, then graceful stop. The
-# exec-form ENTRYPOINT keeps it PID 1 so it receives the signal directly.
+# PID 1 is dumb-init: it forwards SIGTERM (and every other signal) to the server, which runs
+# its own sequence (NOT_SERVING, drain, graceful stop, exit 0), exits with the server's code,
+# and reaps orphaned processes, which the kernel leaves to PID 1 and Python never waits for.
+# CMD is the subcommand, so `docker run IMAGE migrate` or a Job's `args: ["migrate"]` run the
+# other subcommands under the same init.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["userservice", "serve"]
+ENTRYPOINT ["dumb-init", "--", "userservice"]
+CMD ["serve"]

@@ -7,12 +7,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 STAMP := $(VENV)/.installed
+# checkov pins packaging (and more) differently from constraints.txt: its own virtualenv.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
+KUBECTL := $(VENV)/bin/kubectl
+RENDERED := build/k8s
+OVERLAYS := development production
 # Only the versioned package is generated: src/user/__init__.py is committed, so a service whose
 # Python package shares the proto package's name (see `make new-service`) keeps its own.
 GENERATED_DIR := src/user/v1
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check bench ci clean token
+.PHONY: help setup run test lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -28,6 +34,11 @@ $(STAMP): pyproject.toml constraints.txt
 # that wrote the lock, and `npm ci` elsewhere would then refuse it.
 $(BUF): package.json
 	npm install --silent --no-audit --no-fund --no-package-lock
+	touch $@
+
+$(CHECKOV): tools/checkov-constraints.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --constraint tools/checkov-constraints.txt checkov
 	touch $@
 
 setup: $(STAMP) $(BUF) ## Create .venv and install Python and buf tooling.
@@ -61,8 +72,8 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
 lint: $(STAMP) ## ruff lint and format check.
-	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py
-	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py
+	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
+	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
 	$(VENV)/bin/ruff check --fix src tests bench
@@ -74,9 +85,25 @@ typecheck: $(STAMP) ## mypy --strict on src/.
 test: $(STAMP) ## Run the whole test suite.
 	$(PY) -m pytest
 
-deploy-check: $(STAMP) ## Validate k8s manifests offline and lint the Dockerfile.
-	$(VENV)/bin/kubernetes-validate --strict deploy/k8s/*.yaml
+deploy-check: $(STAMP) $(CHECKOV) ## Render every overlay, validate it offline, run checkov on production, lint the Dockerfile.
+	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	for overlay in $(OVERLAYS); do \
+	  $(KUBECTL) kustomize deploy/k8s/overlays/$$overlay > $(RENDERED)/$$overlay.yaml || exit 1; \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet $(RENDERED)/$$overlay.yaml || exit 1; \
+	  echo "$$overlay: rendered to $(RENDERED)/$$overlay.yaml, valid"; \
+	done
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/overlays/production/secret.example.yaml
+	$(CHECKOV) --quiet --compact --skip-download --framework kubernetes --file $(RENDERED)/production.yaml
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py
 	$(VENV)/bin/hadolint Dockerfile
+
+# Root only, as CI runs: podman (with the runc runtime), mmdebstrap for the stand-in base image.
+image-test: $(STAMP) ## Build the image with podman and run it locked down (installs podman, runc, mmdebstrap).
+	@missing=; for tool in podman runc mmdebstrap; do command -v $$tool >/dev/null || missing=1; done; \
+	  if [ -n "$$missing" ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends podman runc mmdebstrap; \
+	  fi
+	$(PY) tools/image_test.py
 
 run: $(STAMP) ## Serve on :50051 with the SQLite store (development auth secret).
 	@mkdir -p var
@@ -95,4 +122,4 @@ bench: $(STAMP) ## Throughput and CPU per call: bare server vs the full stack, s
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 
 clean: ## Remove the virtualenv, node_modules and local data.
-	rm -rf $(VENV) node_modules var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules var build .pytest_cache .mypy_cache .ruff_cache

@@ -37,6 +37,7 @@ ADD_AN_RPC = sorted((ROOT / "docs" / "adding-an-rpc").glob("*.patch"))
         ('prefix: str = "userservice:ratelimit:"', 'prefix: str = "orders:ratelimit:"'),
         ("userservice_rpc_total app.kubernetes.io/name: userservice",
          "orders_rpc_total app.kubernetes.io/name: orders"),
+        ("alert: UserserviceErrorRatioHigh", "alert: OrdersErrorRatioHigh"),
         # The migration advisory lock: a different 64-bit key per service.
         ("0x7573_6572_7376_6331  # usersvc1", "0x6f72_6465_7273_5f31  # orders_1"),
         # Words that only contain the resource name stay.

