@@ -14,12 +14,14 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+import userservice
 from user.v1 import user_service_pb2
 from userservice.config import Settings
 from userservice.domain.errors import StorageUnavailableError
@@ -28,10 +30,20 @@ from userservice.domain.repository import UserRepository
 from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
-from userservice.metrics import MetricsServer, start_metrics_server
+from userservice.metrics import (
+    MetricsServer,
+    publish_build_info,
+    publish_health,
+    start_metrics_server,
+)
+from userservice.observability.storage import instrument
+from userservice.observability.tracing import TracingUnavailableError, start_tracing
 from userservice.reflection import enable_reflection
 from userservice.storage import open_repository
 from userservice.transport.servicer import register
+
+if TYPE_CHECKING:
+    from userservice.observability.otel import Tracing
 
 log = logging.getLogger("userservice.server")
 
@@ -110,9 +122,11 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 class Application:
     """The running service: start() brings it up, stop() runs the shutdown sequence."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tracing: Tracing | None = None) -> None:
+        """Prepare to serve settings; tracing, if not given, comes from the OTEL_* environment."""
         self.settings = settings
         self.health = HealthServicer([SERVICE_NAME])
+        self._tracing = tracing
         self.port = 0
         self._repository: UserRepository | None = None
         self._service: UserService | None = None
@@ -143,13 +157,25 @@ class Application:
 
     async def _start(self) -> None:
         settings = self.settings
+        publish_build_info()
+        for service in self.health.services:
+            publish_health(service, partial(self._serving, service))
+        if self._tracing is None:
+            try:
+                self._tracing = start_tracing(os.environ, userservice.__version__)
+            except TracingUnavailableError as error:
+                raise StartupError(f"cannot trace: {error}") from error
         try:
-            self._repository = await open_repository(settings.database_url, settings=settings)
+            store = await open_repository(settings.database_url, settings=settings)
         except Exception as error:
             known = _storage_startup_error(error)
             if known is None:
                 raise
             raise known from error
+        spans = None
+        if self._tracing is not None:
+            spans = self._tracing.storage_spans(_db_system(settings.database_url))
+        self._repository = instrument(store, spans)
         key = settings.page_token_secret.encode() or os.urandom(32)
         self._service = UserService(
             self._repository,
@@ -157,7 +183,7 @@ class Application:
             watch_progress_seconds=settings.watch_progress_seconds,
             watch_buffer_size=settings.watch_buffer_events,
         )
-        self._chain = await build_chain(settings)
+        self._chain = await build_chain(settings, self._tracing)
         server = grpc.aio.server(
             interceptors=self._chain.interceptors,
             options=channel_options(settings),
@@ -208,8 +234,12 @@ class Application:
                 "reflection": settings.reflection,
                 "database": settings.database_url.split(":", 1)[0],
                 "metrics_port": self.metrics_port,
+                "tracing": self._tracing is not None,
             },
         )
+
+    def _serving(self, service: str) -> bool:
+        return bool(self.health.status_of(service) == SERVING)
 
     async def stop(self) -> None:
         """Run the shutdown sequence once; later calls wait for the first to finish."""
@@ -258,12 +288,20 @@ class Application:
             closers.append(("interceptors", self._chain.aclose))
         if self._repository is not None:
             closers.append(("storage", self._repository.close))
-        self._metrics = self._chain = self._repository = None
+        if self._tracing is not None:
+            # Last, so spans of the calls that ended during shutdown are exported.
+            closers.append(("tracing", self._tracing.aclose))
+        self._metrics = self._chain = self._repository = self._tracing = None
         for name, close in closers:
             try:
                 await close()
             except Exception as error:
                 log.error("closing %s failed: %s: %s", name, type(error).__name__, error)
+
+
+def _db_system(database_url: str) -> str:
+    """Return the db.system.name of the store a database URL opens."""
+    return "postgresql" if database_url.startswith("postgres") else "sqlite"
 
 
 def _as_async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
