@@ -50,7 +50,6 @@ from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.jwt_verifier import verifier_from_settings
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitInterceptor
-from userservice.interceptors.ratelimit_redis import RedisLimiter
 from userservice.interceptors.recovery import RecoveryInterceptor
 
 if TYPE_CHECKING:
@@ -126,6 +125,10 @@ async def build_chain(settings: Settings, tracing: Tracing | None = None) -> Int
     if settings.rate_limit_rps > 0:
         limiter: Limiter
         if settings.rate_limit_redis_url:
+            # Imported only when used: redis-py imports the OpenTelemetry SDK if it is installed,
+            # which a service not using Redis (or not tracing) should not pay for.
+            from userservice.interceptors.ratelimit_redis import RedisLimiter
+
             shared = RedisLimiter.from_url(
                 settings.rate_limit_redis_url,
                 settings.rate_limit_rps,
