@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -18,7 +20,7 @@ from interceptor_harness import AccessLog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from support import Client, connect, make_settings, new_user
+from support import TEST_JWT_SECRET, Client, connect, make_settings, new_user
 
 from user.v1 import user_service_pb2 as pb
 from userservice.observability import otel
@@ -233,3 +235,67 @@ async def test_tracing_on_without_the_extra_is_a_clear_startup_error(sqlite_url:
     assert process.returncode != 0
     assert "cannot trace: OTEL_* asks for traces but OpenTelemetry is not installed" in err.decode()
     assert "install 'userservice[otel]'" in err.decode()
+
+
+def _spans_printed(stdout: str) -> list[dict[str, object]]:
+    """Parse the console exporter's output: JSON objects one after another."""
+    decoder, spans, at = json.JSONDecoder(), [], 0
+    while (at := stdout.find("{", at)) >= 0:
+        span, at = decoder.raw_decode(stdout, at)
+        spans.append(span)
+    return spans
+
+
+@pytest.mark.asyncio
+async def test_userservice_serve_exports_spans_with_the_console_exporter(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environ = {
+        key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")
+    }
+    environ.update(
+        {
+            "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+            "USERSERVICE_DATABASE_URL": sqlite_url,
+            "USERSERVICE_AUTH_JWT_SECRET": TEST_JWT_SECRET,
+            "USERSERVICE_LOG_LEVEL": "INFO",
+            "USERSERVICE_SHUTDOWN_DRAIN_SECONDS": "0",
+            "OTEL_TRACES_EXPORTER": "console",
+            "OTEL_SERVICE_NAME": "users-console",
+        }
+    )
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "userservice", "serve", env=environ, stdout=out, stderr=err
+        )
+    try:
+        async with connect(port) as client:
+            await asyncio.wait_for(client.channel.channel_ready(), timeout=30)
+            metadata = (*client.metadata, ("traceparent", TRACEPARENT))
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await client.stub.GetUser(pb.GetUserRequest(id=MISSING_ID), metadata=metadata)
+            assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), timeout=30)
+    assert code == 0, stderr.read_text()
+    spans = _spans_printed(stdout.read_text())
+    (server,) = [span for span in spans if span["name"] == "user.v1.UserService/GetUser"]
+    assert server["kind"] == "SpanKind.SERVER"
+    assert server["context"]["trace_id"] == "0x" + TRACE_ID  # type: ignore[index]
+    assert server["parent_id"] == "0x" + PARENT_ID
+    assert server["resource"]["attributes"]["service.name"] == "users-console"  # type: ignore[index]
+    (storage,) = [span for span in spans if span["name"] == "UserRepository.get"]
+    assert storage["parent_id"] == server["context"]["span_id"]  # type: ignore[index]
+    access = [
+        json.loads(line)
+        for line in stderr.read_text().splitlines()
+        if '"logger":"userservice.access"' in line
+    ]
+    (line,) = [line for line in access if line["method"].endswith("/GetUser")]
+    assert line["trace_id"] == TRACE_ID
+    assert "0x" + line["span_id"] == server["context"]["span_id"]  # type: ignore[index]
