@@ -115,8 +115,12 @@ async def test_metrics_after_calls_of_every_kind(sqlite_url: str) -> None:
         watch = stub.WatchUsers(pb.WatchUsersRequest(), metadata=md)
         watching = rpc("server_stream", "WatchUsers")
 
+        # Series are process-wide and earlier tests' servers added to them: compare to before.
+        open_before = value(before, "userservice_open_streams", watching)
+
         async def watch_open() -> bool:
-            return value(await scrape(port), "userservice_open_streams", watching) == 1
+            now = value(await scrape(port), "userservice_open_streams", watching)
+            return now == open_before + 1
 
         await until(watch_open)
         with pytest.raises(grpc.aio.AioRpcError) as second:
@@ -135,9 +139,11 @@ async def test_metrics_after_calls_of_every_kind(sqlite_url: str) -> None:
         assert refused is grpc.StatusCode.RESOURCE_EXHAUSTED
 
         watch_handled = rpc("server_stream", "WatchUsers", grpc_code="Canceled")
+        handled_before = value(before, "grpc_server_handled_total", watch_handled)
 
         async def watch_ended() -> bool:
-            return value(await scrape(port), "grpc_server_handled_total", watch_handled) == 1
+            now = value(await scrape(port), "grpc_server_handled_total", watch_handled)
+            return now == handled_before + 1
 
         await until(watch_ended)
         after = await scrape(port)
@@ -177,7 +183,7 @@ async def test_metrics_after_calls_of_every_kind(sqlite_url: str) -> None:
     assert delta("grpc_server_msg_sent_total", bidi) == len(synced) == 2
     assert delta("grpc_server_started_total", watching) == 2
     assert delta("grpc_server_handled_total", {**watching, "grpc_code": "ResourceExhausted"}) == 1
-    assert value(after, "userservice_open_streams", watching) == 0
+    assert value(after, "userservice_open_streams", watching) == open_before
     check = rpc("unary", "Check", service="grpc.health.v1.Health")
     assert delta("grpc_server_handled_total", {**check, "grpc_code": "OK"}) >= 1
 

@@ -1,4 +1,4 @@
-"""Wiring and lifecycle: storage, domain, gRPC server, interceptors, health, metrics.
+"""Wiring and lifecycle: storage, domain, gRPC server, interceptors, health, metrics, traces.
 
 Shutdown is one fixed sequence (see Application.stop): health NOT_SERVING and
 health Watch streams ended → drain delay → server.stop(grace) while open
