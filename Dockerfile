@@ -28,8 +28,9 @@ COPY src ./src
 # constraints.txt pins the whole dependency tree, so the image matches what CI tested.
 # A regular (non-editable) install: the runtime image carries no source tree. dumb-init (PID 1,
 # below) comes as a wheel with its static binary, pinned in constraints.txt like the rest, so
-# the image needs no apt-get and no download outside the package index.
-RUN /opt/venv/bin/pip install --no-cache-dir --constraint constraints.txt . dumb-init \
+# the image needs no apt-get and no download outside the package index. The otel extra is in:
+# setting OTEL_TRACES_EXPORTER (README "Traces") then needs no other image.
+RUN /opt/venv/bin/pip install --no-cache-dir --constraint constraints.txt '.[otel]' dumb-init \
     && /opt/venv/bin/userservice --help > /dev/null \
     && /opt/venv/bin/dumb-init --version
 

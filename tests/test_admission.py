@@ -73,7 +73,7 @@ async def test_one_principal_over_its_limit_while_health_and_others_go_on(
 ) -> None:
     log = AccessLog(capsys, caplog)
     settings = make_settings(sqlite_url, max_streams_per_principal=3, max_open_streams=10)
-    refused_before = handled_count(WATCH, "RESOURCE_EXHAUSTED")
+    refused_before = handled_count(WATCH, "ResourceExhausted")
     async with (
         running_app(settings) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
@@ -108,7 +108,7 @@ async def test_one_principal_over_its_limit_while_health_and_others_go_on(
     assert len(refused) == 1
     assert refused[0]["reason"] == "TOO_MANY_STREAMS"
     assert refused[0]["principal"] == "flooder"
-    assert handled_count(WATCH, "RESOURCE_EXHAUSTED") == refused_before + 1
+    assert handled_count(WATCH, "ResourceExhausted") == refused_before + 1
 
 
 @pytest.mark.asyncio

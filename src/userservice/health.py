@@ -73,6 +73,15 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         """Return the overall status."""
         return self._statuses[OVERALL]
 
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The service names answered for, '' (the whole server) first."""
+        return tuple(self._statuses)
+
+    def status_of(self, service: str) -> int:
+        """Return the status of one of the services."""
+        return self._statuses[service]
+
     async def shut_down(self) -> None:
         """Report NOT_SERVING for good and end every Watch stream after it is told."""
         async with self._changed:

@@ -1,4 +1,4 @@
-"""Wiring and lifecycle: storage, domain, gRPC server, interceptors, health, metrics.
+"""Wiring and lifecycle: storage, domain, gRPC server, interceptors, health, metrics, traces.
 
 Shutdown is one fixed sequence (see Application.stop): health NOT_SERVING and
 health Watch streams ended → drain delay → server.stop(grace) while open
@@ -13,11 +13,13 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+import userservice
 from user.v1 import user_service_pb2
 from userservice import workers
 from userservice.config import Settings, previous_secrets
@@ -28,7 +30,14 @@ from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
 from userservice.interceptors.keys import KeyFetchError
-from userservice.metrics import MetricsServer, start_metrics_server
+from userservice.metrics import (
+    MetricsServer,
+    publish_build_info,
+    publish_health,
+    start_metrics_server,
+)
+from userservice.observability.storage import instrument
+from userservice.observability.tracing import TracingUnavailableError, start_tracing
 from userservice.reflection import enable_reflection
 from userservice.storage import migrate as storage_migrate
 from userservice.storage import open_repository, parse_sqlite_path, storage_failure
@@ -36,6 +45,9 @@ from userservice.storage.sqlite.connection import lock as sqlite_lock
 from userservice.storage.sqlite.shared import SharedCommits
 from userservice.tls import ReloadingServerCredentials, TlsFilesError
 from userservice.transport.servicer import register
+
+if TYPE_CHECKING:
+    from userservice.observability.otel import Tracing
 
 log = logging.getLogger("userservice.server")
 
@@ -114,10 +126,21 @@ def page_token_codec(settings: Settings) -> PageTokenCodec:
 class Application:
     """The running service: start() brings it up, stop() runs the shutdown sequence."""
 
-    def __init__(self, settings: Settings, shared: SharedCommits | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        shared: SharedCommits | None = None,
+        *,
+        tracing: Tracing | None = None,
+    ) -> None:
+        """Prepare to serve settings; tracing, if not given, comes from the OTEL_* environment.
+
+        shared is set in a worker of `--workers N` on SQLite (storage/sqlite/shared.py).
+        """
         self.settings = settings
         self._shared = shared
         self.health = HealthServicer([SERVICE_NAME])
+        self._tracing = tracing
         self.port = 0
         self._repository: UserRepository | None = None
         self._service: UserService | None = None
@@ -148,8 +171,16 @@ class Application:
 
     async def _start(self) -> None:
         settings = self.settings
+        publish_build_info()
+        for service in self.health.services:
+            publish_health(service, partial(self._serving, service))
+        if self._tracing is None:
+            try:
+                self._tracing = start_tracing(os.environ, userservice.__version__)
+            except TracingUnavailableError as error:
+                raise StartupError(f"cannot trace: {error}") from error
         try:
-            self._repository = await open_repository(
+            store = await open_repository(
                 settings.database_url, settings=settings, shared=self._shared
             )
         except Exception as error:
@@ -157,6 +188,10 @@ class Application:
             if known is None:
                 raise
             raise known from error
+        spans = None
+        if self._tracing is not None:
+            spans = self._tracing.storage_spans(_db_system(settings.database_url))
+        self._repository = instrument(store, spans)
         self._service = UserService(
             self._repository,
             page_token_codec(settings),
@@ -164,7 +199,7 @@ class Application:
             watch_buffer_size=settings.watch_buffer_events,
         )
         try:
-            self._chain = await build_chain(settings)
+            self._chain = await build_chain(settings, self._tracing)
         except KeyFetchError as error:
             raise StartupError(str(error)) from error
         server = grpc.aio.server(
@@ -217,8 +252,12 @@ class Application:
                 "reflection": settings.reflection,
                 "database": settings.database_url.split(":", 1)[0],
                 "metrics_port": self.metrics_port,
+                "tracing": self._tracing is not None,
             },
         )
+
+    def _serving(self, service: str) -> bool:
+        return bool(self.health.status_of(service) == SERVING)
 
     async def stop(self) -> None:
         """Run the shutdown sequence once; later calls wait for the first to finish."""
@@ -267,12 +306,20 @@ class Application:
             closers.append(("interceptors", self._chain.aclose))
         if self._repository is not None:
             closers.append(("storage", self._repository.close))
-        self._metrics = self._chain = self._repository = None
+        if self._tracing is not None:
+            # Last, so spans of the calls that ended during shutdown are exported.
+            closers.append(("tracing", self._tracing.aclose))
+        self._metrics = self._chain = self._repository = self._tracing = None
         for name, close in closers:
             try:
                 await close()
             except Exception as error:
                 log.error("closing %s failed: %s: %s", name, type(error).__name__, error)
+
+
+def _db_system(database_url: str) -> str:
+    """Return the db.system.name of the store a database URL opens."""
+    return "postgresql" if database_url.startswith("postgres") else "sqlite"
 
 
 def _as_async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import deque
 from typing import Final, Protocol
@@ -172,7 +173,11 @@ class ChangeFeed:
             return False
         if self._pump is None:
             self._cursor = watcher.cursor
-            self._pump = asyncio.create_task(self._run(), name="userservice-change-feed")
+            # A fresh context: the pump outlives the call that starts it, so it must not carry
+            # that call's request id, principal or trace span into every later read.
+            self._pump = asyncio.create_task(
+                self._run(), name="userservice-change-feed", context=contextvars.Context()
+            )
         elif watcher.cursor < self._cursor:
             return False  # the pump already fanned out events this watcher lacks: replay on
         self._attached.add(watcher)

@@ -19,6 +19,8 @@ MAX_REQUEST_ID_LENGTH: Final = 128
 
 REQUEST_ID: Final[ContextVar[str | None]] = ContextVar("userservice_request_id", default=None)
 PRINCIPAL: Final[ContextVar[str | None]] = ContextVar("userservice_principal", default=None)
+TRACE_LOG_FIELDS: Final[ContextVar[str]] = ContextVar("userservice_trace_log_fields", default="")
+"""The access line's trace fields (``,"trace_id":...,"span_id":...``), set by the tracing layer."""
 _METADATA: Final[ContextVar[Any]] = ContextVar("userservice_metadata", default=None)
 
 

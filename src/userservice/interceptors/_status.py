@@ -9,8 +9,10 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from prometheus_client import Counter
 
 from userservice.interceptors._handlers import Context
+from userservice.metrics import REFUSALS
 
 DOMAIN: Final = "userservice"
 DETAILS_KEY: Final = "grpc-status-details-bin"
@@ -19,14 +21,16 @@ Metadata: TypeAlias = tuple[tuple[str, str | bytes], ...]
 
 
 class Rejection(NamedTuple):
-    """A complete error status, built once and sent with abort()."""
+    """A complete error status, built once and sent with abort(), which counts it as a refusal."""
 
     code: grpc.StatusCode
     message: str
     trailing_metadata: Metadata
+    refusals: Counter
 
     async def abort(self, context: Context) -> NoReturn:
-        """End the call with this status (raises, as context.abort does)."""
+        """Count the refusal, then end the call with this status (raises, as context.abort does)."""
+        self.refusals.inc()
         await context.abort(self.code, self.message, self.trailing_metadata)
         raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
@@ -40,7 +44,11 @@ def rejection(
     details: Sequence[Message] = (),
     headers: Sequence[tuple[str, str]] = (),
 ) -> Rejection:
-    """Build a status carrying ErrorInfo(reason), further details and plain trailing headers."""
+    """Build a refusal carrying ErrorInfo(reason), further details and plain trailing headers.
+
+    Its abort() counts ``userservice_refusals_total{reason}``: auth, admission and the rate
+    limit build theirs here, so every refusal of theirs is counted by its reason.
+    """
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(
         error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=info or {})
@@ -48,7 +56,9 @@ def rejection(
     for detail in details:
         status.details.add().Pack(detail)
     converted = rpc_status.to_status(status)
-    return Rejection(code, message, (*headers, *converted.trailing_metadata))
+    return Rejection(
+        code, message, (*headers, *converted.trailing_metadata), REFUSALS.labels(reason)
+    )
 
 
 def error_reason(trailing_metadata: Iterable[Any] | None) -> str | None:

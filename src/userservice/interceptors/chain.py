@@ -1,8 +1,12 @@
-"""The server interceptor chain, outermost first: recovery, access log, auth, admission, rate limit.
+"""The server interceptor chain, outermost first: recovery, [tracing,] access log, auth, admission,
+rate limit.
 
 - Recovery is outermost so that nothing escapes it: a bug in the access log, in token
   verification or in the limiter becomes INTERNAL with a correlation id, like a bug in
   a handler.
+- Tracing (only when OTEL_* turns it on, see observability/otel.py) comes next: its server
+  span covers everything below, sees each call's final code, and is current while the access
+  log writes its line, which therefore carries the trace id.
 - The access log comes next so that every call is logged and measured with the code it
   really ended with, including calls that auth rejected, the limiter refused, or that
   recovery turned into INTERNAL.
@@ -34,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 
@@ -46,12 +50,16 @@ from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.jwt_verifier import verifier_from_settings
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitInterceptor
-from userservice.interceptors.ratelimit_redis import RedisLimiter
 from userservice.interceptors.recovery import RecoveryInterceptor
+
+if TYPE_CHECKING:
+    from userservice.observability.otel import Tracing
 
 _log: Final = logging.getLogger("userservice.chain")
 PUBLIC_METHODS: Final = ("grpc.health.v1.Health/*", "grpc.reflection.*")
 """Methods served without a token, admission limits or a rate limit."""
+UNTRACED_METHODS: Final = ("grpc.health.v1.Health/*",)
+"""Methods without a server span: probes every few seconds per pod would bury the real traces."""
 
 
 class ComposedInterceptor(WrappingInterceptor):
@@ -94,13 +102,15 @@ class InterceptorChain:
                 _log.error("closing an interceptor failed: %s: %s", type(error).__name__, error)
 
 
-async def build_chain(settings: Settings) -> InterceptorChain:
+async def build_chain(settings: Settings, tracing: Tracing | None = None) -> InterceptorChain:
     """Build the chain for settings; a rate_limit_rps of 0 leaves the limiter out."""
     public = MethodMatcher(PUBLIC_METHODS)
     access_log = AccessLogInterceptor()
     verifier = verifier_from_settings(settings)
-    layers: list[WrappingInterceptor] = [
-        RecoveryInterceptor(),
+    layers: list[WrappingInterceptor] = [RecoveryInterceptor()]
+    if tracing is not None:
+        layers.append(tracing.interceptor(MethodMatcher(UNTRACED_METHODS)))
+    layers += [
         access_log,
         AuthInterceptor(verifier, public),
         AdmissionInterceptor(
@@ -116,6 +126,10 @@ async def build_chain(settings: Settings) -> InterceptorChain:
     if settings.rate_limit_rps > 0:
         limiter: Limiter
         if settings.rate_limit_redis_url:
+            # Imported only when used: redis-py imports the OpenTelemetry SDK if it is installed,
+            # which a service not using Redis (or not tracing) should not pay for.
+            from userservice.interceptors.ratelimit_redis import RedisLimiter
+
             shared = RedisLimiter.from_url(
                 settings.rate_limit_redis_url,
                 settings.rate_limit_rps,

@@ -1,0 +1,1 @@
+"""Observability beyond the interceptors: storage metrics and spans, optional OpenTelemetry."""
