@@ -293,3 +293,27 @@ async def test_ids_sort_in_creation_order(client: Client) -> None:
         pb.ListUsersRequest(page_size=100), metadata=client.metadata
     )
     assert [user.id for user in listed.users] == ids
+
+
+@pytest.mark.asyncio
+async def test_every_answer_carries_the_request_id_in_its_trailers(client: Client) -> None:
+    user = await create(client, "trailers@example.com")
+    given = (*client.metadata, ("x-request-id", "trail-1"))
+    ok = client.stub.GetUser(pb.GetUserRequest(id=user.id), metadata=given)
+    await ok
+    assert dict(await ok.trailing_metadata())["x-request-id"] == "trail-1"
+    assert "x-request-id" not in dict(await ok.initial_metadata())
+    missing = client.stub.GetUser(pb.GetUserRequest(id=str(uuid.uuid4())), metadata=given)
+    with pytest.raises(grpc.aio.AioRpcError) as not_found:
+        await missing
+    trailers = dict(not_found.value.trailing_metadata() or ())
+    assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+    # Beside the rich details the domain error carries.
+    assert trailers["x-request-id"] == "trail-1"
+    assert "grpc-status-details-bin" in trailers
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.stub.GetUser(
+            pb.GetUserRequest(id=user.id), metadata=(("x-request-id", "trail-2"),)
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(refused.value.trailing_metadata() or ())["x-request-id"] == "trail-2"

@@ -84,11 +84,25 @@ async def test_one_line_per_rpc_with_its_fields(
 
 
 @pytest.mark.asyncio
-async def test_request_id_given_is_echoed_in_initial_metadata(harness: Harness) -> None:
+async def test_request_id_given_is_echoed_in_trailing_metadata(harness: Harness) -> None:
     result = await harness.call(
         "GetUser", b"x", token=token(), metadata=[("x-request-id", "given-1")]
     )
-    assert result.initial_metadata["x-request-id"] == "given-1"
+    assert result.trailing_metadata["x-request-id"] == "given-1"
+    # Not in a unary call's initial metadata: that would cost grpc.aio a batch of its own.
+    assert "x-request-id" not in result.initial_metadata
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", [SERVER_STREAM, CLIENT_STREAM, BIDI_STREAM])
+async def test_a_stream_gets_the_request_id_at_once_and_with_its_status(
+    harness: Harness, kind: str
+) -> None:
+    result = await harness.call(
+        BY_KIND[kind], b"x", token=token(), metadata=[("x-request-id", "stream-1")]
+    )
+    assert result.initial_metadata["x-request-id"] == "stream-1"
+    assert result.trailing_metadata["x-request-id"] == "stream-1"
 
 
 @pytest.mark.asyncio
@@ -102,7 +116,7 @@ async def test_request_id_is_generated_when_absent_or_invalid(
 ) -> None:
     metadata = [] if given is None else [("x-request-id", given)]
     result = await harness.call("GetUser", b"x", token=token(), metadata=metadata)
-    generated = result.initial_metadata["x-request-id"]
+    generated = result.trailing_metadata["x-request-id"]
     assert isinstance(generated, str)
     assert len(generated) == 24
     assert generated != given
@@ -123,7 +137,9 @@ def test_request_id_validation(value: str, valid: bool) -> None:
 async def test_request_id_is_returned_on_failures_too(harness: Harness) -> None:
     result = await harness.call("GetUser", b"x", metadata=[("x-request-id", "failing-1")])
     assert result.code is grpc.StatusCode.UNAUTHENTICATED
-    assert result.initial_metadata["x-request-id"] == "failing-1"
+    # An abort's trailers keep the request id beside its own (www-authenticate here).
+    assert result.trailing_metadata["x-request-id"] == "failing-1"
+    assert "www-authenticate" in result.trailing_metadata
 
 
 @pytest.mark.asyncio

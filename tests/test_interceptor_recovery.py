@@ -49,7 +49,7 @@ async def test_exception_becomes_internal_with_request_id(
     assert result.details == "internal error (request id rid-1)"
     assert "alice" not in result.details
     assert "Traceback" not in result.details
-    assert result.initial_metadata["x-request-id"] == "rid-1"
+    assert result.trailing_metadata["x-request-id"] == "rid-1"
     records = [r for r in caplog.records if r.name == "userservice.recovery"]
     assert len(records) == 1
     assert records[0].request_id == "rid-1"  # type: ignore[attr-defined]

@@ -203,15 +203,16 @@ class Application:
         except KeyFetchError as error:
             raise StartupError(str(error)) from error
         server = grpc.aio.server(
-            interceptors=self._chain.interceptors,
             options=channel_options(settings),
             maximum_concurrent_rpcs=grpc_backstop(settings),
         )
         self._server = server
-        register(server, self._service)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # The chain is applied once per method as the servicers register, not per call.
+        registrar: Any = self._chain.registrar(server)
+        register(registrar, self._service)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         if settings.reflection:
-            enable_reflection(server, [SERVICE_NAME, "grpc.health.v1.Health"])
+            enable_reflection(registrar, [SERVICE_NAME, "grpc.health.v1.Health"])
         credentials = _server_credentials(settings)
         try:
             if credentials is None:

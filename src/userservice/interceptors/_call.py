@@ -8,7 +8,7 @@ once the inner call returns or raises.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from typing import Any, Final
 
@@ -60,3 +60,17 @@ def request_id(context: Context) -> str:
         current = given if given is not None and valid_request_id(given) else new_request_id()
         REQUEST_ID.set(current)
     return current
+
+
+def with_request_id(
+    trailing_metadata: Sequence[tuple[str, str | bytes]],
+) -> tuple[tuple[str, str | bytes], ...]:
+    """Return trailing metadata for an abort, with the call's x-request-id first.
+
+    An abort's trailing metadata replaces what the access log set, so every abort passes
+    its metadata through here to keep the request id in the trailers of every status.
+    """
+    current = REQUEST_ID.get()
+    if current is None:
+        return tuple(trailing_metadata)
+    return ((REQUEST_ID_KEY, current), *trailing_metadata)

@@ -184,13 +184,17 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
         cached = self._wrapped.get(key)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        behaviour = self.wrap(method, kind_of(handler), normalised(handler))
-        wrapped = handler if behaviour is None else rebuild(handler, behaviour)
+        wrapped = self.wrapped_handler(method, handler)
         if len(self._wrapped) >= _CACHE_LIMIT:
             self._wrapped.clear()
         # The entry holds the handler itself, so its id cannot be reused while cached.
         self._wrapped[key] = (handler, wrapped)
         return wrapped
+
+    def wrapped_handler(self, method: str, handler: Handler) -> Handler:
+        """Return handler with this interceptor's behaviour around it (built anew each call)."""
+        behaviour = self.wrap(method, kind_of(handler), normalised(handler))
+        return handler if behaviour is None else rebuild(handler, behaviour)
 
     @abc.abstractmethod
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:

@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter
 
+from userservice.interceptors._call import with_request_id
 from userservice.interceptors._handlers import Context
 from userservice.metrics import REFUSALS
 
@@ -31,7 +32,7 @@ class Rejection(NamedTuple):
     async def abort(self, context: Context) -> NoReturn:
         """Count the refusal, then end the call with this status (raises, as context.abort does)."""
         self.refusals.inc()
-        await context.abort(self.code, self.message, self.trailing_metadata)
+        await context.abort(self.code, self.message, with_request_id(self.trailing_metadata))
         raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 

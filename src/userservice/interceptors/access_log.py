@@ -158,7 +158,9 @@ class AccessLogInterceptor(WrappingInterceptor):
                 correlation = request_id(context)
                 code = _OK
                 try:
-                    await context.send_initial_metadata(((REQUEST_ID_KEY, correlation),))
+                    # In the trailers, which ride with the status at no cost: initial metadata
+                    # would be a batch of its own (~15-20 µs per unary call).
+                    context.set_trailing_metadata(((REQUEST_ID_KEY, correlation),))
                     response = await behaviour(request, context)
                     code = context.code() or _OK
                     return response
@@ -185,6 +187,10 @@ class AccessLogInterceptor(WrappingInterceptor):
                 counting.count_received()
             code = _OK
             try:
+                context.set_trailing_metadata(((REQUEST_ID_KEY, correlation),))
+                # A stream also sends it at once: its client learns the call is established
+                # before the first message (a watch may have none for long), for one batch per
+                # stream rather than per message.
                 await context.send_initial_metadata(((REQUEST_ID_KEY, correlation),))
                 response = await behaviour(request, cast(Context, counting))
                 code = context.code() or _OK

@@ -29,8 +29,10 @@ grpc.aio runs ``interceptors=[a, b]`` with ``a`` outermost, and pays for every e
 every call (a coroutine and a handler lookup per layer). So, as go-grpc-middleware's
 ``ChainUnaryServer`` does, the layers are composed into one grpc interceptor: each layer
 stays its own module and its own ``WrappingInterceptor`` (usable alone), and the composed
-handler is built once per method and cached. All per-call work runs inside the wrapped
-behaviour, which is what lets recovery see an exception raised inside auth.
+handler is built once per method and cached. The server applies it as servicers register
+(``InterceptorChain.registrar``, registration.py), so grpc.aio runs no interceptor machinery
+per call at all. All per-call work runs inside the wrapped behaviour, which is what lets
+recovery see an exception raised inside auth.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from userservice.interceptors.jwt_verifier import verifier_from_settings
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitInterceptor
 from userservice.interceptors.recovery import RecoveryInterceptor
+from userservice.interceptors.registration import InterceptedRegistrar
 
 if TYPE_CHECKING:
     from userservice.observability.otel import Tracing
@@ -89,7 +92,16 @@ class InterceptorChain:
     interceptors: list[grpc.aio.ServerInterceptor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.interceptors = [ComposedInterceptor(self.layers)]
+        self.composed = ComposedInterceptor(self.layers)
+        self.interceptors = [self.composed]
+
+    def registrar(self, server: grpc.aio.Server) -> InterceptedRegistrar:
+        """Return what servicers register on to have the chain applied once per method.
+
+        The server itself is then built without interceptors (see registration.py); the
+        interceptors list remains for code that builds its own server.
+        """
+        return InterceptedRegistrar(server, self.composed)
 
     async def aclose(self) -> None:
         """Release what the interceptors hold (the Redis connections), once the server stopped."""

@@ -17,7 +17,7 @@ from typing import Any, Final, NoReturn
 
 import grpc
 
-from userservice.interceptors._call import request_id
+from userservice.interceptors._call import request_id, with_request_id
 from userservice.interceptors._handlers import (
     Behaviour,
     Context,
@@ -63,7 +63,7 @@ async def _recover(method: str, context: Context, error: Exception) -> NoReturn:
     else:
         message = context.details() or f"{code.name.lower()} (request id {correlation})"
     # The exception text may hold anything (emails, SQL): the client only gets the message.
-    await context.abort(code, message)
+    await context.abort(code, message, with_request_id(()))
 
 
 class RecoveryInterceptor(WrappingInterceptor):

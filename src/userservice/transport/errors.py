@@ -28,6 +28,7 @@ from userservice.domain.errors import (
     UserNotFoundError,
     WatcherTooSlowError,
 )
+from userservice.interceptors._call import with_request_id
 
 ERROR_DOMAIN = "userservice"
 USER_RESOURCE_TYPE = "user.v1.User"
@@ -125,4 +126,5 @@ async def abort_with_domain_error(
     context: grpc.aio.ServicerContext[object, object], error: DomainError
 ) -> None:
     """End the call with the mapped status and rich details; never returns."""
-    await context.abort_with_status(rpc_status.to_status(status_proto(error)))
+    status = rpc_status.to_status(status_proto(error))
+    await context.abort(status.code, status.details, with_request_id(status.trailing_metadata))
