@@ -32,6 +32,11 @@ MSG_RECEIVED: Final = Counter(
 MSG_SENT: Final = Counter(
     "grpc_server_msg_sent_total", "Stream messages sent to clients.", _METHOD_LABELS
 )
+MALFORMED_REQUESTS: Final = Counter(
+    "userservice_malformed_requests_total",
+    "Request messages that did not parse (answered INVALID_ARGUMENT, MALFORMED_REQUEST).",
+    ["grpc_service", "grpc_method"],
+)
 ACCESS_LOG_ERRORS: Final = Counter(
     "userservice_access_log_errors_total", "Access log lines or metrics lost to an error."
 )

@@ -152,11 +152,11 @@ async def _write(context: Context, message: Any) -> None:
         raise
 
 
-def rebuild(handler: Handler, behaviour: Behaviour) -> Handler:
-    """Return a handler of the same kind and codecs that runs behaviour."""
+def rebuild(handler: Handler, behaviour: Behaviour, request_deserializer: Any) -> Handler:
+    """Return a handler of the same kind and response codec that runs behaviour."""
     return _FACTORIES[kind_of(handler)](
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -184,13 +184,22 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
         cached = self._wrapped.get(key)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        behaviour = self.wrap(method, kind_of(handler), normalised(handler))
-        wrapped = handler if behaviour is None else rebuild(handler, behaviour)
+        original = normalised(handler)
+        behaviour = self.wrap(method, kind_of(handler), original)
+        deserializer = self.wrap_deserializer(method, handler.request_deserializer)
+        if behaviour is None and deserializer is handler.request_deserializer:
+            wrapped = handler
+        else:
+            wrapped = rebuild(handler, behaviour or original, deserializer)
         if len(self._wrapped) >= _CACHE_LIMIT:
             self._wrapped.clear()
         # The entry holds the handler itself, so its id cannot be reused while cached.
         self._wrapped[key] = (handler, wrapped)
         return wrapped
+
+    def wrap_deserializer(self, method: str, deserializer: Any) -> Any:
+        """Return the request deserializer to serve method with (by default, deserializer)."""
+        return deserializer
 
     @abc.abstractmethod
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:
