@@ -105,6 +105,11 @@ async def test_health_reports_serving_for_server_and_service(app: Application) -
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await health.List(health_pb2.HealthListRequest())
+        assert {name: listed.statuses[name].status for name in listed.statuses} == {
+            "": health_pb2.HealthCheckResponse.SERVING,
+            SERVICE: health_pb2.HealthCheckResponse.SERVING,
+        }
 
 
 async def _reflection_services(port: int) -> tuple[grpc.StatusCode, list[str]]:

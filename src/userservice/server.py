@@ -28,6 +28,7 @@ from userservice.domain.repository import UserRepository
 from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
+from userservice.logs import quiet_grpc_metadata_errors
 from userservice.metrics import MetricsServer, start_metrics_server
 from userservice.reflection import enable_reflection
 from userservice.storage import open_repository
@@ -143,6 +144,7 @@ class Application:
 
     async def _start(self) -> None:
         settings = self.settings
+        quiet_grpc_metadata_errors()
         try:
             self._repository = await open_repository(settings.database_url, settings=settings)
         except Exception as error:
