@@ -16,6 +16,7 @@ is refused ``UNAUTHENTICATED`` first and writes no warning.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, NoReturn, cast
@@ -29,6 +30,7 @@ from userservice.interceptors._handlers import (
     Behaviour,
     Context,
     WrappingInterceptor,
+    is_batch_error,
 )
 from userservice.interceptors._status import rejection
 from userservice.metrics import MALFORMED_REQUESTS
@@ -85,12 +87,22 @@ async def _reject(
     info = {"request_id": correlation}
     if index is not None:
         info["message_index"] = str(index)
-    await rejection(
+    answer = rejection(
         grpc.StatusCode.INVALID_ARGUMENT,
         f"malformed {where}: not a valid protobuf message (request id {correlation})",
         MALFORMED_REQUEST,
         info=info,
-    ).abort(context)
+    )
+    try:
+        await answer.abort(context)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:
+        # Sending a status fails only on a call core already ended: the caller cancelled a
+        # stream it had read enough of (its cancellation may land here a while later).
+        if is_batch_error(error):
+            raise asyncio.CancelledError from error
+        raise
 
 
 class _CheckedContext:
