@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import code_pb2
-from support import Client, bearer, new_user, rich_details
+from support import Client, bearer, eventually, handled, new_user, rich_details
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
@@ -264,6 +264,8 @@ async def test_a_client_leaving_mid_stream_is_not_logged_as_a_server_error(
 ) -> None:
     """A write that fails because the client cancelled is the client's choice, not a bug."""
     caplog.set_level(logging.INFO)
+    method = "/user.v1.UserService/SyncUsers"
+    cancelled_before = handled(method, "CANCELLED")
     options = [("grpc.http2.bdp_probe", 0)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
@@ -274,7 +276,11 @@ async def test_a_client_leaving_mid_stream_is_not_logged_as_a_server_error(
             )
         await asyncio.sleep(1)  # the server is now blocked writing to a reader that never reads
         call.cancel()
-    await asyncio.sleep(1)
+
+    async def ended() -> bool:
+        return handled(method, "CANCELLED") > cancelled_before
+
+    await eventually(ended, "the server ended the abandoned SyncUsers call")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
     lines = [r for r in caplog.records if r.name == "userservice.recovery"]
