@@ -239,9 +239,19 @@ async def test_sync_flow_control_bounds_server_work_for_a_slow_reader(app: Appli
                 )
 
         writer = asyncio.create_task(write_all())
+        seen: list[int] = []
+
+        async def stalled() -> bool:
+            listed = await stub.ListUsers(pb.ListUsersRequest(), metadata=metadata)
+            seen.append(listed.total_size)
+            return len(seen) >= 3 and seen[-1] == seen[-3] > 0
+
         try:
-            await asyncio.sleep(3)
-            processed = (await stub.ListUsers(pb.ListUsersRequest(), metadata=metadata)).total_size
+            # Polled until the count holds still (0.5 s), then shown to stay so for 1.5 s more.
+            await eventually(
+                stalled, "the server stalls on a reader that does not read", every=0.25
+            )
+            processed = seen[-1]
             await asyncio.sleep(1.5)
             again = (await stub.ListUsers(pb.ListUsersRequest(), metadata=metadata)).total_size
             assert again == processed, "the server kept processing without a reader"
