@@ -104,4 +104,4 @@ bench: $(STAMP) ## Throughput and CPU per call: bare server vs the full stack, s
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 
 clean: ## Remove the virtualenv, node_modules and local data.
-	rm -rf $(VENV) node_modules var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules var .pytest_cache .mypy_cache .ruff_cache .hypothesis
