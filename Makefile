@@ -18,7 +18,7 @@ OVERLAYS := development production
 GENERATED_DIR := src/user/v1
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench ci clean token
+.PHONY: help setup run test fuzz lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -85,6 +85,15 @@ typecheck: $(STAMP) ## mypy --strict on src/.
 test: $(STAMP) ## Run the whole test suite.
 	$(PY) -m pytest
 
+FUZZ_REQUESTS ?= 20000
+
+# A fresh seed each run unless one is given; it is printed, and a failure names it too.
+fuzz: $(STAMP) ## Wire-fuzz a real server: make fuzz FUZZ_REQUESTS=20000 [FUZZ_SEED=9]
+	@seed=$(or $(FUZZ_SEED),$$RANDOM); \
+	  echo "make fuzz: $(FUZZ_REQUESTS) requests per storage backend, seed $$seed"; \
+	  USERSERVICE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) USERSERVICE_FUZZ_SEED=$$seed \
+	  $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider
+
 deploy-check: $(STAMP) $(CHECKOV) ## Render every overlay, validate it offline, run checkov on production, lint the Dockerfile.
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
 	for overlay in $(OVERLAYS); do \
@@ -122,4 +131,4 @@ bench: $(STAMP) ## Throughput and CPU per call: bare server vs the full stack, s
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 
 clean: ## Remove the virtualenv, node_modules and local data.
-	rm -rf $(VENV) $(CHECKOV_VENV) node_modules var build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules var build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -7,8 +7,9 @@ import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2
@@ -18,6 +19,8 @@ from user.v1 import user_pb2, user_service_pb2_grpc
 from userservice.config import Settings
 from userservice.interceptors.auth import mint_token
 from userservice.server import Application
+
+T = TypeVar("T")
 
 TEST_JWT_SECRET = "test-secret-for-the-suite-only-0123456789abcdef"
 TEST_ISSUER = "https://issuer.userservice.test"
@@ -143,3 +146,29 @@ async def run_userservice(*args: str, env: dict[str, str]) -> tuple[int, str]:
             await process.wait()
     assert process.returncode is not None
     return process.returncode, output.decode(errors="replace")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], what: str, *, within: float = 10.0, every: float = 0.05
+) -> T:
+    """Return check()'s first truthy result, polling every `every` s; fail after `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what} (last: {result!r})")
+        await asyncio.sleep(every)
+
+
+def handled(method: str, code: str) -> float:
+    """Return grpc_server_handled_total for a full method name and code name in this process."""
+    from prometheus_client import REGISTRY
+
+    service, _, name = method.lstrip("/").partition("/")
+    labels = {"grpc_service": service, "grpc_method": name, "grpc_code": code}
+    return sum(
+        REGISTRY.get_sample_value("grpc_server_handled_total", {"grpc_type": kind, **labels}) or 0.0
+        for kind in ("unary", "client_stream", "server_stream", "bidi_stream")
+    )

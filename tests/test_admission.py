@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from interceptor_harness import AccessLog
 from prometheus_client import REGISTRY
-from support import bearer, make_settings, new_user, rich_details, running_app
+from support import bearer, eventually, handled, make_settings, new_user, rich_details, running_app
 
 from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc
@@ -74,6 +74,7 @@ async def test_one_principal_over_its_limit_while_health_and_others_go_on(
     log = AccessLog(capsys, caplog)
     settings = make_settings(sqlite_url, max_streams_per_principal=3, max_open_streams=10)
     refused_before = handled_count(WATCH, "ResourceExhausted")
+    closed_before = handled(WATCH, "Canceled")
     async with (
         running_app(settings) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
@@ -100,8 +101,12 @@ async def test_one_principal_over_its_limit_while_health_and_others_go_on(
             assert created.user.id
             async with watches(stub, "other", 1):
                 pass
-        # Streams closed give their slots back.
-        await asyncio.sleep(0.1)
+
+        async def all_closed() -> bool:
+            return handled(WATCH, "Canceled") >= closed_before + 4
+
+        # Streams closed give their slots back (once the server has ended them).
+        await eventually(all_closed, "the four watches ended on the server")
         async with watches(stub, "flooder", 3):
             pass
     refused = refusals(log)

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import code_pb2
-from support import Client, bearer, new_user, rich_details
+from support import Client, bearer, eventually, handled, new_user, rich_details
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
@@ -239,9 +239,19 @@ async def test_sync_flow_control_bounds_server_work_for_a_slow_reader(app: Appli
                 )
 
         writer = asyncio.create_task(write_all())
+        seen: list[int] = []
+
+        async def stalled() -> bool:
+            listed = await stub.ListUsers(pb.ListUsersRequest(), metadata=metadata)
+            seen.append(listed.total_size)
+            return len(seen) >= 3 and seen[-1] == seen[-3] > 0
+
         try:
-            await asyncio.sleep(3)
-            processed = (await stub.ListUsers(pb.ListUsersRequest(), metadata=metadata)).total_size
+            # Polled until the count holds still (0.5 s), then shown to stay so for 1.5 s more.
+            await eventually(
+                stalled, "the server stalls on a reader that does not read", every=0.25
+            )
+            processed = seen[-1]
             await asyncio.sleep(1.5)
             again = (await stub.ListUsers(pb.ListUsersRequest(), metadata=metadata)).total_size
             assert again == processed, "the server kept processing without a reader"
@@ -264,6 +274,8 @@ async def test_a_client_leaving_mid_stream_is_not_logged_as_a_server_error(
 ) -> None:
     """A write that fails because the client cancelled is the client's choice, not a bug."""
     caplog.set_level(logging.INFO)
+    method = "/user.v1.UserService/SyncUsers"
+    cancelled_before = handled(method, "Canceled")
     options = [("grpc.http2.bdp_probe", 0)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
@@ -274,7 +286,11 @@ async def test_a_client_leaving_mid_stream_is_not_logged_as_a_server_error(
             )
         await asyncio.sleep(1)  # the server is now blocked writing to a reader that never reads
         call.cancel()
-    await asyncio.sleep(1)
+
+    async def ended() -> bool:
+        return handled(method, "Canceled") > cancelled_before
+
+    await eventually(ended, "the server ended the abandoned SyncUsers call")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
     lines = [r for r in caplog.records if r.name == "userservice.recovery"]

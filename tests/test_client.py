@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import bearer, make_settings, running_app
+from support import bearer, eventually, make_settings, running_app
 from test_tls import pki  # noqa: F401 (the fixture)
 
 from user.v1 import user_pb2
@@ -116,11 +116,17 @@ async def test_a_not_serving_replica_leaves_the_rotation(tmp_path: Path) -> None
 
             assert 0 < await answered_by_a(20) < 20  # round_robin over both
             await b.health.set(NOT_SERVING)
-            await asyncio.sleep(0.3)
-            assert await answered_by_a(20) == 20  # B's health Watch took it out
+
+            async def only_a() -> bool:
+                return await answered_by_a(20) == 20
+
+            async def both() -> bool:
+                return await answered_by_a(20) < 20
+
+            await eventually(only_a, "B's health Watch took it out of the rotation")
+            assert await answered_by_a(20) == 20  # and it stays out
             await b.health.set(SERVING)
-            await asyncio.sleep(0.3)
-            assert await answered_by_a(20) < 20  # and back in
+            await eventually(both, "B back in the rotation once SERVING")
 
 
 @pytest.mark.asyncio

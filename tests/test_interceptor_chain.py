@@ -19,6 +19,7 @@ from userservice.interceptors.access_log import AccessLogInterceptor
 from userservice.interceptors.admission import AdmissionInterceptor
 from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.chain import build_chain
+from userservice.interceptors.decoding import DecodingInterceptor
 from userservice.interceptors.jwt_verifier import TokenVerifier
 from userservice.interceptors.ratelimit import RateLimitInterceptor
 from userservice.interceptors.recovery import RecoveryInterceptor
@@ -41,7 +42,7 @@ async def limited() -> AsyncIterator[Harness]:
 
 
 @pytest.mark.asyncio
-async def test_order_is_recovery_log_auth_admission_ratelimit() -> None:
+async def test_order_is_recovery_log_auth_admission_ratelimit_decoding() -> None:
     chain = await build_chain(settings(rate_limit_rps=10, rate_limit_burst=10))
     kinds = [type(layer) for layer in chain.layers]
     assert kinds == [
@@ -50,6 +51,7 @@ async def test_order_is_recovery_log_auth_admission_ratelimit() -> None:
         AuthInterceptor,
         AdmissionInterceptor,
         RateLimitInterceptor,
+        DecodingInterceptor,
     ]
     await chain.aclose()
 

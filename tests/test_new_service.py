@@ -64,6 +64,8 @@ def test_the_adding_an_rpc_patches_apply_to_this_tree() -> None:
 
 
 @pytest.mark.slow
+# Setup, its suite and its CI steps each have their own subprocess timeout (3,000 s together).
+@pytest.mark.timeout(3100)
 def test_generated_service_is_renamed_throughout_and_its_suite_passes(tmp_path: Path) -> None:
     dest = tmp_path / "orders"
     env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}

@@ -20,6 +20,8 @@ from support import (
     Client,
     bearer,
     connect,
+    eventually,
+    handled,
     make_settings,
     new_user,
     run_userservice,
@@ -99,6 +101,11 @@ async def test_health_reports_serving_for_server_and_service(app: Application) -
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await health.List(health_pb2.HealthListRequest())
+        assert {name: listed.statuses[name].status for name in listed.statuses} == {
+            "": health_pb2.HealthCheckResponse.SERVING,
+            SERVICE: health_pb2.HealthCheckResponse.SERVING,
+        }
 
 
 async def _reflection_services(port: int) -> tuple[grpc.StatusCode, list[str]]:
@@ -187,11 +194,18 @@ async def test_deadline_ends_a_watch_with_deadline_exceeded(client: Client) -> N
 @pytest.mark.asyncio
 async def test_a_cancelled_import_commits_nothing_it_had_not_finished(client: Client) -> None:
     stub, metadata = client.stub, client.metadata
+    method = "/user.v1.UserService/ImportUsers"
+    cancelled_before = handled(method, "Canceled")
     call = stub.ImportUsers(metadata=metadata)
     for index in range(10):
         await call.write(pb.ImportUsersRequest(user=new_user(f"cancel{index}@example.com")))
     call.cancel()
-    await asyncio.sleep(0.5)
+
+    async def ended() -> bool:
+        return handled(method, "Canceled") > cancelled_before
+
+    # Once the server has ended the call, nothing more of it can be committed.
+    await eventually(ended, "the server ended the cancelled import")
     listed = await stub.ListUsers(pb.ListUsersRequest(), metadata=metadata)
     assert listed.total_size == 0
 
@@ -300,20 +314,28 @@ async def test_sigterm_lets_in_flight_rpcs_finish_refuses_new_ones_and_exits_zer
         in_flight = stub.ImportUsers(metadata=metadata)
         await in_flight.write(pb.ImportUsersRequest(user=new_user("inflight1@example.com")))
         process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+
+        async def going_away() -> bool:
+            status = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
         # During the drain delay the server still answers, but says it is going away.
-        status = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        await asyncio.sleep(1.2)
+        await eventually(going_away, "health NOT_SERVING after SIGTERM", within=5)
+
+        async def refused() -> grpc.StatusCode | None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as fresh:
+                try:
+                    await user_service_pb2_grpc.UserServiceStub(fresh).GetUser(
+                        pb.GetUserRequest(id="0" * 8 + "-0000-7000-8000-" + "0" * 12),
+                        metadata=metadata,
+                        timeout=2,
+                    )
+                except grpc.aio.AioRpcError as error:
+                    return error.code() if error.code() is grpc.StatusCode.UNAVAILABLE else None
+            return None
+
         # After the drain the server refuses new work while the import is still open.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as fresh:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await user_service_pb2_grpc.UserServiceStub(fresh).GetUser(
-                    pb.GetUserRequest(id="0" * 8 + "-0000-7000-8000-" + "0" * 12),
-                    metadata=metadata,
-                    timeout=2,
-                )
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        await eventually(refused, "new calls refused UNAVAILABLE after the drain", within=10)
         await in_flight.write(pb.ImportUsersRequest(user=new_user("inflight2@example.com")))
         await in_flight.done_writing()
         result = await asyncio.wait_for(in_flight, 10)

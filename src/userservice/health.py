@@ -32,7 +32,7 @@ _log: Final = logging.getLogger("userservice.health")
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """Serving status per service name ('' is the whole server), with Check and Watch."""
+    """Serving status per service name ('' is the whole server), with Check, List and Watch."""
 
     def __init__(self, services: list[str]) -> None:
         self._statuses: dict[str, int] = dict.fromkeys([OVERALL, *services], NOT_SERVING)
@@ -49,6 +49,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 with_request_id(()),
             )
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """Return the status of every service this server reports on, '' included."""
+        response = health_pb2.HealthListResponse()
+        for service, status in self._statuses.items():
+            response.statuses[service].status = status
+        return response
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Send the status now and on every change, until shutdown ends the stream."""

@@ -6,8 +6,10 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
+_GRPC_LOGGER: Final = "grpc._cython.cygrpc"
+_GRPC_BAD_METADATA: Final = "Invalid encoding on %s"
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
 
@@ -31,8 +33,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
+class _BadMetadataFilter(logging.Filter):
+    """Turns grpc's ERROR-with-traceback for a metadata value that is not UTF-8 into a WARNING.
+
+    grpc logs that record, value included, each time it decodes such a value (twice per
+    call): a client could flood the log with tracebacks at will, and the value may be a
+    credential. The rewritten record names neither the value nor a stack.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _GRPC_BAD_METADATA:
+            record.msg = "a request metadata value is not valid UTF-8 (read as Latin-1)"
+            record.args = ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_BAD_METADATA_FILTER: Final = _BadMetadataFilter()
+
+
+def quiet_grpc_metadata_errors() -> None:
+    """Install the filter above on grpc's logger (idempotent)."""
+    logging.getLogger(_GRPC_LOGGER).addFilter(_BAD_METADATA_FILTER)
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send every log record to stderr as JSON at the given level."""
+    quiet_grpc_metadata_errors()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

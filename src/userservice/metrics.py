@@ -79,6 +79,11 @@ HEALTH_STATUS: Final = Gauge(
     ["grpc_service"],
 )
 BUILD: Final = Info("userservice_build", "The running build: versions of the service and runtime.")
+MALFORMED_REQUESTS: Final = Counter(
+    "userservice_malformed_requests_total",
+    "Request messages that did not parse (answered INVALID_ARGUMENT, MALFORMED_REQUEST).",
+    ["grpc_service", "grpc_method"],
+)
 ACCESS_LOG_ERRORS: Final = Counter(
     "userservice_access_log_errors_total", "Access log lines or metrics lost to an error."
 )

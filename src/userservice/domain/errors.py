@@ -44,16 +44,45 @@ class DomainError(Exception):
         self.message = message
 
 
+MAX_REPORTED_VIOLATIONS = 20
+"""At most this many field violations are sent (BadRequest, message); the total is stated."""
+MAX_FIELD_BYTES = 64
+MAX_DESCRIPTION_BYTES = 100
+MAX_MESSAGE_BYTES = 400
+"""Bounds, in UTF-8 bytes, that keep any error's trailers far below grpc's 8 KiB soft limit."""
+
+
+def clip(text: str, limit: int) -> str:
+    """Return text cut to at most limit UTF-8 bytes (on a character boundary), marked with …."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return text
+    # "…" is 3 bytes; a cut inside a character drops that character.
+    return encoded[: max(limit - 3, 0)].decode("utf-8", "ignore") + "…"
+
+
 class InvalidArgumentError(DomainError):
-    """The request is malformed; carries one violation per bad field."""
+    """The request is malformed; carries one violation per bad field.
+
+    However many there are, the message and ``reported`` hold at most
+    MAX_REPORTED_VIOLATIONS of them, each clipped, and say how many there were in all.
+    """
 
     def __init__(
         self,
         violations: list[FieldViolation],
         reason: Reason = Reason.INVALID_FIELD,
     ) -> None:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        super().__init__(f"invalid request: {summary}")
+        self.reported = [
+            FieldViolation(
+                clip(v.field, MAX_FIELD_BYTES), clip(v.description, MAX_DESCRIPTION_BYTES)
+            )
+            for v in violations[:MAX_REPORTED_VIOLATIONS]
+        ]
+        summary = "; ".join(f"{v.field}: {v.description}" for v in self.reported)
+        if len(violations) > len(self.reported):
+            summary = f"{len(violations)} violations, the first {len(self.reported)}: {summary}"
+        super().__init__(clip(f"invalid request: {summary}", MAX_MESSAGE_BYTES))
         self.reason = reason
         self.violations = violations
 

@@ -79,6 +79,32 @@ def _apply(current: UserFilter, field: str, op: str, value: str) -> UserFilter:
     raise _invalid(f"unsupported term '{field} {op}': use role =|!=, email =|:, display_name :")
 
 
+def _quoted(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def format_filter(user_filter: UserFilter) -> str:
+    """Return the filter as canonical filter text: one term per set field, in a fixed order.
+
+    parse_filter(format_filter(f)) == f for every parsed filter whose text fits
+    MAX_FILTER_LENGTH: values are quoted and escaped, roles spelled USER_ROLE_<NAME>.
+    """
+    terms = []
+    if user_filter.role is not None:
+        terms.append(f"role = {_ROLE_PREFIX}{user_filter.role.name}")
+    if user_filter.role_not is not None:
+        terms.append(f"role != {_ROLE_PREFIX}{user_filter.role_not.name}")
+    for field, op, value in (
+        ("email", "=", user_filter.email_equals),
+        ("email", ":", user_filter.email_contains),
+        ("display_name", ":", user_filter.display_name_contains),
+    ):
+        if value is not None:
+            terms.append(f"{field} {op} {_quoted(value)}")
+    return " AND ".join(terms)
+
+
 def canonical_filter(user_filter: UserFilter) -> str:
     """Return a stable text form of a parsed filter, to bind page tokens to it."""
     return repr(user_filter)

@@ -15,7 +15,8 @@ import re
 import threading
 import time
 
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Used with fullmatch: "$" would also match before a trailing newline.
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 _COUNTER_BITS = 42
@@ -53,7 +54,7 @@ def new_user_id() -> str:
 
 def is_valid_id(candidate: str) -> bool:
     """Tell whether a string has the canonical lower-case UUID form ids use."""
-    return _UUID_RE.match(candidate) is not None
+    return _UUID_RE.fullmatch(candidate) is not None
 
 
 def now_us() -> int:

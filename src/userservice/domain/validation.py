@@ -93,7 +93,7 @@ def check_user_id(user_id: str, field: str) -> str:
     return user_id
 
 
-_REQUEST_ID_RE = re.compile(r"^[0-9a-fA-F-]{32,36}$")
+_REQUEST_ID_RE = re.compile(r"[0-9a-fA-F-]{32,36}")
 
 
 def check_request_id(request_id: str) -> str | None:
@@ -101,7 +101,7 @@ def check_request_id(request_id: str) -> str | None:
     if not request_id:
         return None
     try:
-        if not _REQUEST_ID_RE.match(request_id):
+        if not _REQUEST_ID_RE.fullmatch(request_id):
             raise ValueError(request_id)
         return str(uuid.UUID(request_id))
     except ValueError:

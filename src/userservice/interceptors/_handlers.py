@@ -152,11 +152,11 @@ async def _write(context: Context, message: Any) -> None:
         raise
 
 
-def rebuild(handler: Handler, behaviour: Behaviour) -> Handler:
-    """Return a handler of the same kind and codecs that runs behaviour."""
+def rebuild(handler: Handler, behaviour: Behaviour, request_deserializer: Any) -> Handler:
+    """Return a handler of the same kind and response codec that runs behaviour."""
     return _FACTORIES[kind_of(handler)](
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -192,9 +192,17 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor, abc.ABC):
         return wrapped
 
     def wrapped_handler(self, method: str, handler: Handler) -> Handler:
-        """Return handler with this interceptor's behaviour around it (built anew each call)."""
-        behaviour = self.wrap(method, kind_of(handler), normalised(handler))
-        return handler if behaviour is None else rebuild(handler, behaviour)
+        """Return handler with this interceptor's behaviour and deserializer around it."""
+        original = normalised(handler)
+        behaviour = self.wrap(method, kind_of(handler), original)
+        deserializer = self.wrap_deserializer(method, handler.request_deserializer)
+        if behaviour is None and deserializer is handler.request_deserializer:
+            return handler
+        return rebuild(handler, behaviour or original, deserializer)
+
+    def wrap_deserializer(self, method: str, deserializer: Any) -> Any:
+        """Return the request deserializer to serve method with (by default, deserializer)."""
+        return deserializer
 
     @abc.abstractmethod
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:

@@ -1,5 +1,5 @@
 """The server interceptor chain, outermost first: recovery, [tracing,] access log, auth, admission,
-rate limit.
+rate limit, decoding.
 
 - Recovery is outermost so that nothing escapes it: a bug in the access log, in token
   verification or in the limiter becomes INTERNAL with a correlation id, like a bug in
@@ -22,6 +22,10 @@ rate limit.
   holds its slot: it is open. Being inside the access log, every refusal is logged and
   counted with its code, which grpc's own ``maximum_concurrent_rpcs`` (kept only as a
   much higher backstop) cannot do.
+- Decoding is innermost: it hands every handler a tolerant request deserializer and turns a
+  message that did not parse into INVALID_ARGUMENT (MALFORMED_REQUEST) where the handler would
+  have seen it. Inside auth, an unauthenticated caller's garbage is refused before it costs a
+  warning; inside admission and the rate limit, a flood of it is limited like any other calls.
 - Health checks and reflection skip auth, admission and the rate limit (probes and tooling carry no
   token and must not be throttled) but are still logged.
 
@@ -40,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
@@ -49,6 +53,7 @@ from userservice.interceptors._handlers import Behaviour, WrappingInterceptor
 from userservice.interceptors.access_log import AccessLogInterceptor
 from userservice.interceptors.admission import AdmissionInterceptor, AdmissionLimits
 from userservice.interceptors.auth import AuthInterceptor
+from userservice.interceptors.decoding import DecodingInterceptor
 from userservice.interceptors.jwt_verifier import verifier_from_settings
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitInterceptor
@@ -81,6 +86,12 @@ class ComposedInterceptor(WrappingInterceptor):
             if wrapped is not None:
                 behaviour, wrapped_by_any = wrapped, True
         return behaviour if wrapped_by_any else None
+
+    def wrap_deserializer(self, method: str, deserializer: Any) -> Any:
+        """Return deserializer as every layer wants it, innermost first."""
+        for layer in reversed(self.layers):
+            deserializer = layer.wrap_deserializer(method, deserializer)
+        return deserializer
 
 
 @dataclass(eq=False)
@@ -155,6 +166,7 @@ async def build_chain(settings: Settings, tracing: Tracing | None = None) -> Int
         else:
             limiter = LocalLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
         layers.append(RateLimitInterceptor(limiter, public, burst=settings.rate_limit_burst))
+    layers.append(DecodingInterceptor())
     chain = InterceptorChain(layers, closers)
     try:
         # The first JWKS fetch: without keys no call could be served (KeyFetchError).

@@ -80,11 +80,13 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
                         error_details_pb2.BadRequest.FieldViolation(
                             field=violation.field, description=violation.description
                         )
-                        for violation in error.violations
+                        for violation in error.reported
                     ]
                 )
             )
         )
+        if len(error.violations) > len(error.reported):
+            metadata["field_violations"] = str(len(error.violations))
     elif isinstance(error, UserNotFoundError | EtagMismatchError):
         details.append(
             _pack(
