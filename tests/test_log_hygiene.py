@@ -248,9 +248,9 @@ async def test_debug_logs_hold_no_emails_tokens_or_secrets(
 ) -> None:
     port, log_path = debug_server
     tokens, emails = await _drive_traffic(port)
-    # Access lines are written in batches (at most 50 ms late): wait for the last call's.
+    # Access lines are written in batches (at most 50 ms late): wait for them.
     async with asyncio.timeout(10):
-        while '"method":"/user.v1.UserService/CreateUser"' not in (
+        while '"logger":"userservice.access"' not in (
             logged := log_path.read_text(errors="replace")
         ):
             await asyncio.sleep(0.05)

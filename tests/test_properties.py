@@ -28,7 +28,7 @@ from userservice.domain.filtering import (
     parse_filter,
 )
 from userservice.domain.model import Role, UserFilter
-from userservice.domain.pagination import PageTokenCodec
+from userservice.domain.pagination import PagePosition, PageTokenCodec
 from userservice.domain.service import MUTABLE_FIELDS, _changes_from_mask
 from userservice.domain.validation import (
     MAX_DISPLAY_NAME_LENGTH,
@@ -150,12 +150,12 @@ def mutated(draw: st.DrawFn, token: str) -> str:
 
 
 @PROPERTY
-@given(ids, st.text(max_size=40), st.data())
+@given(ids, st.text(max_size=40), st.integers(0, 2**31 - 1), st.data())
 def test_a_mutated_page_token_is_rejected_never_read_as_another_position(
-    after_id: str, filter_text: str, data: st.DataObject
+    after_id: str, filter_text: str, total: int, data: st.DataObject
 ) -> None:
-    token = CODEC.encode(after_id, filter_text)
-    assert CODEC.decode(token, filter_text) == after_id
+    token = CODEC.encode(after_id, filter_text, total)
+    assert CODEC.decode(token, filter_text) == PagePosition(after_id, total)
     changed = data.draw(mutated(token))
     assume(changed != token)
     resumed, error = _raised(lambda: CODEC.decode(changed, filter_text))
@@ -164,7 +164,7 @@ def test_a_mutated_page_token_is_rejected_never_read_as_another_position(
         return
     # Accepted only as another spelling of the same bytes (base64's unused low bits):
     # the very same signed position, never a different one.
-    assert resumed == after_id
+    assert resumed == PagePosition(after_id, total)
     assert _segments(changed) == _segments(token)
 
 
@@ -172,7 +172,7 @@ def test_a_mutated_page_token_is_rejected_never_read_as_another_position(
 @given(ids, st.text(max_size=40), st.text(max_size=40))
 def test_a_token_is_bound_to_its_filter(after_id: str, issued_for: str, used_with: str) -> None:
     assume(issued_for != used_with)
-    token = CODEC.encode(after_id, issued_for)
+    token = CODEC.encode(after_id, issued_for, 1)
     with pytest.raises(InvalidArgumentError) as raised:
         CODEC.decode(token, used_with)
     assert raised.value.reason is Reason.INVALID_PAGE_TOKEN
