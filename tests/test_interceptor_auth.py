@@ -410,3 +410,16 @@ def test_unusable_key_files_are_config_errors(content: bytes, tmp_path: Path) ->
 def test_no_key_configured_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="authentication is required"):
         verifier_from_settings(settings().__class__())
+
+
+@pytest.mark.asyncio
+async def test_two_authorization_headers_are_refused_even_if_one_is_valid() -> None:
+    # A proxy in front may have checked the other one: which token is meant is unclear.
+    good = f"Bearer {token()}"
+    async with serve(settings()) as harness:
+        for headers in ([good, "Bearer forged"], ["Bearer forged", good], [good, good]):
+            metadata = [("authorization", header) for header in headers]
+            result = await harness.call("GetUser", b"x", metadata=metadata)
+            assert result.code is grpc.StatusCode.UNAUTHENTICATED
+            assert result.details == "more than one authorization header"
+            assert result.reason == "TOKEN_INVALID"

@@ -105,11 +105,24 @@ def _insufficient(scope: str) -> Rejection:
     )
 
 
+_AMBIGUOUS: Final = rejection(
+    grpc.StatusCode.UNAUTHENTICATED,
+    "more than one authorization header",
+    "TOKEN_INVALID",
+    headers=[("www-authenticate", _CHALLENGE + ', error="invalid_request"')],
+)
+
+
 def _bearer(metadata: Any) -> str | None:
     value = metadata_value(metadata, "authorization")
     if value is None or len(value) < 8 or value[:7].lower() != "bearer ":
         return None
     return value[7:].strip() or None
+
+
+def _one_authorization(metadata: Any) -> bool:
+    """Tell whether at most one authorization header came: a proxy may have checked another."""
+    return sum(1 for item in metadata or () if item[0] == "authorization") <= 1
 
 
 class AuthInterceptor(WrappingInterceptor):
@@ -136,7 +149,10 @@ class AuthInterceptor(WrappingInterceptor):
         verify = self._verify
 
         async def authorized(request: Any, context: Context) -> Any:
-            token = _bearer(invocation_metadata(context))
+            metadata = invocation_metadata(context)
+            if not _one_authorization(metadata):
+                await _AMBIGUOUS.abort(context)
+            token = _bearer(metadata)
             if token is None:
                 await _MISSING.abort(context)
             try:
