@@ -217,10 +217,11 @@ def render(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
     lines = [
         f"{summary['command']}: {settings['rounds']} interleaved rounds "
-        f"({settings['bulk_rounds']} of export, import and start-up), "
+        f"({settings['bulk_rounds']} of export, import and start-up),",
         f"{settings['seconds']:g} s windows (+{settings['warmup']:g} s warm-up), "
-        f"{settings['stream_users']} users per export/import; medians over rounds; "
-        f"x floor = paired per-round ratio to `{FLOOR}` (median)",
+        f"{settings['stream_users']} users per export and import.",
+        f"Medians over rounds. x floor: median of the per-round paired ratios to `{FLOOR}`;",
+        f"+us/op: server CPU per operation above `{FLOOR}`'s.",
         "",
         _HEADER,
     ]
@@ -244,8 +245,8 @@ def render(summary: dict[str, Any]) -> str:
     load = summary["loadavg"]
     lines.append(
         f"\n{summary['cpus']} CPUs, load average {load['before']:.2f} before / "
-        f"{load['after']:.2f} after, {summary['wall_seconds']:.0f} s. Client and server "
-        "share these CPUs, so calls/s depends on the machine; server CPU us/op and the "
-        "ratios are the numbers to compare. RSS of full-2w is summed over its processes."
+        f"{load['after']:.2f} after, {summary['wall_seconds']:.0f} s. Client and server\n"
+        "share these CPUs, so calls/s depends on the machine: compare server CPU us/op and\n"
+        "the ratios. RSS of full-2w is summed over its processes."
     )
     return "\n".join(lines)
