@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.seed import seeded_file, user_ids
-
 REPO = Path(__file__).resolve().parent.parent
+# bench/ is a top-level package beside src/: importable however pytest was started.
+sys.path.insert(0, str(REPO))
+
+from bench.seed import seeded_file, user_ids  # noqa: E402
 
 
 def test_seeded_file_has_the_rows_in_id_order_and_is_reused(tmp_path: Path) -> None:
