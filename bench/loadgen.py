@@ -130,14 +130,20 @@ class _Meter:
     def start(self) -> None:
         # The tree is taken once, at the start: workers exist by then.
         self._pids = process_tree(self._root)
-        self._server0 = tree_cpu_seconds(self._pids)
+        self._each0 = [tree_cpu_seconds([pid]) for pid in self._pids]
+        self._server0 = sum(self._each0)
         self._machine0 = machine_busy_seconds()
         self._client0 = resource.getrusage(resource.RUSAGE_SELF)
         self._started = time.perf_counter()
 
     def stop(self, operations: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self._started
-        server = tree_cpu_seconds(self._pids) - self._server0
+        # A process that exited meanwhile reads 0: count it as no CPU, not negative.
+        each = [
+            max(0.0, tree_cpu_seconds([pid]) - before)
+            for pid, before in zip(self._pids, self._each0, strict=True)
+        ]
+        server = sum(each)
         machine = machine_busy_seconds() - self._machine0
         usage = resource.getrusage(resource.RUSAGE_SELF)
         client = (usage.ru_utime + usage.ru_stime) - (
@@ -150,6 +156,8 @@ class _Meter:
             "seconds": elapsed,
             "per_s": operations / elapsed,
             "server_processes": len(self._pids),
+            # Per process (the parent first): shows whether workers shared the load.
+            "server_cores_by_process": [cpu / elapsed for cpu in each],
             "server_cpu_s": server,
             "server_cpu_us_per_op": server / operations * 1e6 if operations else None,
             "server_cores": server / elapsed,
