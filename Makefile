@@ -125,8 +125,8 @@ new-service: ## Write a renamed copy: make new-service NAME=orders RESOURCE=Orde
 	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders]" >&2; exit 2; }
 	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)")
 
-bench: $(STAMP) ## Throughput and CPU per call: bare server vs the full stack, side by side.
-	$(PY) -m bench
+bench: $(STAMP) ## Every scenario vs the bare floor, interleaved (ARGS="--quick", "--only list,import", ...).
+	$(PY) -m bench $(ARGS)
 
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 

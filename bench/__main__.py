@@ -1,415 +1,370 @@
-"""Run the benchmark: bare grpc.aio vs bare on uvloop vs the full service, interleaved.
+"""Run the benchmark: every scenario against the bare floor, interleaved, in one run.
 
 Every server and every load generator is its own process, so the server's CPU time read
-from /proc covers only the server. Configurations alternate within each round and the
-report uses medians of per-round values and per-round paired ratios: on a shared, noisy
-machine, numbers from separate runs are not comparable, ratios within one round are.
+from /proc covers only the server. Within each round every scenario runs each of its
+configurations (the floor included) in an order that rotates per round; the report uses
+medians of per-round values and of per-round paired ratios: on a shared, noisy machine,
+numbers from separate runs are not comparable, ratios within one round are.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import itertools
 import json
 import os
 import platform
 import secrets
-import selectors
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench._proc import memory_kib
-from bench.loadgen import BEARER_ENV
-from userservice.interceptors.auth import mint_token
+from bench import report
+from bench._proc import listening_sockets, memory_kib, tree_memory_kib
+from bench.procs import (
+    REPO,
+    BenchError,
+    Server,
+    free_port,
+    read_line,
+    run_json,
+    spawn,
+    start_bare,
+    start_full,
+    stop,
+    tail,
+    token_env,
+)
+from bench.scenarios import GROUPS, Scenario, select
+from bench.seed import copy_seeded, seeded_file, user_ids
+from userservice.domain.filtering import canonical_filter, parse_filter
+from userservice.domain.pagination import PageTokenCodec
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base interpreter's
-CONFIGS = ("bare", "bare+uvloop", "full")
-RATIOS = (("bare+uvloop", "bare"), ("full", "bare"), ("full", "bare+uvloop"))
-_PR_SET_PDEATHSIG = 1
-
-
-class BenchError(RuntimeError):
-    """A configuration could not be started or measured; the message says why."""
-
-
-@dataclass
-class Server:
-    """One running server under test."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    token: str = ""
-    user_id: str = "019b7a4e-6c2f-7d3e-8f1a-2b3c4d5e6f70"
-    log_path: Path | None = None
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    failure: str = ""
-
-    @property
-    def target(self) -> str:
-        """The address the load generator dials."""
-        return f"127.0.0.1:{self.port}"
+# Where page tokens resume: positions spread over the second half of the listing, so a
+# page measures the cost deep into it; more than one, so not every call reads the same
+# few database pages.
+_TOKEN_POSITIONS = 64
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the harness is SIGKILLed, the kernel
-    # kills its servers too instead of leaving them bound to ports and burning CPU.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _page_tokens(path: Path, rows: int, secret: str, output: Path) -> Path:
+    """Write page tokens for positions deep into a `rows`-row listing to `output`."""
+    first, last = rows // 2, max(rows // 2 + 1, rows - 100)
+    step = max(1, (last - first) // _TOKEN_POSITIONS)
+    ids = user_ids(path, list(range(first, last, step))[:_TOKEN_POSITIONS])
+    codec = PageTokenCodec(secret.encode())
+    no_filter = canonical_filter(parse_filter(""))
+    # The total is carried in the token as the service does after the first page, so
+    # these pages do not count the rows again.
+    output.write_text("".join(codec.encode(i, no_filter, rows) + "\n" for i in ids))
+    return output
 
 
-def _spawn(argv: Sequence[str], env: dict[str, str] | None, stdout: Any, stderr: Any) -> Any:
-    return subprocess.Popen(
-        list(argv),
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        # Own process group: Ctrl-C in the terminal reaches only the harness, which then
-        # stops every child in order (and the group kill catches grandchildren).
-        start_new_session=True,
-        # preexec_fn is only unsafe in a threaded parent; the harness never starts threads.
-        preexec_fn=_die_with_parent,
-    )
+class Bench:
+    """The servers, the prepared inputs and the rows measured so far."""
 
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.servers: dict[str, Server] = {}
+        self.failed: dict[str, str] = {}
+        self.files: dict[str, Path] = {}
+        self.secret = secrets.token_urlsafe(30)  # 40 characters, the JWT secret
+        self.page_secret = secrets.token_urlsafe(32)
+        self.token = ""
+        self.rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.run_id = secrets.token_hex(4)
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a child's process group: SIGTERM, then SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        return
-
-
-def _free_port() -> int:
-    # Bound without SO_REUSEADDR/SO_REUSEPORT, so the kernel hands out a port nobody holds.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-    assert process.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise BenchError(f"no output within {timeout:.0f} s")
-    return process.stdout.readline().decode().strip()
-
-
-def start_bare(name: str, uvloop: bool) -> Server:
-    """Start `python -m bench.bare_server` and wait until it listens."""
-    argv = [sys.executable, "-m", "bench.bare_server", "--port", "0"]
-    if uvloop:
-        argv.append("--uvloop")
-    process = _spawn(argv, None, subprocess.PIPE, None)
-    try:
-        line = _read_line(process, 15.0)
-        if not line.startswith("LISTENING "):
-            raise BenchError(f"{name}: unexpected output {line!r} (exit {process.poll()})")
-        # The bare server ignores the token, but receiving the same request headers as
-        # the full service keeps HPACK and metadata handling out of the difference.
-        token = mint_token(secrets.token_urlsafe(30), "bench", ["users.read"], 3600)
-        return Server(name=name, process=process, port=int(line.split()[1]), token=token)
-    except BaseException:
-        _stop(process)
-        raise
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-def _token_env(token: str) -> dict[str, str]:
-    # In the environment, not argv: other users of this shared machine can read argv in ps.
-    return {**os.environ, BEARER_ENV: token}
-
-
-def _run(argv: Sequence[str], env: dict[str, str] | None, timeout: float) -> str:
-    # Name the command without its flags, which can be long and are not needed to see
-    # which step failed.
-    words = itertools.takewhile(lambda word: not word.startswith("--"), argv[1:])
-    command = " ".join([Path(argv[0]).name, *words])
-    try:
-        done = subprocess.run(
-            list(argv),
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-            preexec_fn=_die_with_parent,
+    def prepare(self, scenarios: list[Scenario]) -> None:
+        """Seed the SQLite files and write the request inputs the scenarios need."""
+        needed = {config for scenario in scenarios for config in scenario.configs}
+        small = seeded_file(self.args.cache_dir, self.args.small_rows)
+        self.files["small"] = small
+        positions = range(0, self.args.small_rows, max(1, self.args.small_rows // 1000))
+        ids = user_ids(small, list(positions))
+        self.files["user_ids"] = self.workdir / "user-ids.txt"
+        self.files["user_ids"].write_text("".join(i + "\n" for i in ids))
+        self.files["tokens_small"] = _page_tokens(
+            small, self.args.small_rows, self.page_secret, self.workdir / "tokens-small.txt"
         )
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{command}: timed out after {timeout:.0f} s") from None
-    if done.returncode != 0:
-        detail = done.stderr.decode(errors="replace").strip().splitlines()[-5:]
-        raise BenchError(f"{command} exited {done.returncode}: " + " | ".join(detail))
-    return done.stdout.decode()
+        if needed & {"full-1m"}:
+            big = seeded_file(self.args.cache_dir, self.args.big_rows)
+            self.files["big"] = big
+            self.files["tokens_big"] = _page_tokens(
+                big, self.args.big_rows, self.page_secret, self.workdir / "tokens-big.txt"
+            )
 
+    def start(self, scenarios: list[Scenario]) -> None:
+        """Start every long-lived server the scenarios use; record why one could not."""
+        needed = [
+            name
+            for name in ("bare", "bare+uvloop", "full", "full-1m", "full-write", "full-2w")
+            if any(name in s.configs for s in scenarios if s.kind != "startup")
+        ]
+        for name in needed:
+            try:
+                self.servers[name] = self._start_one(name)
+            except BenchError as error:
+                self.failed[name] = str(error)
+                print(f"[bench] {name}: not available: {error}", file=sys.stderr)
+                continue
+            server = self.servers[name]
+            memory = tree_memory_kib(server.process.pid)
+            server.idle_rss_mib = memory["VmRSS"] / 1024
+            print(
+                f"[bench] {name} up in {server.ready_seconds:.2f} s, idle RSS "
+                f"{server.idle_rss_mib:.0f} MiB",
+                file=sys.stderr,
+            )
 
-def full_environment(workdir: Path, port: int, concurrency: int) -> dict[str, str]:
-    """Environment for `userservice serve` and `userservice token` in the full run."""
-    # Inherited USERSERVICE_* settings (a developer's shell) must not change what we measure.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("USERSERVICE_")}
-    env.update(
-        {
-            "USERSERVICE_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
-            "USERSERVICE_AUTH_JWT_SECRET": secrets.token_urlsafe(30),  # 40 characters
-            "USERSERVICE_AUTH_ISSUER": "https://issuer.bench.invalid",
-            "USERSERVICE_AUTH_AUDIENCE": "userservice-bench",
-            "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-            "USERSERVICE_METRICS_ADDRESS": "",
-            # Access logging stays on at INFO: its cost is part of the service's cost.
-            "USERSERVICE_LOG_LEVEL": "INFO",
-            "USERSERVICE_UVLOOP": "true",
-            # The limiter still runs per call; it just must never reject.
-            "USERSERVICE_RATE_LIMIT_RPS": "1000000",
-            "USERSERVICE_RATE_LIMIT_BURST": "1000000",
-            "USERSERVICE_MAX_CONCURRENT_RPCS": str(max(1000, 2 * concurrency)),
-            "USERSERVICE_SHUTDOWN_DRAIN_SECONDS": "0",
-            "USERSERVICE_SHUTDOWN_GRACE_SECONDS": "1",
-        }
-    )
-    return env
+    def _database(self, name: str) -> Path:
+        target = self.workdir / f"{name}.db"
+        if name == "full-write":
+            return target  # an empty store: the service migrates it at start
+        source = self.files["big"] if name == "full-1m" else self.files["small"]
+        return copy_seeded(source, target)
 
+    def _start_one(self, name: str) -> Server:
+        if name.startswith("bare"):
+            return start_bare(name, uvloop=name == "bare+uvloop")
+        workers = 2 if name == "full-2w" else 1
+        server = start_full(name, self._full_env(self._database(name)), self.workdir, workers)
+        if workers > 1:
+            # Wait until every worker listens: connections made before would all land
+            # on the first one.
+            deadline = time.monotonic() + 30.0
+            while listening_sockets(server.port) < workers:
+                if time.monotonic() > deadline or server.process.poll() is not None:
+                    stop(server.process)
+                    raise BenchError(f"{name}: {workers} workers did not all listen in 30 s")
+                time.sleep(0.05)
+        return server
 
-def start_full(workdir: Path, concurrency: int) -> Server:
-    """Start `userservice serve` on a fresh SQLite file, seed one user, mint a token."""
-    userservice = str(BIN / "userservice")
-    _run([userservice, "--help"], None, 30.0)
-    port = _free_port()
-    env = full_environment(workdir, port, concurrency)
-    token = _run(
-        [
-            userservice,
-            "token",
+    def _full_env(self, database: Path) -> dict[str, str]:
+        # Inherited USERSERVICE_* settings (a developer's shell) must not change what we
+        # measure.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("USERSERVICE_")}
+        env.update(
+            {
+                "USERSERVICE_DATABASE_URL": f"sqlite:///{database}",
+                "USERSERVICE_AUTH_JWT_SECRET": self.secret,
+                "USERSERVICE_AUTH_ISSUER": "https://issuer.bench.invalid",
+                "USERSERVICE_AUTH_AUDIENCE": "userservice-bench",
+                "USERSERVICE_PAGE_TOKEN_SECRET": self.page_secret,
+                "USERSERVICE_METRICS_ADDRESS": "",
+                # Access logging stays on at INFO: its cost is part of the service's cost.
+                "USERSERVICE_LOG_LEVEL": "INFO",
+                "USERSERVICE_UVLOOP": "true",
+                # The limiter still runs per call; it just must never reject.
+                "USERSERVICE_RATE_LIMIT_RPS": "1000000",
+                "USERSERVICE_RATE_LIMIT_BURST": "1000000",
+                "USERSERVICE_MAX_CONCURRENT_RPCS": "1000",
+                "USERSERVICE_SHUTDOWN_DRAIN_SECONDS": "0",
+                "USERSERVICE_SHUTDOWN_GRACE_SECONDS": "1",
+            }
+        )
+        return env
+
+    def mint_token(self) -> None:
+        """Mint the bearer token every load generator sends, with `userservice token`."""
+        env = self._full_env(self.workdir / "unused.db")
+        argv = [str(Path(sys.executable).parent / "userservice"), "token"]
+        argv += [
             "--subject",
             "bench",
             "--scopes",
-            "users.read users.write",
+            "users.read users.write users.admin",
             "--ttl",
             "1h",
-        ],
-        env,
-        30.0,
-    ).strip()
-    if not token or any(c.isspace() for c in token):
-        raise BenchError(f"userservice token printed {token[:80]!r}, expected one token")
-    log_path = workdir / "server.log"
-    with log_path.open("wb") as log:
-        process = _spawn([userservice, "serve"], env, log, log)
-    server = Server(name="full", process=process, port=port, token=token, log_path=log_path)
-    try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            if process.poll() is not None:
-                raise BenchError(f"userservice serve exited {process.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            if time.monotonic() > deadline:
-                raise BenchError("userservice serve did not listen within 30 s")
-            time.sleep(0.1)
-        seeded = json.loads(
-            _run(
-                [sys.executable, "-m", "bench.loadgen", "seed", "--target", server.target],
-                _token_env(token),
-                40.0,
-            )
+        ]
+        token = run_json(argv, env, 30.0, raw=True).strip()
+        if not token or any(c.isspace() for c in token):
+            raise BenchError(f"userservice token printed {token[:80]!r}, expected one token")
+        self.token = token
+
+    def measure(self, scenario: Scenario, config: str, round_index: int) -> dict[str, Any]:
+        """One measurement of `config` in `scenario`."""
+        if scenario.kind == "startup":
+            return self._startup(config)
+        server = self.servers[config]
+        if server.process.poll() is not None:
+            raise BenchError(f"{config} server exited {server.process.returncode}")
+        log_before = server.log_path.stat().st_size if server.log_path else 0
+        argv = [sys.executable, "-m", "bench.loadgen", scenario.kind, "--target", server.target]
+        argv += ["--server-pid", str(server.process.pid)]
+        prefix = f"{scenario.key}-{self.run_id}-{round_index}-{config}"
+        if scenario.kind == "load":
+            argv += ["--method", scenario.method, "--concurrency", str(scenario.concurrency)]
+            argv += ["--channels", str(scenario.channels), "--email-prefix", prefix]
+            argv += ["--warmup", str(self.args.warmup), "--seconds", str(self.args.seconds)]
+            argv += ["--user-ids-file", str(self.files["user_ids"])]
+            tokens = self.files["tokens_big" if scenario.big else "tokens_small"]
+            argv += ["--page-tokens-file", str(tokens)]
+            timeout = self.args.warmup + self.args.seconds + 60.0
+        else:
+            argv += ["--count", str(self.args.stream_users)]
+            if scenario.kind == "import":
+                argv += ["--email-prefix", prefix]
+            timeout = 600.0
+        # The floor gets the same token: the same request headers on both sides keep
+        # HPACK and metadata handling out of the difference.
+        result: dict[str, Any] = run_json(argv, token_env(self.token), timeout)
+        if server.log_path and result.get("total_calls"):
+            logged = server.log_path.stat().st_size - log_before
+            result["log_bytes_per_call"] = logged / result["total_calls"]
+        return result
+
+    def _startup(self, config: str) -> dict[str, Any]:
+        """Spawn a fresh server and time it from spawn to health SERVING."""
+        port = free_port()
+        poller = spawn(
+            [sys.executable, "-m", "bench.loadgen", "startup", "--target", f"127.0.0.1:{port}"],
+            None,
+            subprocess.PIPE,
+            None,
         )
-        server.user_id = seeded["user_id"]
-        return server
-    except BaseException as error:
-        _stop(process)
-        if isinstance(error, BenchError):
-            raise BenchError(f"{error}\n--- server log tail ---\n{_tail(log_path)}") from None
-        raise
-
-
-def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
-    """One timed load window against `server`; returns the load generator's numbers plus RSS."""
-    if server.process.poll() is not None:
-        raise BenchError(f"{server.name} server exited {server.process.returncode}")
-    log_before = server.log_path.stat().st_size if server.log_path else 0
-    argv = [sys.executable, "-m", "bench.loadgen", "load", "--target", server.target]
-    argv += ["--server-pid", str(server.process.pid), "--user-id", server.user_id]
-    argv += ["--concurrency", str(args.concurrency), "--channels", str(args.channels)]
-    argv += ["--warmup", str(args.warmup), "--seconds", str(args.seconds)]
-    timeout = args.warmup + args.seconds + 60.0
-    result: dict[str, Any] = json.loads(_run(argv, _token_env(server.token), timeout))
-    memory = memory_kib(server.process.pid)
-    result["rss_mib"] = memory.get("VmRSS", 0) / 1024
-    result["peak_rss_mib"] = memory.get("VmHWM", 0) / 1024
-    if server.log_path and result["total_calls"]:
-        logged = server.log_path.stat().st_size - log_before
-        result["log_bytes_per_call"] = logged / result["total_calls"]
-    return result
-
-
-def _median(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [row[key] for row in rows if row.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
-def _paired(
-    servers: dict[str, Server], a: str, b: str, key: str, combine: Callable[[float, float], float]
-) -> float | None:
-    # Pair by round: both sides of a ratio were measured seconds apart, under the same
-    # background load, so the pair cancels most of the machine's noise.
-    if a not in servers or b not in servers:
-        return None
-    by_round = {row["round"]: row for row in servers[b].rounds}
-    values = [
-        combine(row[key], by_round[row["round"]][key])
-        for row in servers[a].rounds
-        if row["round"] in by_round and row.get(key) and by_round[row["round"]].get(key)
-    ]
-    return statistics.median(values) if values else None
-
-
-def summarize(servers: dict[str, Server]) -> dict[str, Any]:
-    """Medians per configuration, paired ratios and the full-stack overhead per call."""
-    keys = (
-        "calls_per_s",
-        "server_cpu_us_per_call",
-        "server_cores",
-        "client_cpu_us_per_call",
-        "client_cores",
-        "background_cores",
-        "latency_p50_ms",
-        "latency_p99_ms",
-        "rss_mib",
-        "log_bytes_per_call",
-    )
-    summary: dict[str, Any] = {"configs": {}, "ratios": {}}
-    for name, server in servers.items():
-        entry: dict[str, Any] = {"failure": server.failure, "rounds": server.rounds}
-        if server.rounds:
-            entry["median"] = {key: _median(server.rounds, key) for key in keys}
-            entry["range"] = {
-                key: [min(r[key] for r in server.rounds), max(r[key] for r in server.rounds)]
-                for key in ("calls_per_s", "server_cpu_us_per_call")
-            }
-            entry["errors"] = sum(r["errors"] for r in server.rounds)
-            entry["peak_rss_mib"] = max(r["peak_rss_mib"] for r in server.rounds)
-        summary["configs"][name] = entry
-    for a, b in RATIOS:
-        summary["ratios"][f"{a} / {b}"] = {
-            key: _paired(servers, a, b, key, lambda x, y: x / y)
-            for key in ("calls_per_s", "server_cpu_us_per_call")
+        server_process = None
+        try:
+            if read_line(poller, 30.0) != "READY":
+                raise BenchError("startup poller did not start")
+            if config == "bare":
+                argv = [sys.executable, "-m", "bench.bare_server", "--port", str(port)]
+                env = None
+            else:
+                database = self.workdir / "startup.db"
+                if not database.exists():
+                    copy_seeded(self.files["small"], database)
+                argv = [str(Path(sys.executable).parent / "userservice"), "serve"]
+                env = self._full_env(database)
+                env["USERSERVICE_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
+            started = time.monotonic()
+            server_process = spawn(argv, env, subprocess.DEVNULL, subprocess.DEVNULL)
+            line = read_line(poller, 60.0)
+            if not line.startswith("{"):
+                raise BenchError(f"startup poller: {line!r} (exit {poller.poll()})")
+            timing = json.loads(line)
+            memory = memory_kib(server_process.pid)
+        finally:
+            stop(poller)
+            if server_process is not None:
+                stop(server_process)
+        return {
+            "operations": 1,
+            "startup_ms": (timing["serving_at"] - started) * 1e3,
+            "listening_ms": (timing["listening_at"] - started) * 1e3,
+            "serving_rss_mib": memory.get("VmRSS", 0) / 1024,
+            "errors": 0,
         }
-    summary["chain_and_store_overhead_us_per_call"] = _paired(
-        servers, "full", "bare+uvloop", "server_cpu_us_per_call", lambda x, y: x - y
-    )
-    return summary
 
+    def run(self, scenarios: list[Scenario]) -> None:
+        """The interleaved rounds."""
+        for index in range(self.args.rounds):
+            for scenario in scenarios:
+                if scenario.bulk and index >= self.args.bulk_rounds:
+                    continue
+                configs = [c for c in scenario.configs if self._available(c, scenario)]
+                shift = index % max(1, len(configs))
+                for config in configs[shift:] + configs[:shift]:
+                    self._one(scenario, config, index)
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    def _available(self, config: str, scenario: Scenario) -> bool:
+        if scenario.kind == "startup":
+            return True
+        return config in self.servers and not self.servers[config].failure
 
-
-def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
-    """The human-readable report."""
-    lines = [
-        f"GetUser, {args.concurrency} in flight over {args.channels} channel(s), "
-        f"{args.rounds} rounds x {args.seconds:g} s (+{args.warmup:g} s warm-up), "
-        "medians over rounds [min-max]",
-        "",
-        f"{'config':<12} {'calls/s':>20} {'srv CPU us/call':>20} {'srv cores':>9} "
-        f"{'cli us/call':>11} {'bg cores':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} "
-        f"{'errors':>6}",
-    ]
-    for name, entry in summary["configs"].items():
-        if "median" not in entry:
-            lines.append(f"{name:<12} not measured: {entry['failure'].splitlines()[0]}")
-            continue
-        med, rng = entry["median"], entry["range"]
-        calls_lo, calls_hi = rng["calls_per_s"]
-        calls = f"{med['calls_per_s']:.0f} [{calls_lo:.0f}-{calls_hi:.0f}]"
-        cpu_lo, cpu_hi = rng["server_cpu_us_per_call"]
-        cpu = f"{_fmt(med['server_cpu_us_per_call'], '.1f')} [{cpu_lo:.0f}-{cpu_hi:.0f}]"
-        lines.append(
-            f"{name:<12} {calls:>20} {cpu:>20} {_fmt(med['server_cores'], '.2f'):>9} "
-            f"{_fmt(med['client_cpu_us_per_call'], '.1f'):>11} "
-            f"{_fmt(med['background_cores'], '.2f'):>8} "
-            f"{_fmt(med['latency_p50_ms'], '.2f'):>7} {_fmt(med['latency_p99_ms'], '.2f'):>7} "
-            f"{_fmt(med['rss_mib'], '.1f'):>8} {entry['errors']:>6}"
+    def _one(self, scenario: Scenario, config: str, index: int) -> None:
+        cells = self.rows.setdefault(scenario.key, {})
+        try:
+            row = self.measure(scenario, config, index)
+        except BenchError as error:
+            failure = str(error)
+            server = self.servers.get(config)
+            if server is not None and server.process.poll() is not None:
+                server.failure = failure
+                if server.log_path:
+                    failure += f"\n--- server log tail ---\n{tail(server.log_path)}"
+            print(f"[bench] {scenario.key} {config}: {failure}", file=sys.stderr)
+            cells.setdefault(config, [])
+            return
+        row["round"] = index
+        cells.setdefault(config, []).append(row)
+        print(
+            f"[bench] round {index + 1} {scenario.key:<14} {config:<12} "
+            + report.progress(scenario, row),
+            file=sys.stderr,
         )
-        if entry["failure"]:
-            lines.append(f"{'':<12} stopped early: {entry['failure'].splitlines()[0]}")
-    ratios = [(label, r) for label, r in summary["ratios"].items() if r["calls_per_s"]]
-    if ratios:
-        lines += ["", "paired per-round ratios (median):   throughput   server CPU/call"]
-    for label, ratio in ratios:
-        calls, cpu = ratio["calls_per_s"], ratio["server_cpu_us_per_call"]
-        lines.append(f"  {label:<32} {calls:>10.2f}x {cpu:>15.2f}x")
-    overhead = summary["chain_and_store_overhead_us_per_call"]
-    if overhead is not None:
-        log = summary["configs"]["full"]["median"].get("log_bytes_per_call")
-        lines.append(
-            f"\nchain + store overhead (full - bare+uvloop server CPU): {overhead:.1f} us/call"
-            + (f"; access log {log:.0f} bytes/call" if log else "")
-        )
-    load = summary["loadavg"]
-    lines.append(
-        f"\n{summary['cpus']} CPUs, load average {load['before']:.2f} before / "
-        f"{load['after']:.2f} after; bg cores = other processes' CPU during the window.\n"
-        "Client and server share these CPUs, so calls/s depends on the machine; server CPU "
-        "us/call is the number to compare."
-    )
-    return "\n".join(lines)
 
+    def memory(self) -> dict[str, dict[str, float | None]]:
+        """Idle RSS (right after start) and peak RSS (high-water mark) per server, MiB."""
+        result: dict[str, dict[str, float | None]] = {}
+        for name, server in self.servers.items():
+            peak = tree_memory_kib(server.process.pid)["VmHWM"] / 1024
+            result[name] = {"idle_rss_mib": server.idle_rss_mib, "peak_rss_mib": peak}
+        return result
 
-def _parse_only(raw: str) -> list[str]:
-    names = [name.strip() for name in raw.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(CONFIGS)}; got {raw!r}")
-    return [name for name in CONFIGS if name in names]
+    def stop(self) -> None:
+        """Stop every server."""
+        for server in self.servers.values():
+            stop(server.process)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    # 6 rounds: with 3 configurations rotating, each one runs in every position twice.
-    parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed window (default 3)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up (default 1)")
-    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight (64)")
-    parser.add_argument("--channels", type=int, default=2, help="client channels (2)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed window (default 2)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="warm-up (default 0.5)")
     parser.add_argument(
-        "--only", type=_parse_only, default=list(CONFIGS), help="e.g. bare,full (default: all)"
+        "--bulk-rounds",
+        type=int,
+        default=3,
+        help="rounds of export, import and start-up, at most --rounds (default 3)",
     )
-    parser.add_argument("--output", type=Path, default=REPO / ".bench" / "results.json")
+    parser.add_argument(
+        "--stream-users", type=int, default=100_000, help="users exported/imported (100000)"
+    )
+    parser.add_argument("--small-rows", type=int, default=10_000, help="small store (10000)")
+    parser.add_argument("--big-rows", type=int, default=1_000_000, help="big store (1000000)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 rounds, 1 s windows, 20000 streamed users: a smoke run, not figures to quote",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated scenarios or groups: " + ", ".join(GROUPS),
+    )
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=REPO / ".bench", help="seeded stores (.bench/)"
+    )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.seconds <= 0 or args.warmup < 0:
-        parser.error("--rounds >= 1, --seconds > 0 and --warmup >= 0")
-    if not 1 <= args.channels <= args.concurrency <= 4096:
-        parser.error("need 1 <= --channels <= --concurrency <= 4096")
+    if args.quick:
+        args.rounds, args.bulk_rounds, args.seconds, args.warmup = 2, 2, 1.0, 0.3
+        args.stream_users = min(args.stream_users, 20_000)
+    args.bulk_rounds = min(args.bulk_rounds, args.rounds)
+    if (
+        args.rounds < 1
+        or args.bulk_rounds < 1
+        or args.seconds <= 0
+        or args.warmup < 0
+        or args.stream_users < 1
+    ):
+        parser.error(
+            "--rounds and --bulk-rounds >= 1, --seconds > 0, --warmup >= 0 and --stream-users >= 1"
+        )
+    if args.small_rows < 200 or args.big_rows < 200:
+        parser.error("--small-rows and --big-rows must be at least 200")
+    try:
+        args.scenarios = select(args.only)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -427,69 +382,51 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Start the servers, run the interleaved rounds, stop everything; return the summary."""
-    servers: dict[str, Server] = {}
-    failed: dict[str, str] = {}
-    workdir = Path(tempfile.mkdtemp(prefix="userservice-bench-"))
+    """Prepare, start the servers, run the rounds, stop everything; return the summary."""
+    scenarios: list[Scenario] = args.scenarios
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    # Next to the cached files rather than in /tmp, which may be memory: the run copies
+    # the big store.
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
+    bench = Bench(args, workdir)
     load_before = os.getloadavg()[0]
+    started = time.monotonic()
     try:
-        for name in args.only:
-            try:
-                if name == "full":
-                    servers[name] = start_full(workdir, args.concurrency)
-                else:
-                    servers[name] = start_bare(name, uvloop=name == "bare+uvloop")
-            except BenchError as error:
-                failed[name] = str(error)
-                print(f"[bench] {name}: not available: {error}", file=sys.stderr)
-        names = list(servers)
-        for index in range(args.rounds):
-            # Rotate the order each round so no configuration always runs first or right
-            # after the most expensive one.
-            shift = index % max(1, len(names))
-            for name in names[shift:] + names[:shift]:
-                server = servers[name]
-                if server.failure:
-                    continue
-                try:
-                    row = measure(server, args)
-                except BenchError as error:
-                    server.failure = str(error)
-                    if server.log_path:
-                        server.failure += f"\n--- server log tail ---\n{_tail(server.log_path)}"
-                    print(f"[bench] {name}: {server.failure}", file=sys.stderr)
-                    continue
-                row["round"] = index
-                server.rounds.append(row)
-                print(
-                    f"[bench] round {index + 1}/{args.rounds} {name:<12} "
-                    f"{row['calls_per_s']:8.0f} calls/s "
-                    f"{row['server_cpu_us_per_call'] or 0:7.1f} us/call server "
-                    f"{row['errors']} errors",
-                    file=sys.stderr,
-                )
+        bench.prepare(scenarios)
+        bench.mint_token()
+        bench.start(scenarios)
+        bench.run(scenarios)
+        memory = bench.memory()
     finally:
-        for server in servers.values():
-            _stop(server.process)
+        bench.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    summary = summarize(servers)
-    for name, reason in failed.items():
-        summary["configs"][name] = {"failure": reason, "rounds": []}
-    summary["configs"] = {n: summary["configs"][n] for n in CONFIGS if n in summary["configs"]}
+    summary = report.summarize(scenarios, bench.rows, memory, bench.failed)
     summary["loadavg"] = {"before": load_before, "after": os.getloadavg()[0]}
     summary["cpus"] = os.cpu_count()
+    summary["wall_seconds"] = time.monotonic() - started
     summary["settings"] = {
         key: getattr(args, key)
-        for key in ("rounds", "seconds", "warmup", "concurrency", "channels")
+        for key in (
+            "rounds",
+            "bulk_rounds",
+            "seconds",
+            "warmup",
+            "stream_users",
+            "small_rows",
+            "big_rows",
+        )
     }
+    summary["settings"]["quick"] = args.quick
+    summary["command"] = "make bench" + (f" ARGS='{' '.join(args.argv)}'" if args.argv else "")
     summary["host"] = {"python": platform.python_version(), "platform": platform.platform()}
     summary["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m bench`; exit status 1 if no configuration was measured."""
+    """Entry point of `python -m bench`; exit status 1 if nothing was measured."""
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         with _terminate_as_exit():
             summary = run(args)
@@ -497,11 +434,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # run()'s finally has already stopped every server by the time this runs.
         print("\n[bench] interrupted; servers stopped, no results written", file=sys.stderr)
         return 130
-    print(render(summary, args))
+    except BenchError as error:
+        print(f"[bench] {error}", file=sys.stderr)
+        return 1
+    print(report.render(summary))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nresults: {args.output}")
-    measured = any(entry.get("rounds") for entry in summary["configs"].values())
+    measured = any(
+        cell["rounds"]
+        for entry in summary["scenarios"].values()
+        for cell in entry["configs"].values()
+    )
     return 0 if measured else 1
 
 

@@ -38,3 +38,61 @@ def machine_busy_seconds() -> float:
     # and iowait; guest time is already inside user.
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
     return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+def process_tree(pid: int) -> list[int]:
+    """Return `pid` and every live descendant (a `--workers` parent and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
+                parent = int(stat.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited while we looked
+        children.setdefault(parent, []).append(int(entry))
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        pending.extend(children.get(current, ()))
+    return found
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """Return the summed utime + stime of `pids`; a process that has exited counts 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            continue
+    return total
+
+
+def tree_memory_kib(pid: int) -> dict[str, int]:
+    """Return VmRSS and VmHWM summed over `pid` and its descendants, in KiB."""
+    total = {"VmRSS": 0, "VmHWM": 0}
+    for member in process_tree(pid):
+        try:
+            found = memory_kib(member)
+        except OSError:
+            continue
+        for key in total:
+            total[key] += found.get(key, 0)
+    return total
+
+
+def listening_sockets(port: int) -> int:
+    """Return how many TCP sockets listen on `port` (one per SO_REUSEPORT worker)."""
+    count = 0
+    # gRPC binds 127.0.0.1 as a dual-stack socket, which the kernel lists under tcp6.
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table_path, encoding="ascii") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                    count += 1
+    return count

@@ -1,4 +1,10 @@
-"""Bare grpc.aio server: GetUser returns a constant User; no interceptors, storage or logging.
+"""Bare grpc.aio server: the floor every scenario is compared with.
+
+It answers from memory (no interceptors, storage or logging): GetUser and CreateUser return
+a prebuilt User, ListUsers a prebuilt page of 50, StreamUsers streams one prebuilt message
+until the client stops reading, ImportUsers receives and counts the messages. Health Check
+answers SERVING once the server has started, so start-up is timed the same way as the full
+service's.
 
 Run as `python -m bench.bare_server --port N [--uvloop]`; prints `LISTENING <port>` once
 it accepts calls (port 0 picks a free port) and stops on SIGTERM or SIGINT.
@@ -9,40 +15,86 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 # Field-for-field the shape the real service returns, so serialization costs match.
 _CREATED = Timestamp(seconds=1_767_225_600, nanos=123_456_000)
-_RESPONSE = user_service_pb2.GetUserResponse(
-    user=user_pb2.User(
-        id="019b7a4e-6c2f-7d3e-8f1a-2b3c4d5e6f70",
-        email="bench@example.com",
-        display_name="Bench User",
-        role=user_pb2.USER_ROLE_VIEWER,
-        create_time=_CREATED,
-        update_time=_CREATED,
-        etag='W/"5f2b9c1e8a7d4c3b"',
-    )
+_USER = user_pb2.User(
+    id="019b7a4e-6c2f-7d3e-8f1a-2b3c4d5e6f70",
+    email="bench@example.com",
+    display_name="Bench User",
+    role=user_pb2.USER_ROLE_VIEWER,
+    create_time=_CREATED,
+    update_time=_CREATED,
+    etag='W/"5f2b9c1e8a7d4c3b"',
 )
+_GET = user_service_pb2.GetUserResponse(user=_USER)
+_CREATE = user_service_pb2.CreateUserResponse(user=_USER)
+_PAGE = user_service_pb2.ListUsersResponse(
+    users=[_USER] * 50,
+    # As long as the real service's signed keyset token.
+    next_page_token="e" * 130,
+)
+_STREAMED = user_service_pb2.StreamUsersResponse(user=_USER)
+# Far more than any scenario reads; the client cancels once it has counted its users.
+_STREAM_LIMIT = 10_000_000
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class BareUserService(user_service_pb2_grpc.UserServiceServicer):
-    """Implements only GetUser, with no work beyond returning a prebuilt message."""
+    """Answers from prebuilt messages with no work beyond what grpc.aio itself does."""
 
     async def GetUser(
-        self,
-        request: user_service_pb2.GetUserRequest,
-        context: grpc.aio.ServicerContext[
-            user_service_pb2.GetUserRequest, user_service_pb2.GetUserResponse
-        ],
+        self, request: user_service_pb2.GetUserRequest, context: Context
     ) -> user_service_pb2.GetUserResponse:
         """Return the same User for any id."""
-        return _RESPONSE
+        return _GET
+
+    async def CreateUser(
+        self, request: user_service_pb2.CreateUserRequest, context: Context
+    ) -> user_service_pb2.CreateUserResponse:
+        """Return the same User for any request."""
+        return _CREATE
+
+    async def ListUsers(
+        self, request: user_service_pb2.ListUsersRequest, context: Context
+    ) -> user_service_pb2.ListUsersResponse:
+        """Return the same page of 50 for any position."""
+        return _PAGE
+
+    async def StreamUsers(
+        self, request: user_service_pb2.StreamUsersRequest, context: Context
+    ) -> AsyncIterator[user_service_pb2.StreamUsersResponse]:
+        """Stream one prebuilt message until the client cancels."""
+        for _ in range(_STREAM_LIMIT):
+            yield _STREAMED
+
+    async def ImportUsers(
+        self, request_iterator: AsyncIterator[user_service_pb2.ImportUsersRequest], context: Context
+    ) -> user_service_pb2.ImportUsersResponse:
+        """Receive and count the messages; create nothing."""
+        count = 0
+        async for _ in request_iterator:
+            count += 1
+        return user_service_pb2.ImportUsersResponse(created_count=count)
+
+
+class BareHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """Health Check that is SERVING as soon as the server answers at all."""
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Context
+    ) -> health_pb2.HealthCheckResponse:
+        """Report SERVING."""
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 
 async def serve(port: int) -> None:
@@ -54,6 +106,7 @@ async def serve(port: int) -> None:
     # UNIMPLEMENTED, which is exactly the bare server's contract.
     servicer = BareUserService()  # type: ignore[abstract]
     user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(BareHealth(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stop = asyncio.Event()

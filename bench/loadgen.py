@@ -1,31 +1,46 @@
-"""Closed-loop GetUser load on uvloop; measures the server's CPU over the same timed window.
+"""Load on uvloop for one scenario; measures the server's CPU over the same timed window.
 
-`python -m bench.loadgen load ...` prints one JSON object with the window's results;
-`python -m bench.loadgen seed ...` creates the user the full configuration serves.
-Both send `authorization: Bearer $BENCH_TOKEN` when that variable is set.
+Commands, each printing one JSON object on stdout:
+
+- `load --method get|create|list`: closed-loop unary calls, `--concurrency` in flight over
+  `--channels` connections, a warm-up, then a timed window;
+- `export --count N`: one StreamUsers call, read until N users arrived, then cancelled;
+- `import --count N`: one ImportUsers call of N prebuilt users;
+- `startup --target`: prints `READY`, then polls until the target listens and health Check
+  says SERVING, and prints when (time.monotonic(), comparable with the harness's clock).
+
+The server's CPU is that of the process tree under `--server-pid` (a `--workers` parent and
+its workers). Every call sends `authorization: Bearer $BENCH_TOKEN` when that is set.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import resource
+import socket
 import statistics
 import sys
 import time
-import uuid
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench._proc import cpu_seconds, machine_busy_seconds
+from bench._proc import machine_busy_seconds, process_tree, tree_cpu_seconds
 from user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
+if TYPE_CHECKING:
+    # The async stub exists only in the generated type stubs.
+    Stub = user_service_pb2_grpc.UserServiceAsyncStub
 BEARER_ENV = "BENCH_TOKEN"
 
 
@@ -44,20 +59,50 @@ def _metadata(token: str) -> Metadata | None:
 
 def _channel(target: str) -> grpc.aio.Channel:
     # Channels with identical arguments share one TCP connection through gRPC's global
-    # subchannel pool; a local pool gives each channel its own connection.
+    # subchannel pool; a local pool gives each channel its own connection (and with
+    # `--workers`, the kernel a connection to place on each worker).
     return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-async def _worker(
-    stub: user_service_pb2_grpc.UserServiceAsyncStub,
-    request: user_service_pb2.GetUserRequest,
-    metadata: Metadata | None,
-    counters: _Counters,
-) -> None:
+def _lines(path: str) -> list[str]:
+    return [line for line in Path(path).read_text().splitlines() if line] if path else []
+
+
+def _unary_call(args: argparse.Namespace, metadata: Metadata | None) -> Callable[[Stub], Any]:
+    """Return what one call does: the same requests go to the floor and the service."""
+    if args.method == "get":
+        ids = itertools.cycle(_lines(args.user_ids_file) or [args.user_id])
+        return lambda stub: stub.GetUser(
+            user_service_pb2.GetUserRequest(id=next(ids)), metadata=metadata, timeout=10
+        )
+    if args.method == "list":
+        tokens = itertools.cycle(_lines(args.page_tokens_file) or [""])
+        return lambda stub: stub.ListUsers(
+            user_service_pb2.ListUsersRequest(page_size=args.page_size, page_token=next(tokens)),
+            metadata=metadata,
+            timeout=10,
+        )
+    numbers = itertools.count()
+    return lambda stub: stub.CreateUser(
+        user_service_pb2.CreateUserRequest(user=_new_user(args.email_prefix, next(numbers))),
+        metadata=metadata,
+        timeout=10,
+    )
+
+
+def _new_user(prefix: str, number: int) -> user_pb2.User:
+    return user_pb2.User(
+        email=f"{prefix}-{number}@bench.example",
+        display_name=f"Bench User {number}",
+        role=user_pb2.USER_ROLE_VIEWER,
+    )
+
+
+async def _worker(stub: Stub, call: Callable[[Stub], Awaitable[Any]], counters: _Counters) -> None:
     while not counters.stop:
         started = time.perf_counter()
         try:
-            await stub.GetUser(request, metadata=metadata, timeout=10)
+            await call(stub)
         except grpc.aio.AioRpcError as error:
             counters.errors += 1
             name = error.code().name
@@ -74,107 +119,202 @@ def _quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
+class _Meter:
+    """Server, client and machine CPU between start() and stop()."""
+
+    def __init__(self, server_pid: int) -> None:
+        self._root = server_pid
+        self._pids: list[int] = []
+        self.result: dict[str, Any] = {}
+
+    def start(self) -> None:
+        # The tree is taken once, at the start: workers exist by then.
+        self._pids = process_tree(self._root)
+        self._each0 = [tree_cpu_seconds([pid]) for pid in self._pids]
+        self._server0 = sum(self._each0)
+        self._machine0 = machine_busy_seconds()
+        self._client0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._started = time.perf_counter()
+
+    def stop(self, operations: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._started
+        # A process that exited meanwhile reads 0: count it as no CPU, not negative.
+        each = [
+            max(0.0, tree_cpu_seconds([pid]) - before)
+            for pid, before in zip(self._pids, self._each0, strict=True)
+        ]
+        server = sum(each)
+        machine = machine_busy_seconds() - self._machine0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        client = (usage.ru_utime + usage.ru_stime) - (
+            self._client0.ru_utime + self._client0.ru_stime
+        )
+        # Whatever else ran on the machine in the window: the noise this run competed with.
+        background = max(0.0, machine - server - client)
+        return {
+            "operations": operations,
+            "seconds": elapsed,
+            "per_s": operations / elapsed,
+            "server_processes": len(self._pids),
+            # Per process (the parent first): shows whether workers shared the load.
+            "server_cores_by_process": [cpu / elapsed for cpu in each],
+            "server_cpu_s": server,
+            "server_cpu_us_per_op": server / operations * 1e6 if operations else None,
+            "server_cores": server / elapsed,
+            "client_cpu_us_per_op": client / operations * 1e6 if operations else None,
+            "client_cores": client / elapsed,
+            "background_cores": background / elapsed,
+        }
+
+
 async def load(args: argparse.Namespace) -> dict[str, Any]:
     """Warm up, then count completed calls and server CPU over exactly the timed window."""
     channels = [_channel(args.target) for _ in range(args.channels)]
     try:
         stubs = [user_service_pb2_grpc.UserServiceStub(channel) for channel in channels]
-        request = user_service_pb2.GetUserRequest(id=args.user_id)
-        metadata = _metadata(args.token)
+        call = _unary_call(args, _metadata(args.token))
         for stub in stubs:
             # One checked call per channel first: a misconfigured target fails loudly
             # with its status instead of producing a run of errors.
-            await stub.GetUser(request, metadata=metadata, timeout=10, wait_for_ready=True)
+            await call(stub)
         counters = _Counters()
         tasks = [
-            asyncio.create_task(_worker(stubs[i % len(stubs)], request, metadata, counters))
+            asyncio.create_task(_worker(stubs[i % len(stubs)], call, counters))
             for i in range(args.concurrency)
         ]
         await asyncio.sleep(args.warmup)
-        server_cpu0 = cpu_seconds(args.server_pid)
-        machine0 = machine_busy_seconds()
-        client0 = resource.getrusage(resource.RUSAGE_SELF)
+        meter = _Meter(args.server_pid)
+        meter.start()
         ok0, errors0 = counters.ok, counters.errors
         counters.latencies = []
-        started = time.perf_counter()
         await asyncio.sleep(args.seconds)
-        elapsed = time.perf_counter() - started
-        server_cpu1 = cpu_seconds(args.server_pid)
-        machine1 = machine_busy_seconds()
-        client1 = resource.getrusage(resource.RUSAGE_SELF)
-        ok1, errors1 = counters.ok, counters.errors
+        result = meter.stop(counters.ok - ok0)
+        errors = counters.errors - errors0
         latencies, counters.latencies = counters.latencies, None
         counters.stop = True
         await asyncio.gather(*tasks)
     finally:
         for channel in channels:
             await channel.close()
-    calls = ok1 - ok0
-    client_cpu = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
-    server_cpu = server_cpu1 - server_cpu0
-    # Whatever else ran on the machine in the window: the noise this run competed with.
-    background = max(0.0, (machine1 - machine0) - server_cpu - client_cpu)
-    return {
-        "calls": calls,
+    result.update(
+        errors=errors,
+        error_codes=counters.error_codes,
         # Every completed call, warm-up and probes included: the denominator for costs
         # that cannot be cut to the window, such as bytes of access log written.
-        "total_calls": counters.ok + len(stubs),
-        "errors": errors1 - errors0,
-        "error_codes": counters.error_codes,
-        "seconds": elapsed,
-        "calls_per_s": calls / elapsed,
-        "server_cpu_s": server_cpu,
-        "server_cpu_us_per_call": server_cpu / calls * 1e6 if calls else None,
-        "server_cores": server_cpu / elapsed,
-        "client_cpu_us_per_call": client_cpu / calls * 1e6 if calls else None,
-        "client_cores": client_cpu / elapsed,
-        "background_cores": background / elapsed,
-        "latency_p50_ms": _quantile(latencies, 0.50) * 1e3,
-        "latency_p99_ms": _quantile(latencies, 0.99) * 1e3,
-    }
+        total_calls=counters.ok + len(stubs),
+        latency_p50_ms=_quantile(latencies, 0.50) * 1e3,
+        latency_p99_ms=_quantile(latencies, 0.99) * 1e3,
+    )
+    return result
 
 
-async def seed(args: argparse.Namespace) -> dict[str, Any]:
-    """Create one user (retrying while the server starts) and read it back."""
-    metadata = _metadata(args.token)
-    deadline = time.monotonic() + args.timeout
+async def export(args: argparse.Namespace) -> dict[str, Any]:
+    """Read `--count` users from one StreamUsers call and cancel it; users/s over that."""
     async with _channel(args.target) as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
-        create = user_service_pb2.CreateUserRequest(
-            user=user_pb2.User(email="bench@example.com", display_name="Bench User"),
-            # Same key on every retry: a create that succeeded but whose answer was lost
-            # returns the same user instead of ALREADY_EXISTS.
-            request_id=str(uuid.uuid4()),
+        await channel.channel_ready()
+        meter = _Meter(args.server_pid)
+        meter.start()
+        call = stub.StreamUsers(
+            user_service_pb2.StreamUsersRequest(), metadata=_metadata(args.token), timeout=300
         )
-        while True:
-            try:
-                created = await stub.CreateUser(create, metadata=metadata, timeout=5)
+        received = 0
+        async for _ in call:
+            received += 1
+            if received >= args.count:
                 break
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-        got = await stub.GetUser(
-            user_service_pb2.GetUserRequest(id=created.user.id), metadata=metadata, timeout=5
-        )
-    return {"user_id": got.user.id, "response_bytes": got.ByteSize()}
+        result = meter.stop(received)
+        call.cancel()
+    result["errors"] = 0 if received >= args.count else 1
+    return result
+
+
+async def import_users(args: argparse.Namespace) -> dict[str, Any]:
+    """Send `--count` prebuilt users in one ImportUsers call; users/s until its answer."""
+    requests = [
+        user_service_pb2.ImportUsersRequest(user=_new_user(args.email_prefix, number))
+        for number in range(args.count)
+    ]
+    async with _channel(args.target) as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        await channel.channel_ready()
+        meter = _Meter(args.server_pid)
+        meter.start()
+        answer = await stub.ImportUsers(iter(requests), metadata=_metadata(args.token), timeout=600)
+        result = meter.stop(args.count)
+    result["created"] = answer.created_count
+    result["errors"] = args.count - answer.created_count
+    return result
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+async def startup(args: argparse.Namespace) -> dict[str, Any]:
+    """Print READY, then return the moments the target listened and said SERVING."""
+    port = int(args.target.rpartition(":")[2])
+    print("READY", flush=True)
+    deadline = time.monotonic() + args.timeout
+    # Raw connects until the port is bound: a gRPC channel would back off between attempts
+    # and add its back-off to the figure.
+    while not _listening(port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{args.target} did not listen within {args.timeout:.0f} s")
+        await asyncio.sleep(0.002)
+    listening = time.monotonic()
+    async with _channel(args.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            answer = await health.Check(
+                health_pb2.HealthCheckRequest(), timeout=5, wait_for_ready=True
+            )
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{args.target} was not SERVING within {args.timeout:.0f} s")
+            await asyncio.sleep(0.002)
+    return {"listening_at": listening, "serving_at": time.monotonic()}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    load_cmd = commands.add_parser("load", help="timed GetUser load")
-    load_cmd.add_argument("--target", required=True, help="127.0.0.1:PORT")
-    load_cmd.add_argument("--server-pid", type=int, required=True, help="process to meter")
+    load_cmd = commands.add_parser("load", help="timed unary load")
+    load_cmd.add_argument("--method", choices=("get", "create", "list"), default="get")
     load_cmd.add_argument("--user-id", default="019b7a4e-6c2f-7d3e-8f1a-2b3c4d5e6f70")
+    load_cmd.add_argument("--user-ids-file", default="", help="GetUser ids, one a line, cycled")
+    load_cmd.add_argument("--page-tokens-file", default="", help="ListUsers tokens, cycled")
+    load_cmd.add_argument("--page-size", type=int, default=50)
     load_cmd.add_argument("--concurrency", type=int, default=64)
     load_cmd.add_argument("--channels", type=int, default=2)
     load_cmd.add_argument("--warmup", type=float, default=1.0)
     load_cmd.add_argument("--seconds", type=float, default=3.0)
-    seed_cmd = commands.add_parser("seed", help="create the user to load")
-    seed_cmd.add_argument("--target", required=True, help="127.0.0.1:PORT")
-    seed_cmd.add_argument("--timeout", type=float, default=20.0)
+    export_cmd = commands.add_parser("export", help="one StreamUsers call")
+    import_cmd = commands.add_parser("import", help="one ImportUsers call")
+    for command in (export_cmd, import_cmd):
+        command.add_argument("--count", type=int, default=100_000)
+    for command in (load_cmd, import_cmd):
+        command.add_argument("--email-prefix", default="bench", help="new users' emails")
+    for command in (load_cmd, export_cmd, import_cmd):
+        command.add_argument("--server-pid", type=int, required=True, help="process to meter")
+    startup_cmd = commands.add_parser("startup", help="time until health SERVING")
+    startup_cmd.add_argument("--timeout", type=float, default=60.0)
+    for command in (load_cmd, export_cmd, import_cmd, startup_cmd):
+        command.add_argument("--target", required=True, help="127.0.0.1:PORT")
     return parser
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "load": load,
+    "export": export,
+    "import": import_users,
+    "startup": startup,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,11 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     args.token = os.environ.get(BEARER_ENV, "")
     if not args.target.startswith("127.0.0.1:"):
         sys.exit("bench.loadgen only targets 127.0.0.1")
-    command = load if args.command == "load" else seed
     try:
-        result = uvloop.run(command(args))
+        result = uvloop.run(_COMMANDS[args.command](args))
     except grpc.aio.AioRpcError as error:
         sys.exit(f"{args.command} failed: {error.code().name}: {error.details()}")
+    except TimeoutError as error:
+        sys.exit(f"{args.command} failed: {error}")
     print(json.dumps(result), flush=True)
 
 

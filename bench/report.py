@@ -1,0 +1,252 @@
+"""Summaries of the measured rounds: medians, paired ratios to the floor, the printed table."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.scenarios import FLOOR, Scenario
+
+Rows = dict[str, dict[str, list[dict[str, Any]]]]  # scenario key -> config -> rounds
+
+_KEYS = (
+    "per_s",
+    "server_cpu_us_per_op",
+    "server_cores",
+    "client_cpu_us_per_op",
+    "background_cores",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "log_bytes_per_call",
+    "startup_ms",
+    "listening_ms",
+    "serving_rss_mib",
+)
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One of the issue's targets: a paired comparison of two cells of the table."""
+
+    name: str
+    a: tuple[str, str]  # (scenario, config)
+    b: tuple[str, str]
+    key: str
+    difference: bool  # a - b instead of a / b
+    target: str
+
+
+HEADLINES = (
+    Headline("GetUser c16 throughput, full / bare", ("get-c16", "full"), ("get-c16", FLOOR),
+             "per_s", False, ">= 0.9x"),
+    Headline("GetUser c16 p99, full / bare", ("get-c16", "full"), ("get-c16", FLOOR),
+             "latency_p99_ms", False, "<= 1.2x"),
+    Headline("GetUser c16 server CPU added, full - bare+uvloop", ("get-c16", "full"),
+             ("get-c16", "bare+uvloop"), "server_cpu_us_per_op", True, "<= 25 us"),
+    Headline("StreamUsers export users/s, full-1m / bare", ("export", "full-1m"),
+             ("export", FLOOR), "per_s", False, ">= 0.9x"),
+    Headline("ImportUsers users/s, full-write / bare", ("import", "full-write"),
+             ("import", FLOOR), "per_s", False, ">= 0.6x"),
+    Headline("ListUsers page server CPU, 1M / 10k", ("list-1m", "full-1m"),
+             ("list-10k", "full"), "server_cpu_us_per_op", False, "<= 1.5x"),
+    Headline("ListUsers page p50, 1M / 10k", ("list-1m", "full-1m"), ("list-10k", "full"),
+             "latency_p50_ms", False, "<= 1.5x"),
+    Headline("--workers 2 / 1, GetUser c64 over 8 connections", ("workers-c64", "full-2w"),
+             ("workers-c64", "full"), "per_s", False, ">= 1.7x"),
+    Headline("start-up to SERVING, full / bare", ("startup", "full"), ("startup", FLOOR),
+             "startup_ms", False, "-"),
+)  # fmt: skip
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _paired(
+    a: list[dict[str, Any]],
+    b: list[dict[str, Any]],
+    key: str,
+    combine: Callable[[float, float], float],
+) -> float | None:
+    # Pair by round: both sides were measured within seconds of each other, under the
+    # same background load, so the pair cancels most of the machine's noise.
+    by_round = {row["round"]: row for row in b}
+    values = [
+        combine(row[key], by_round[row["round"]][key])
+        for row in a
+        if row["round"] in by_round and row.get(key) and by_round[row["round"]].get(key)
+    ]
+    return statistics.median(values) if values else None
+
+
+def _ratio(x: float, y: float) -> float:
+    return x / y
+
+
+def _minus(x: float, y: float) -> float:
+    return x - y
+
+
+def _cell(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"rounds": rounds, "errors": sum(r.get("errors", 0) for r in rounds)}
+    if rounds:
+        entry["median"] = {key: _median(rounds, key) for key in _KEYS}
+        entry["range"] = {
+            key: [min(r[key] for r in rounds), max(r[key] for r in rounds)]
+            for key in ("per_s", "startup_ms")
+            if all(r.get(key) is not None for r in rounds)
+        }
+    return entry
+
+
+def _vs_floor(mine: list[dict[str, Any]], floor: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "throughput": _paired(mine, floor, "per_s", _ratio),
+        "p50": _paired(mine, floor, "latency_p50_ms", _ratio),
+        "p99": _paired(mine, floor, "latency_p99_ms", _ratio),
+        "server_cpu": _paired(mine, floor, "server_cpu_us_per_op", _ratio),
+        "server_cpu_added_us": _paired(mine, floor, "server_cpu_us_per_op", _minus),
+        "startup": _paired(mine, floor, "startup_ms", _ratio),
+    }
+
+
+def summarize(
+    scenarios: list[Scenario],
+    rows: Rows,
+    memory: dict[str, dict[str, float | None]],
+    failed: dict[str, str],
+) -> dict[str, Any]:
+    """Medians per cell, paired ratios to the floor, memory, and the issue's targets."""
+    summary: dict[str, Any] = {"scenarios": {}, "memory": memory, "failed": failed}
+    for scenario in scenarios:
+        cells = rows.get(scenario.key, {})
+        floor = cells.get(FLOOR, [])
+        entry: dict[str, Any] = {"label": scenario.label, "unit": scenario.unit, "configs": {}}
+        for config in scenario.configs:
+            cell = _cell(cells.get(config, []))
+            if config != FLOOR:
+                cell["vs_floor"] = _vs_floor(cells.get(config, []), floor)
+            entry["configs"][config] = cell
+        summary["scenarios"][scenario.key] = entry
+    floor_memory = memory.get(FLOOR, {})
+    for values in memory.values():
+        for key in ("idle_rss_mib", "peak_rss_mib"):
+            base, value = floor_memory.get(key), values.get(key)
+            ratio = value / base if base and value is not None else None
+            values[key.replace("_mib", "_vs_floor")] = ratio
+    headlines = []
+    for headline in HEADLINES:
+        a = rows.get(headline.a[0], {}).get(headline.a[1], [])
+        b = rows.get(headline.b[0], {}).get(headline.b[1], [])
+        value = _paired(a, b, headline.key, _minus if headline.difference else _ratio)
+        if value is not None:
+            headlines.append(
+                {
+                    "name": headline.name,
+                    "value": value,
+                    "unit": "us" if headline.difference else "x",
+                    "target": headline.target,
+                }
+            )
+    summary["headlines"] = headlines
+    return summary
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def progress(scenario: Scenario, row: dict[str, Any]) -> str:
+    """One round's result, for the progress lines on stderr."""
+    if scenario.kind == "startup":
+        return f"{row['startup_ms']:8.0f} ms to SERVING"
+    cpu = row.get("server_cpu_us_per_op") or 0.0
+    return (
+        f"{row['per_s']:8.0f} {scenario.unit} {cpu:7.1f} us/op server {row.get('errors', 0)} errors"
+    )
+
+
+_HEADER = (
+    f"{'scenario':<24} {'config':<12} {'figure':>18} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'srv us/op':>9} {'x floor':>7} {'p99 x':>6} {'+us/op':>7} {'err':>4}"
+)
+
+
+def _line(label: str, config: str, figure: str, cells: tuple[str, ...]) -> str:
+    p50, p99, cpu, ratio, p99x, added, errors = cells
+    return (
+        f"{label:<24} {config:<12} {figure:>18} {p50:>7} {p99:>7} {cpu:>9} {ratio:>7} "
+        f"{p99x:>6} {added:>7} {errors:>4}"
+    )
+
+
+def _scenario_lines(entry: dict[str, Any]) -> list[str]:
+    lines, label = [], entry["label"]
+    for config, cell in entry["configs"].items():
+        median = cell.get("median")
+        if median is None:
+            lines.append(f"{label:<24} {config:<12} not measured")
+            label = ""
+            continue
+        vs = cell.get("vs_floor", {})
+        if entry["unit"] == "ms":
+            figure = _fmt(median["startup_ms"], ".0f", " ms")
+            ratio = _fmt(vs.get("startup"), ".2f", "x")
+            cells = ("-", "-", "-", ratio, "-", "-", str(cell["errors"]))
+        else:
+            figure = _fmt(median["per_s"], ".0f", " " + entry["unit"])
+            cells = (
+                _fmt(median["latency_p50_ms"], ".2f"),
+                _fmt(median["latency_p99_ms"], ".2f"),
+                _fmt(median["server_cpu_us_per_op"], ".1f"),
+                _fmt(vs.get("throughput"), ".2f", "x"),
+                _fmt(vs.get("p99"), ".2f", "x"),
+                _fmt(vs.get("server_cpu_added_us"), "+.1f"),
+                str(cell["errors"]),
+            )
+        lines.append(_line(label, config, figure, cells))
+        label = ""
+    return lines
+
+
+def render(summary: dict[str, Any]) -> str:
+    """The human-readable report: one table, then the issue's targets."""
+    settings = summary["settings"]
+    lines = [
+        f"{summary['command']}: {settings['rounds']} interleaved rounds "
+        f"({settings['bulk_rounds']} of export, import and start-up),",
+        f"{settings['seconds']:g} s windows (+{settings['warmup']:g} s warm-up), "
+        f"{settings['stream_users']} users per export and import.",
+        f"Medians over rounds. x floor: median of the per-round paired ratios to `{FLOOR}`;",
+        f"+us/op: server CPU per operation above `{FLOOR}`'s.",
+        "",
+        _HEADER,
+    ]
+    for entry in summary["scenarios"].values():
+        lines += _scenario_lines(entry)
+    for kind, key in (("idle RSS", "idle_rss"), ("peak RSS", "peak_rss")):
+        label = kind
+        for config, values in summary["memory"].items():
+            figure = _fmt(values[f"{key}_mib"], ".0f", " MiB")
+            ratio = _fmt(values.get(f"{key}_vs_floor"), ".2f", "x")
+            lines.append(_line(label, config, figure, ("-", "-", "-", ratio, "-", "-", "-")))
+            label = ""
+    for name, reason in summary["failed"].items():
+        lines.append(f"{name} not started: {reason.splitlines()[0]}")
+    if summary["headlines"]:
+        lines += ["", f"{'target (issue 10)':<52} {'measured':>10} {'target':>10}"]
+    for headline in summary["headlines"]:
+        spec = "+.1f" if headline["unit"] == "us" else ".2f"
+        value = format(headline["value"], spec) + ("" if headline["unit"] == "us" else "x")
+        lines.append(f"{headline['name']:<52} {value:>10} {headline['target']:>10}")
+    load = summary["loadavg"]
+    lines.append(
+        f"\n{summary['cpus']} CPUs, load average {load['before']:.2f} before / "
+        f"{load['after']:.2f} after, {summary['wall_seconds']:.0f} s. Client and server\n"
+        "share these CPUs, so calls/s depends on the machine: compare server CPU us/op and\n"
+        "the ratios. RSS of full-2w is summed over its processes."
+    )
+    return "\n".join(lines)

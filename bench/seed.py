@@ -1,0 +1,119 @@
+"""Seed SQLite files with N users fast: rows written straight into the migrated schema.
+
+Going through the service (CreateUser or ImportUsers) would take minutes for a million rows;
+plain `executemany` into a file migrated by the service's own migrations takes seconds. The
+rows have the schema's shape (storage/rows.py INSERT_COLUMNS); the change log stays empty,
+which no read the benchmark makes depends on. Seeded files are cached under `.bench/`, keyed
+by the row count and the migrations' checksums, so a rerun copies instead of seeding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import shutil
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from userservice.domain.ids import new_user_id
+from userservice.storage import migrations
+from userservice.storage.rows import INSERT_COLUMNS
+from userservice.storage.sqlite import migrate_sqlite
+
+_BATCH = 50_000
+# Bump when the rows written below change shape, so stale cached files are not reused.
+_SEED_VERSION = "1"
+
+
+def _schema_key() -> str:
+    digest = hashlib.sha256(f"{_SEED_VERSION}|{INSERT_COLUMNS}".encode())
+    for migration in migrations.backend_migrations("sqlite"):
+        digest.update(migration.checksum.encode())
+    return digest.hexdigest()[:12]
+
+
+def _rows(count: int, start_us: int) -> Iterator[tuple[str, str, str, int, int, int, int, str]]:
+    # Ids from one process come out strictly increasing, so rows go in in key order and
+    # the b-trees are filled by appending.
+    for index in range(count):
+        email = f"user{index:07d}@bench.example"
+        created = start_us + index
+        yield (
+            new_user_id(),
+            email,
+            f"Bench User {index}",
+            index % 3 + 1,
+            created,
+            created,
+            1,
+            email.lower(),
+        )
+
+
+def _write(path: Path, count: int) -> None:
+    migrate_sqlite(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        # A scratch file that is renamed into place only when complete: durability is moot.
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA cache_size = -262144")
+        placeholders = ", ".join("?" * len(INSERT_COLUMNS.split(",")))
+        insert = f"INSERT INTO users ({INSERT_COLUMNS}) VALUES ({placeholders})"  # noqa: S608
+        rows = _rows(count, start_us=1_767_225_600_000_000)
+        conn.execute("BEGIN")
+        while batch := list(itertools.islice(rows, _BATCH)):
+            conn.executemany(insert, batch)
+        conn.execute("COMMIT")
+        # One self-contained file to cache and copy; each server turns WAL on in its copy.
+        conn.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        conn.close()
+
+
+def seeded_file(cache_dir: Path, count: int) -> Path:
+    """Return a cached SQLite file holding `count` users, seeding it first if needed."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"users-{count}-{_schema_key()}.db"
+    if path.exists():
+        return path
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    started = time.monotonic()
+    try:
+        _write(scratch, count)
+        os.replace(scratch, path)
+    finally:
+        for leftover in scratch.parent.glob(f"{scratch.name}*"):
+            leftover.unlink(missing_ok=True)
+    print(
+        f"[bench] seeded {count} users into {path} in {time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+    )
+    return path
+
+
+def copy_seeded(source: Path, target: Path) -> Path:
+    """Copy a seeded file to `target` (the server writes WAL and lock files next to it)."""
+    shutil.copyfile(source, target)
+    return target
+
+
+def user_ids(path: Path, positions: list[int]) -> list[str]:
+    """Return the ids at these 0-based positions of the listing order (id order)."""
+    wanted = set(positions)
+    found: dict[int, str] = {}
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        # One pass over the primary key: OFFSET would rescan from the start for each one.
+        cursor = conn.execute("SELECT id FROM users ORDER BY id")
+        for position, (user_id,) in enumerate(cursor):
+            if position in wanted:
+                found[position] = user_id
+                if len(found) == len(wanted):
+                    break
+    finally:
+        conn.close()
+    return [found[p] for p in positions if p in found]
