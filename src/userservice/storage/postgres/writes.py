@@ -17,7 +17,7 @@ from userservice.domain.errors import (
 )
 from userservice.domain.model import EventType, SyncOutcome, User, UserChanges, email_key
 from userservice.storage.postgres import queries
-from userservice.storage.rows import insert_fields, user_from_row
+from userservice.storage.rows import insert_fields, user_fields, user_from_row
 
 _EMAIL_INDEX: Final = "users_email_normalized_key"
 _UPSERT_ATTEMPTS: Final = 5
@@ -59,13 +59,7 @@ async def create(
             queries.CLAIM_REQUEST,
             request_id,
             fingerprint,
-            user.id,
-            user.email,
-            user.display_name,
-            int(user.role),
-            user.create_time_us,
-            user.update_time_us,
-            user.revision,
+            *user_fields(user),
             user.create_time_us,
             expired_before_us,
         )
