@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from userservice.domain.errors import FieldViolation
 from userservice.domain.filtering import format_filter, parse_filter
 from userservice.domain.ids import new_user_id, now_us
-from userservice.domain.model import Role, User, UserFilter, email_key, search_key
+from userservice.domain.model import Role, User, UserChanges, UserFilter, email_key, search_key
 from userservice.domain.repository import UserRepository
 from userservice.domain.validation import check_display_name, check_email
 from userservice.storage import open_repository
@@ -132,6 +133,17 @@ class Stores:
             assert results == users
         self.ids = [user.id for user in users]
 
+    async def rename(self, user: User, name: str, by_upsert: bool) -> User:
+        """Give user a new display name in both, by UpdateUser's or SyncUsers' write."""
+        renamed = replace(user, display_name=name)
+        for repository in (self.sqlite, self.postgres):
+            if by_upsert:
+                candidate = replace(renamed, id=new_user_id(), update_time_us=now_us())
+                await repository.upsert_by_email(candidate)
+            else:
+                await repository.update(user.id, UserChanges(display_name=name), None, now_us())
+        return renamed
+
 
 async def _all_ids(repository: UserRepository, user_filter: UserFilter, limit: int) -> list[str]:
     """Page through every match; the first page's total must equal the number of matches."""
@@ -186,6 +198,12 @@ def test_sqlite_postgres_and_the_domain_rule_agree(tmp_path: Path) -> None:
                 key=lambda user: user.id,
             )
             runner.run(stores.replace_users(users))
+            # Updates and upserts write the key too, not only inserts.
+            renames = st.tuples(st.integers(0, len(users) - 1), display_names, st.booleans())
+            for index, name, by_upsert in data.draw(
+                st.lists(renames, max_size=3) if users else st.just([])
+            ):
+                users[index] = runner.run(stores.rename(users[index], str(name), by_upsert))
             for _ in range(3):
                 user_filter = parse_filter(data.draw(_filter_text(users), label="filter"))
                 expected = [user.id for user in users if user_filter.matches(user)]
