@@ -18,7 +18,14 @@ import pytest_asyncio
 from userservice.config import Settings
 from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.ids import new_user_id, now_us
-from userservice.domain.model import Role, SyncOutcome, User, UserChanges, UserFilter
+from userservice.domain.model import (
+    Role,
+    SyncOutcome,
+    User,
+    UserChanges,
+    UserFilter,
+    search_key,
+)
 from userservice.storage import open_repository, parse_sqlite_path
 from userservice.storage.migrations import Migration, backend_migrations
 from userservice.storage.sqlite import (
@@ -114,12 +121,13 @@ def test_connections_use_wal_normal_sync_foreign_keys_and_a_busy_timeout(db_path
 
 
 def test_migrate_records_versions_and_is_idempotent(db_path: Path) -> None:
-    assert migrate_sqlite(db_path) == ["0001_init"]
+    assert migrate_sqlite(db_path) == ["0001_init", "0002_display_name_key"]
     assert migrate_sqlite(db_path) == []
 
-    [(version, name, applied_at, checksum)] = raw_rows(db_path, "SELECT * FROM schema_migrations")
-    assert (version, name) == (1, "0001_init")
-    assert checksum == backend_migrations("sqlite")[0].checksum
+    rows = raw_rows(db_path, "SELECT * FROM schema_migrations ORDER BY version")
+    assert [(row[0], row[1]) for row in rows] == [(1, "0001_init"), (2, "0002_display_name_key")]
+    assert [row[3] for row in rows] == [m.checksum for m in backend_migrations("sqlite")]
+    (_, _, applied_at, _) = rows[0]
     assert isinstance(applied_at, str)
     assert applied_at.endswith("Z")
     tables = {row[0] for row in raw_rows(db_path, "SELECT name FROM sqlite_master")}
@@ -441,15 +449,20 @@ async def test_a_cancelled_read_is_interrupted_not_left_running(db_path: Path) -
     await (await open_sqlite(db_path)).close()
     timestamp = now_us()
     with sqlite3.connect(db_path) as conn:
+        # Long names, so that a substring no row holds takes a while to rule out.
+        name = "Ünïcode " + "ü" * 40
+        key = search_key(name)
         conn.executemany(
-            "INSERT INTO users (id, email, email_normalized, display_name, role,"
-            " create_time_us, update_time_us, revision) VALUES (?, ?, ?, ?, 1, ?, ?, 1)",
+            "INSERT INTO users (id, email, email_normalized, display_name, display_name_key,"
+            " role, create_time_us, update_time_us, revision)"
+            " VALUES (?, ?, ?, ?, ?, 1, ?, ?, 1)",
             (
                 (
                     f"{index:08d}-0000-7000-8000-000000000000",
                     f"u{index}@x.io",
                     f"u{index}@x.io",
-                    f"Ünïcode {index}",
+                    name,
+                    key,
                     timestamp,
                     timestamp,
                 )
@@ -459,7 +472,7 @@ async def test_a_cancelled_read_is_interrupted_not_left_running(db_path: Path) -
     conn.close()
     repository = await open_sqlite(db_path)
     try:
-        # A non-ASCII substring is matched row by row in Python: a slow scan on purpose.
+        # A substring no row holds is tested against every row: a slow scan on purpose.
         slow_filter = UserFilter(display_name_contains="ñ")
         started = time.monotonic()
         await repository.list_page(slow_filter, None, 10, with_total=True)

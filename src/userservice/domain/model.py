@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import unicodedata
 from dataclasses import dataclass, replace
 
 from userservice.domain.errors import EtagMismatchError
@@ -30,8 +31,15 @@ def email_key(email: str) -> str:
 
 
 def search_key(text: str) -> str:
-    """Return the form a substring filter's fragment is matched in (case-insensitive)."""
-    return text.lower()
+    """Return the form substring filters match in: NFKC, Unicode case folding, NFKC again.
+
+    Folding (not lower()) makes "STRASSE" match "straße" and a final sigma match any sigma;
+    NFKC makes a composed "é" equal "e" + combining accent, and a ligature its letters. The
+    stores keep this key of each display name in a column and match fragments against it, so
+    no database's collation decides (see the README's Storage section).
+    """
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return unicodedata.normalize("NFKC", folded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +137,22 @@ class UserFilter:
     email_equals: str | None = None
     email_contains: str | None = None
     display_name_contains: str | None = None
+
+    def matches(self, user: User) -> bool:
+        """Tell whether user matches: the rule each store's SQL must give the same answer as."""
+        return (
+            (self.role is None or user.role == self.role)
+            and (self.role_not is None or user.role != self.role_not)
+            and (self.email_equals is None or email_key(user.email) == email_key(self.email_equals))
+            and (
+                self.email_contains is None
+                or email_key(self.email_contains) in email_key(user.email)
+            )
+            and (
+                self.display_name_contains is None
+                or search_key(self.display_name_contains) in search_key(user.display_name)
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,12 @@ from userservice.domain.model import UserFilter, email_key, search_key
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """How one database spells a bound parameter and a case-insensitive column."""
+    """How one database spells a bound parameter and an exact substring test."""
 
     placeholder: Callable[[int], str]
     """The text of the n-th (1-based) bound parameter."""
-    folded: Callable[[str, str], str]
-    """The column expression to LIKE a search_key()-folded fragment against."""
+    contains: Callable[[str, str], str]
+    """The condition "column contains parameter", exactly as Python's `in` (no folding)."""
     role_type: str = ""
     """A cast appended to role parameters ("" when the driver infers it)."""
 
@@ -49,17 +49,13 @@ def compile_filter(user_filter: UserFilter, dialect: Dialect) -> CompiledFilter:
         compiled.conditions.append(
             f"email_normalized = {param(email_key(user_filter.email_equals))}"
         )
+    # Substrings are matched on keys the domain computed when the row was written, with a
+    # plain substring test: no LIKE (whose case rules differ by database) and no collation
+    # decides, so both stores give the rows UserFilter.matches keeps.
     if user_filter.email_contains is not None:
-        pattern = like_contains(email_key(user_filter.email_contains))
-        compiled.conditions.append(f"email_normalized LIKE {param(pattern)} ESCAPE '\\'")
+        fragment = param(email_key(user_filter.email_contains))
+        compiled.conditions.append(dialect.contains("email_normalized", fragment))
     if user_filter.display_name_contains is not None:
-        fragment = search_key(user_filter.display_name_contains)
-        column = dialect.folded("display_name", fragment)
-        compiled.conditions.append(f"{column} LIKE {param(like_contains(fragment))} ESCAPE '\\'")
+        fragment = param(search_key(user_filter.display_name_contains))
+        compiled.conditions.append(dialect.contains("display_name_key", fragment))
     return compiled
-
-
-def like_contains(fragment: str) -> str:
-    """Return a LIKE pattern matching fragment anywhere, its wildcards made literal."""
-    escaped = fragment.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"

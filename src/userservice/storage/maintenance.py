@@ -1,4 +1,4 @@
-"""When both stores delete expired CreateUser request_ids: rarely, and a bounded batch at a time."""
+"""When both stores delete expired request_ids: rarely, and a bounded batch at a time."""
 
 from __future__ import annotations
 

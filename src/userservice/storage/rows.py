@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from userservice.domain.model import Role, User, email_key
+from userservice.domain.model import Role, User, email_key, search_key
 
 # The order user_fields() and user_from_row() rely on; SQL texts interpolate only these
 # constants, never a value.
@@ -13,8 +13,11 @@ USER_DATA: Final = "email, display_name, role, create_time_us, update_time_us, r
 USER_COLUMNS: Final = f"id, {USER_DATA}"
 # The same fields as kept in the event log and the idempotency table, keyed by user_id.
 SNAPSHOT_COLUMNS: Final = f"user_id, {USER_DATA}"
-# The users table's insert columns: USER_COLUMNS plus the unique email key, last.
-INSERT_COLUMNS: Final = f"{USER_COLUMNS}, email_normalized"
+# The users table's insert columns: USER_COLUMNS plus the two keys the domain computes
+# (the unique email key, the display-name search key), last.
+INSERT_COLUMNS: Final = f"{USER_COLUMNS}, email_normalized, display_name_key"
+# Rows whose missing display_name_key one backfill transaction computes (see backfill_keys).
+BACKFILL_BATCH: Final = 1_000
 
 
 def user_fields(user: User) -> tuple[str, str, str, int, int, int, int]:
@@ -30,9 +33,14 @@ def user_fields(user: User) -> tuple[str, str, str, int, int, int, int]:
     )
 
 
-def insert_fields(user: User) -> tuple[str, str, str, int, int, int, int, str]:
+def insert_fields(user: User) -> tuple[str, str, str, int, int, int, int, str, str]:
     """Return a user's values in INSERT_COLUMNS order."""
-    return (*user_fields(user), email_key(user.email))
+    return (*user_fields(user), email_key(user.email), search_key(user.display_name))
+
+
+def backfilled_keys(rows: Sequence[Any]) -> list[tuple[str, str, str]]:
+    """Return (search key, id, display name) for rows of (id, display name) lacking a key."""
+    return [(search_key(str(name)), str(user_id), str(name)) for user_id, name in rows]
 
 
 def user_from_row(row: Sequence[Any]) -> User:

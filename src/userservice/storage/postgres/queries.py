@@ -32,23 +32,23 @@ FROM users WHERE email_normalized = $1 FOR UPDATE
 
 INSERT_USER: Final = """
 INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
-                   email_normalized)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   email_normalized, display_name_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 """
 
 UPSERT_INSERT: Final = """
 INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
-                   email_normalized)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   email_normalized, display_name_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (email_normalized) DO NOTHING
 RETURNING id
 """
 
 INSERT_MANY: Final = """
 INSERT INTO users (id, email, email_normalized, display_name, role,
-                   create_time_us, update_time_us, revision)
+                   create_time_us, update_time_us, revision, display_name_key)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[])
+                     $6::bigint[], $7::bigint[], $8::bigint[], $9::text[])
 ON CONFLICT (email_normalized) DO NOTHING
 RETURNING id
 """
@@ -79,8 +79,21 @@ FROM create_requests WHERE request_id = $1
 
 UPDATE_USER: Final = """
 UPDATE users SET email = $2, email_normalized = $3, display_name = $4, role = $5,
-                 update_time_us = $6, revision = $7
+                 update_time_us = $6, revision = $7, display_name_key = $8
 WHERE id = $1
+"""
+
+# Keyset batches of rows lacking their display_name_key (written before migration 0002, or
+# by a replica still running older code); the update re-checks the name the key was
+# computed from, and that no write has set the key since.
+SELECT_UNKEYED: Final = """
+SELECT id, display_name FROM users
+WHERE id > $1 AND display_name_key IS NULL ORDER BY id LIMIT $2
+"""
+SET_KEYS: Final = """
+UPDATE users AS u SET display_name_key = k.key
+FROM unnest($1::text[], $2::text[], $3::text[]) AS k(key, id, name)
+WHERE u.id = k.id AND u.display_name = k.name AND u.display_name_key IS NULL
 """
 
 # One statement, issued last so the counter's row lock (which orders commits)

@@ -14,7 +14,7 @@ from userservice.storage.rows import USER_COLUMNS, user_from_row
 
 DIALECT: Final = Dialect(
     placeholder=lambda index: f"${index}",
-    folded=lambda column, _fragment: f"lower({column})",
+    contains=lambda column, fragment: f"strpos({column}, {fragment}) > 0",
     role_type="::smallint",
 )
 

@@ -121,6 +121,8 @@ class PostgresUserRepository:
     async def _start(self) -> None:
         async with self._connection() as conn:
             await require_migrated(conn)
+            # Rows from before migration 0002 (or from older replicas) get their filter key.
+            await writes.backfill_keys(conn)
             latest = int(await conn.fetchval(queries.SELECT_LATEST_SEQUENCE))
         self._listener.latest_sequence = latest
         self._listener_task = asyncio.create_task(

@@ -15,9 +15,22 @@ from userservice.domain.errors import (
     StorageUnavailableError,
     UserNotFoundError,
 )
-from userservice.domain.model import EventType, SyncOutcome, User, UserChanges, email_key
+from userservice.domain.model import (
+    EventType,
+    SyncOutcome,
+    User,
+    UserChanges,
+    email_key,
+    search_key,
+)
 from userservice.storage.postgres import queries
-from userservice.storage.rows import insert_fields, user_fields, user_from_row
+from userservice.storage.rows import (
+    BACKFILL_BATCH,
+    backfilled_keys,
+    insert_fields,
+    user_fields,
+    user_from_row,
+)
 
 _EMAIL_INDEX: Final = "users_email_normalized_key"
 _UPSERT_ATTEMPTS: Final = 5
@@ -100,6 +113,7 @@ async def create_many(
         [u.create_time_us for u in batch],
         [u.update_time_us for u in batch],
         [u.revision for u in batch],
+        [search_key(u.display_name) for u in batch],
     )
     inserted = {str(row["id"]) for row in rows}
     events: list[Event] = []
@@ -179,6 +193,7 @@ async def _write_user(conn: asyncpg.Connection, user: User) -> None:
             int(user.role),
             user.update_time_us,
             user.revision,
+            search_key(user.display_name),
         )
     except asyncpg.UniqueViolationError as error:
         if error.constraint_name == _EMAIL_INDEX:
@@ -193,3 +208,20 @@ async def _lock_user(conn: asyncpg.Connection, user_id: str, expected_etag: str 
     current = user_from_row(row)
     current.require_etag(expected_etag)
     return current
+
+
+async def backfill_keys(conn: asyncpg.Connection) -> int:
+    """Compute display_name_key for rows written without it, a batch per statement.
+
+    Runs at open; returns the number of rows keyed. Idempotent, so replicas starting at
+    once may each run it.
+    """
+    keyed, after = 0, ""
+    while True:
+        rows = await conn.fetch(queries.SELECT_UNKEYED, after, BACKFILL_BATCH)
+        if not rows:
+            return keyed
+        keys, ids, names = zip(*backfilled_keys([(row[0], row[1]) for row in rows]), strict=True)
+        status = await conn.execute(queries.SET_KEYS, list(keys), list(ids), list(names))
+        keyed += int(status.rsplit(" ", 1)[-1])
+        after = str(rows[-1][0])

@@ -45,8 +45,6 @@ def connect(path: Path, *, query_only: bool = False) -> sqlite3.Connection:
             raise RuntimeError(f"SQLite database {path} cannot use WAL mode (got {mode!r})")
         if query_only:
             conn.execute("PRAGMA query_only = ON")
-            # SQLite's own lower() only folds ASCII; filters must match "É" with "é" too.
-            conn.create_function("unicode_lower", 1, str.lower, deterministic=True)
     except BaseException:
         conn.close()
         raise

@@ -12,6 +12,7 @@ from userservice.storage.migrations import backend_migrations
 from userservice.storage.sqlite import queries, reads
 from userservice.storage.sqlite.connection import connect, lock
 from userservice.storage.sqlite.migrations import apply_migrations, require_migrated
+from userservice.storage.sqlite.writes import backfill_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,8 @@ def open_files(
             require_migrated(write_conn)
         # Catches up at once when event_retention was lowered since the last run.
         write_conn.execute(queries.PRUNE_EVENTS, (event_retention,))
+        # Rows from before migration 0002 (or written by older code since) get their key.
+        backfill_keys(write_conn)
         read_conn = connect(path, query_only=True)
         undo.callback(read_conn.close)
         ping_conn = connect(path, query_only=True)

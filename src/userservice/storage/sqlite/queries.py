@@ -17,12 +17,22 @@ SELECT_USERS: Final = (
 SELECT_PAGE: Final = f"SELECT {USER_COLUMNS} FROM users{{where}} ORDER BY id LIMIT ?"  # noqa: S608
 COUNT_USERS: Final = "SELECT count(*) FROM users{where}"
 INSERT_USER: Final = (
-    f"INSERT INTO users ({INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    f"INSERT INTO users ({INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
     " ON CONFLICT (email_normalized) DO NOTHING"
 )
 UPDATE_USER: Final = (
-    "UPDATE users SET email = ?, email_normalized = ?, display_name = ?, role = ?,"
-    " update_time_us = ?, revision = ? WHERE id = ?"
+    "UPDATE users SET email = ?, email_normalized = ?, display_name = ?, display_name_key = ?,"
+    " role = ?, update_time_us = ?, revision = ? WHERE id = ?"
+)
+# Keyset batches of rows lacking their display_name_key (written before migration 0002); the
+# update re-checks the name it was computed from and that no write has set the key since.
+SELECT_UNKEYED: Final = (
+    "SELECT id, display_name FROM users WHERE id > ? AND display_name_key IS NULL"
+    " ORDER BY id LIMIT ?"
+)
+SET_KEY: Final = (
+    "UPDATE users SET display_name_key = ?"
+    " WHERE id = ? AND display_name = ? AND display_name_key IS NULL"
 )
 DELETE_USER: Final = "DELETE FROM users WHERE id = ?"
 INSERT_EVENT: Final = (

@@ -11,14 +11,10 @@ from userservice.storage.rows import user_from_row
 from userservice.storage.sqlite import queries
 from userservice.storage.sqlite.connection import transaction
 
-
-def _folded(column: str, fragment: str) -> str:
-    # LIKE folds ASCII case by itself; lower-casing every row in Python costs about four
-    # times as much, so only a fragment that is not pure ASCII pays for it.
-    return column if fragment.isascii() else f"unicode_lower({column})"
-
-
-DIALECT = Dialect(placeholder=lambda _index: "?", folded=_folded)
+DIALECT = Dialect(
+    placeholder=lambda _index: "?",
+    contains=lambda column, fragment: f"instr({column}, {fragment}) > 0",
+)
 
 
 def fetch_user(conn: sqlite3.Connection, sql: str, key: str) -> User | None:

@@ -12,9 +12,23 @@ from userservice.domain.errors import (
     UserNotFoundError,
 )
 from userservice.domain.ids import now_us
-from userservice.domain.model import EventType, SyncOutcome, User, UserChanges, email_key
-from userservice.storage.rows import insert_fields, user_fields, user_from_row
+from userservice.domain.model import (
+    EventType,
+    SyncOutcome,
+    User,
+    UserChanges,
+    email_key,
+    search_key,
+)
+from userservice.storage.rows import (
+    BACKFILL_BATCH,
+    backfilled_keys,
+    insert_fields,
+    user_fields,
+    user_from_row,
+)
 from userservice.storage.sqlite import queries
+from userservice.storage.sqlite.connection import transaction
 from userservice.storage.sqlite.reads import fetch_user
 
 
@@ -36,7 +50,13 @@ class WriteTransaction:
 
     def overwrite(self, user: User) -> None:
         """Overwrite the stored row of user.id with user."""
-        values = (user.email, email_key(user.email), user.display_name, int(user.role))
+        values = (
+            user.email,
+            email_key(user.email),
+            user.display_name,
+            search_key(user.display_name),
+            int(user.role),
+        )
         try:
             self.conn.execute(
                 queries.UPDATE_USER, (*values, user.update_time_us, user.revision, user.id)
@@ -141,3 +161,18 @@ def _current(writes: WriteTransaction, user_id: str, expected_etag: str | None) 
         raise UserNotFoundError(user_id)
     current.require_etag(expected_etag)
     return current
+
+
+def backfill_keys(conn: sqlite3.Connection) -> int:
+    """Compute display_name_key for rows written before it existed, a batch per transaction.
+
+    Runs at open on the writer connection; returns the number of rows keyed.
+    """
+    keyed, after = 0, ""
+    while True:
+        rows = conn.execute(queries.SELECT_UNKEYED, (after, BACKFILL_BATCH)).fetchall()
+        if not rows:
+            return keyed
+        with transaction(conn):
+            keyed += conn.executemany(queries.SET_KEY, backfilled_keys(rows)).rowcount
+        after = rows[-1][0]
