@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from userservice.domain.ids import new_user_id
+from userservice.domain.model import Role, User
 from userservice.storage import migrations
-from userservice.storage.rows import INSERT_COLUMNS
+from userservice.storage.rows import INSERT_COLUMNS, insert_fields
 from userservice.storage.sqlite import migrate_sqlite
 
 _BATCH = 50_000
 # Bump when the rows written below change shape, so stale cached files are not reused.
-_SEED_VERSION = "1"
+_SEED_VERSION = "2"
 
 
 def _schema_key() -> str:
@@ -36,22 +37,17 @@ def _schema_key() -> str:
     return digest.hexdigest()[:12]
 
 
-def _rows(count: int, start_us: int) -> Iterator[tuple[str, str, str, int, int, int, int, str]]:
+def _rows(count: int, start_us: int) -> Iterator[tuple[object, ...]]:
     # Ids from one process come out strictly increasing, so rows go in in key order and
     # the b-trees are filled by appending.
     for index in range(count):
         email = f"user{index:07d}@bench.example"
         created = start_us + index
-        yield (
-            new_user_id(),
-            email,
-            f"Bench User {index}",
-            index % 3 + 1,
-            created,
-            created,
-            1,
-            email.lower(),
+        # Through the store's own row mapping, so every derived key follows the domain's rules.
+        user = User(
+            new_user_id(), email, f"Bench User {index}", Role(index % 3 + 1), created, created, 1
         )
+        yield insert_fields(user)
 
 
 def _write(path: Path, count: int) -> None:
