@@ -212,6 +212,10 @@ def start(name: str, volume: str, port: int, env: dict[str, str]) -> None:
             "--env",
             "USERSERVICE_AUTH_JWT_SECRET",
             "--env",
+            "USERSERVICE_AUTH_ISSUER",
+            "--env",
+            "USERSERVICE_AUTH_AUDIENCE",
+            "--env",
             "USERSERVICE_SHUTDOWN_DRAIN_SECONDS=1",
             "--env",
             "USERSERVICE_SHUTDOWN_GRACE_SECONDS=5",
@@ -300,7 +304,13 @@ def exercise() -> None:
     volume = f"userservice-image-test-{suffix}"
     first, second = f"userservice-it1-{suffix}", f"userservice-it2-{suffix}"
     secret = secrets.token_urlsafe(48)
-    env = {**os.environ, "USERSERVICE_AUTH_JWT_SECRET": secret}
+    # Outside development the issuer and audience are required; the token carries the same.
+    env = {
+        **os.environ,
+        "USERSERVICE_AUTH_JWT_SECRET": secret,
+        "USERSERVICE_AUTH_ISSUER": "https://issuer.image-test.invalid",
+        "USERSERVICE_AUTH_AUDIENCE": "userservice",
+    }
     token = run(
         [
             str(VENV_BIN / "userservice"),
