@@ -40,8 +40,13 @@ from userservice.metrics import (
 from userservice.observability.storage import instrument
 from userservice.observability.tracing import TracingUnavailableError, start_tracing
 from userservice.reflection import enable_reflection
+from userservice.storage import (
+    is_postgres_url,
+    open_repository,
+    parse_sqlite_path,
+    storage_failure,
+)
 from userservice.storage import migrate as storage_migrate
-from userservice.storage import open_repository, parse_sqlite_path, storage_failure
 from userservice.storage.sqlite.connection import lock as sqlite_lock
 from userservice.storage.sqlite.shared import SharedCommits
 from userservice.tls import ReloadingServerCredentials, TlsFilesError
@@ -405,7 +410,7 @@ def _run_workers(settings: Settings) -> int:
     try:
         if settings.migrate_on_start:
             storage_migrate(settings)
-        if not settings.database_url.startswith(("postgresql://", "postgres://")):
+        if not is_postgres_url(settings.database_url):
             # Held by the parent for all its workers: still one server group per file.
             lock_fd = sqlite_lock(parse_sqlite_path(settings.database_url))
             shared = SharedCommits()

@@ -23,7 +23,7 @@ async def open_repository(
 
     shared is set in a worker of `--workers N` on SQLite (see storage/sqlite/shared.py).
     """
-    if url.startswith(_POSTGRES_PREFIXES):
+    if is_postgres_url(url):
         # Imported here so a SQLite deployment never loads the PostgreSQL driver.
         from userservice.storage.postgres import open_postgres
 
@@ -36,6 +36,11 @@ async def open_repository(
         request_id_retention_seconds=settings.request_id_retention_seconds,
         shared=shared,
     )
+
+
+def is_postgres_url(url: str) -> bool:
+    """Tell whether the URL names a PostgreSQL database (otherwise it must be SQLite)."""
+    return url.startswith(_POSTGRES_PREFIXES)
 
 
 def parse_sqlite_path(url: str) -> Path:
@@ -72,7 +77,7 @@ def storage_failure(error: BaseException) -> str | None:
 def migrate(settings: Settings) -> list[str]:
     """Apply pending migrations to the configured store (blocking); return the names applied."""
     url = settings.database_url
-    if url.startswith(_POSTGRES_PREFIXES):
+    if is_postgres_url(url):
         import asyncio
 
         from userservice.storage.postgres import migrate_postgres

@@ -16,6 +16,7 @@ import asyncpg
 
 from userservice.storage.postgres import queries
 from userservice.storage.postgres.connection import ConnectOptions
+from userservice.storage.signal import SequenceSignal
 
 EVENTS_CHANNEL: Final = "user_events"
 _KEEPALIVE_SECONDS: Final = 10.0
@@ -31,36 +32,25 @@ class EventListener:
         """Start from latest_sequence; run() keeps the LISTEN connection up."""
         self._url = url
         self._options = options
-        self.latest_sequence = latest_sequence
-        self._changed = asyncio.Event()
+        self.signal = SequenceSignal(latest_sequence)
         self._failures = 0
-        self._closed = False
+
+    @property
+    def latest_sequence(self) -> int:
+        """The newest sequence committed anywhere, as far as this process has heard."""
+        return self.signal.latest_sequence
 
     def wake(self, sequence: int) -> None:
         """Record that sequence committed and wake every waiter."""
-        self.latest_sequence = max(self.latest_sequence, sequence)
-        waiters, self._changed = self._changed, asyncio.Event()
-        waiters.set()
+        self.signal.advance(sequence)
 
     def close(self) -> None:
         """Release every waiter for good."""
-        self._closed = True
-        self._changed.set()
+        self.signal.close()
 
     async def wait(self, after_sequence: int, timeout: float) -> None:
         """Return once a sequence above after_sequence may exist, or after timeout seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.latest_sequence <= after_sequence and not self._closed:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            changed = self._changed
-            try:
-                async with asyncio.timeout(remaining):
-                    await changed.wait()
-            except TimeoutError:
-                return
+        await self.signal.wait(after_sequence, timeout)
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with jittered back-off."""
@@ -93,8 +83,7 @@ class EventListener:
             # value is assigned, not maxed, so that after a restore of an older
             # backup watchers wait again instead of spinning on a stale high mark;
             # a write that commits after this read still NOTIFYs this listener.
-            self.latest_sequence = int(await conn.fetchval(queries.SELECT_LATEST_SEQUENCE))
-            self.wake(self.latest_sequence)
+            self.signal.reset(int(await conn.fetchval(queries.SELECT_LATEST_SEQUENCE)))
             if self._failures:
                 _log.info("PostgreSQL event listener reconnected")
                 self._failures = 0

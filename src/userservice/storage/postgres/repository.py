@@ -124,7 +124,7 @@ class PostgresUserRepository:
             # Rows from before migration 0002 (or from older replicas) get their filter key.
             await writes.backfill_keys(conn)
             latest = int(await conn.fetchval(queries.SELECT_LATEST_SEQUENCE))
-        self._listener.latest_sequence = latest
+        self._listener.signal.reset(latest)
         self._listener_task = asyncio.create_task(
             self._listener.run(), name="userservice-postgres-listener"
         )

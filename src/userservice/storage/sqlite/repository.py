@@ -27,10 +27,10 @@ from userservice.domain.model import (
     email_key,
 )
 from userservice.storage.maintenance import EXPIRE_BATCH, ExpirySchedule
+from userservice.storage.signal import SequenceSignal
 from userservice.storage.sqlite import queries, reads, writes
 from userservice.storage.sqlite.cache import ReadCache
 from userservice.storage.sqlite.connection import storage_errors, transaction
-from userservice.storage.sqlite.feed import CommitSignal
 from userservice.storage.sqlite.files import StoreFiles, close_writer, open_files
 from userservice.storage.sqlite.reader import ReaderThread
 from userservice.storage.sqlite.shared import SharedCommits
@@ -122,7 +122,9 @@ class SqliteUserRepository:
         self._cache = ReadCache(cache_size)
         self._shared = shared
         self._seen_commits = 0 if shared is None else shared.commits
-        self._commits = CommitSignal(files.latest_sequence, shared)
+        self._commits = SequenceSignal(
+            files.latest_sequence, None if shared is None else lambda: shared.latest_sequence
+        )
         self._closed = False
         self.event_reads = 0
         """Queries of the event log so far: the change feed keeps it at one per wake-up."""
@@ -310,4 +312,4 @@ class SqliteUserRepository:
             self._seen_commits = commits
         if not self._closed:
             self._cache.committed(cache)
-        self._commits.committed(last_sequence)
+        self._commits.advance(last_sequence)

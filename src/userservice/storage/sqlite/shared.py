@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
-from typing import Final
-
-# How often a waiting watcher looks for another worker's commit.
-POLL_SECONDS: Final = 0.02
 
 
 class SharedCommits:
