@@ -287,6 +287,26 @@ async def test_redis_stopped_mid_test_then_back(
 
 @pytest.mark.redis
 @pytest.mark.asyncio
+async def test_connections_idle_through_an_outage_do_not_refuse_calls_once_redis_is_back(
+    proxy: TcpProxy, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="userservice.ratelimit")
+    limiter = RedisLimiter.from_url(proxy.url(REDIS_URL), 100, 100, fail_open=False, prefix=prefix)
+    try:
+        # Four pooled connections, then Redis restarts under them (every socket reset).
+        assert await asyncio.gather(*(limiter.limit("k", 1) for _ in range(4))) == [ALLOWED] * 4
+        await proxy.kill_connections()
+        # A stale pooled connection is replaced at once: no call refused, no outage reported.
+        for _ in range(8):
+            assert await limiter.limit("k", 1) == ALLOWED
+        assert limiter.available
+    finally:
+        await limiter.aclose()
+    assert [r.getMessage() for r in caplog.records if r.name == "userservice.ratelimit"] == []
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
 async def test_hung_redis_costs_at_most_the_timeout(proxy: TcpProxy, prefix: str) -> None:
     limiter = RedisLimiter.from_url(
         proxy.url(REDIS_URL), 0.01, 2, fail_open=True, prefix=prefix, timeout=0.05

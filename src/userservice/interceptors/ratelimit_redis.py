@@ -18,6 +18,7 @@ from typing import Final
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from userservice.interceptors.ratelimit import ALLOWED, Decision
@@ -98,12 +99,16 @@ class RedisLimiter:
         timeout: float = 0.1,
         recheck_seconds: float = 1.0,
     ) -> RedisLimiter:
-        """Connect lazily to url with bounded timeouts and no client-side retries."""
+        """Connect lazily to url with bounded timeouts and one retry on a dropped connection."""
+        # A Redis restart leaves every pooled connection dead; each would fail one call and
+        # start a recheck interval of fallback answers. One immediate retry on a fresh
+        # connection (ConnectionError only, never a timeout) hides that, and limit()'s
+        # timeout still bounds both attempts together.
         client = Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         return cls(
             client,
