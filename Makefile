@@ -18,7 +18,7 @@ OVERLAYS := development production
 GENERATED_DIR := src/user/v1
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test fuzz lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench ci clean token
+.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -93,6 +93,12 @@ fuzz: $(STAMP) ## Wire-fuzz a real server: make fuzz FUZZ_REQUESTS=20000 [FUZZ_S
 	  echo "make fuzz: $(FUZZ_REQUESTS) requests per storage backend, seed $$seed"; \
 	  USERSERVICE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) USERSERVICE_FUZZ_SEED=$$seed \
 	  $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider
+
+SOAK_MINUTES ?= 3
+
+# Needs the PostgreSQL and Redis of `make test`; starts and stops everything else itself.
+soak: $(STAMP) ## Mixed load, the fuzzer, PostgreSQL and Redis cuts, SIGTERM restarts: make soak SOAK_MINUTES=3
+	$(PY) tests/soak.py --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 deploy-check: $(STAMP) $(CHECKOV) ## Render every overlay, validate it offline, run checkov on production, lint the Dockerfile.
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)

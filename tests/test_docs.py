@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from user.v1 import user_service_pb2
@@ -18,4 +19,17 @@ def test_readme_documents_every_setting() -> None:
 def test_readme_documents_every_rpc() -> None:
     service = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
     missing = [method.name for method in service.methods if f"`{method.name}`" not in README]
+    assert missing == []
+
+
+def test_every_test_the_reliability_page_names_exists() -> None:
+    tests = Path(__file__).resolve().parent
+    page = (tests.parent / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(\w+)`", page)
+    assert len(named) > 50
+    missing = [
+        f"{file}::{name}"
+        for file, name in named
+        if not re.search(rf"^(async )?def {name}\(", (tests / file).read_text(), re.MULTILINE)
+    ]
     assert missing == []

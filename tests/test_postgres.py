@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+from support import eventually, make_settings, running_app
 from tcp_proxy import TcpProxy
 
 from userservice.config import Settings
@@ -678,3 +680,33 @@ async def until_a_backend_is(conn: asyncpg.Connection, condition: str) -> None:
     async with asyncio.timeout(5):
         while not await conn.fetchval(query):
             await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_a_database_outage_logs_warnings_that_name_the_error_without_a_stack(
+    postgres_url: str, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = make_settings(
+        proxy.url(postgres_url),
+        db_pool_min_size=2,
+        db_connect_timeout_seconds=0.5,
+        health_check_interval_seconds=0.2,
+    )
+    async with running_app(settings):
+        await proxy.stop()
+        lost = "PostgreSQL event listener lost; watchers poll until it is back"
+        await eventually(
+            lambda: _async_value(any(r.getMessage() == lost for r in caplog.records)),
+            "the listener's loss is logged",
+        )
+        await asyncio.sleep(1.5)  # the pool's own reconnect attempts (1 s back-off) log too
+        await proxy.start()
+    outage = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(r.getMessage() == lost and "Error" in r.error for r in outage)  # type: ignore[attr-defined]
+    # The listener and asyncpg's pool name the error in one line; no stack for an outage.
+    assert [r.getMessage() for r in outage if r.exc_info] == []
+
+
+async def _async_value(value: bool) -> bool:
+    return value

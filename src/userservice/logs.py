@@ -54,8 +54,30 @@ _BAD_METADATA_FILTER: Final = _BadMetadataFilter()
 
 
 def quiet_grpc_metadata_errors() -> None:
-    """Install the filter above on grpc's logger (idempotent)."""
+    """Install the filters above and below on grpc's and asyncpg's loggers (idempotent)."""
     logging.getLogger(_GRPC_LOGGER).addFilter(_BAD_METADATA_FILTER)
+    logging.getLogger(_ASYNCPG_POOL_LOGGER).addFilter(_RECONNECT_FILTER)
+
+
+class _ReconnectFilter(logging.Filter):
+    """Turns asyncpg's reconnect-attempt WARNING with a traceback into one line naming the error.
+
+    While the database is down the pool logs each attempt to restore its floor (1 s back-off,
+    doubling to 60 s), and a stack of asyncpg's connect internals says nothing the error's
+    class and message do not.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _ASYNCPG_RECONNECT and record.exc_info and record.exc_info[1]:
+            error = record.exc_info[1]
+            record.error = f"{type(error).__name__}: {error}"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_ASYNCPG_POOL_LOGGER: Final = "asyncpg.pool"
+_ASYNCPG_RECONNECT: Final = "Failed to restore the pool connection floor; retrying"
+_RECONNECT_FILTER: Final = _ReconnectFilter()
 
 
 def configure_logging(level: str = "INFO") -> None:

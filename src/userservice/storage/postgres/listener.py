@@ -15,7 +15,7 @@ from typing import Final
 import asyncpg
 
 from userservice.storage.postgres import queries
-from userservice.storage.postgres.connection import ConnectOptions
+from userservice.storage.postgres.connection import UNAVAILABLE_ERRORS, ConnectOptions
 from userservice.storage.signal import SequenceSignal
 
 EVENTS_CHANNEL: Final = "user_events"
@@ -57,11 +57,14 @@ class EventListener:
         while True:
             try:
                 await self._listen_once()
-            except Exception:
+            except Exception as error:
                 if self._failures == 0:
+                    # A lost connection is expected (database restart, failover): one line
+                    # naming the error. Anything else may be a bug and keeps its stack.
                     _log.warning(
                         "PostgreSQL event listener lost; watchers poll until it is back",
-                        exc_info=True,
+                        exc_info=not isinstance(error, UNAVAILABLE_ERRORS),
+                        extra={"error": f"{type(error).__name__}: {error}"},
                     )
                 self._failures += 1
             backoff = min(0.1 * 2 ** min(self._failures, 10), _MAX_BACKOFF_SECONDS)
