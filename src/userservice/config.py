@@ -117,6 +117,9 @@ class Settings:
     rate_limit_burst: int = _setting(400, "bucket size per principal")
     rate_limit_redis_url: str = _setting("", "redis://host:port/db for a limit shared by replicas")
     rate_limit_fail_open: bool = _setting(True, "allow calls when Redis is unreachable")
+    rate_limit_redis_timeout_seconds: float = _setting(
+        0.1, "budget of one Redis round trip (connect included); a slower Redis counts as down"
+    )
 
     def validate(self, *, require_auth: bool = True) -> Settings:
         """Return self, or raise ConfigError naming the first bad setting.
@@ -171,6 +174,8 @@ class Settings:
             raise ConfigError("USERSERVICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         if self.rate_limit_rps < 0 or (self.rate_limit_rps > 0 and self.rate_limit_burst < 1):
             raise ConfigError("USERSERVICE_RATE_LIMIT_RPS must be >= 0 and the burst >= 1")
+        if self.rate_limit_redis_timeout_seconds <= 0:
+            raise ConfigError("USERSERVICE_RATE_LIMIT_REDIS_TIMEOUT_SECONDS must be above 0")
         key_sources = [self.auth_jwt_secret, self.auth_jwt_public_key_file, self.auth_jwks_url]
         if sum(map(bool, key_sources)) > 1:
             raise ConfigError(

@@ -158,6 +158,7 @@ async def build_chain(settings: Settings, tracing: Tracing | None = None) -> Int
                 settings.rate_limit_rps,
                 settings.rate_limit_burst,
                 fail_open=settings.rate_limit_fail_open,
+                timeout=settings.rate_limit_redis_timeout_seconds,
             )
             closers.append(shared.aclose)
             # Surfaces an unreachable Redis in the startup log rather than at the first call.
