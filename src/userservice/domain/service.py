@@ -208,7 +208,8 @@ class UserService:
         result = ImportResult()
         batch: list[tuple[int, User]] = []
         index = -1
-        async for index, user in _enumerate(users):
+        async for user in users:
+            index += 1
             try:
                 batch.append((index, self._build_user(validate_new_user(user))))
             except InvalidArgumentError as error:
@@ -298,10 +299,3 @@ def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChange
     if violations:
         raise InvalidArgumentError(violations)
     return UserChanges(email=email, display_name=display_name, role=role)
-
-
-async def _enumerate(items: AsyncIterable[UserInput]) -> AsyncIterator[tuple[int, UserInput]]:
-    index = 0
-    async for item in items:
-        yield index, item
-        index += 1
