@@ -101,9 +101,17 @@ def _writing(behaviour: Callable[..., Any]) -> Behaviour:
                 await _write(context, message)
             return
         iterator: AsyncIterator[Any] = aiter(result)
+        write = context.write
         try:
+            # One try around the loop rather than a _write() coroutine per message: a stream
+            # of 100k users pays one frame less each. A batch failure the generator raises (a
+            # read, in a bidi stream) is judged as recovery would judge it: the same outcome.
             async for message in iterator:
-                await _write(context, message)
+                await write(message)
+        except Exception as error:
+            if await peer_ended(context, error):
+                raise asyncio.CancelledError from error
+            raise
         finally:
             # Close the generator now, on this task, so its finally blocks run before the
             # status is sent, instead of whenever the garbage collector finds it.

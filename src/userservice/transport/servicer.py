@@ -17,7 +17,7 @@ from userservice.domain.errors import DomainError, ShuttingDownError, StorageUna
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
 from userservice.transport.errors import abort_with_domain_error, status_proto
-from userservice.transport.mapping import event_to_proto, user_input, user_to_proto
+from userservice.transport.mapping import event_to_proto, fill_user, user_input
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -67,12 +67,16 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> pb.CreateUserResponse:
         """Create a user."""
         user = await self._service.create_user(user_input(request.user), request.request_id)
-        return pb.CreateUserResponse(user=user_to_proto(user))
+        response = pb.CreateUserResponse()
+        fill_user(response.user, user)
+        return response
 
     @maps_domain_errors
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
         """Return one user."""
-        return pb.GetUserResponse(user=user_to_proto(await self._service.get_user(request.id)))
+        response = pb.GetUserResponse()
+        fill_user(response.user, await self._service.get_user(request.id))
+        return response
 
     @maps_domain_errors
     async def BatchGetUsers(
@@ -80,9 +84,11 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> pb.BatchGetUsersResponse:
         """Return the users found and the ids not found."""
         users, missing = await self._service.batch_get_users(list(request.ids))
-        return pb.BatchGetUsersResponse(
-            users=[user_to_proto(user) for user in users], not_found_ids=missing
-        )
+        response = pb.BatchGetUsersResponse(not_found_ids=missing)
+        add = response.users.add
+        for user in users:
+            fill_user(add(), user)
+        return response
 
     @maps_domain_errors
     async def ListUsers(
@@ -90,11 +96,13 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> pb.ListUsersResponse:
         """Return one page of users."""
         page = await self._service.list_users(request.page_size, request.page_token, request.filter)
-        return pb.ListUsersResponse(
-            users=[user_to_proto(user) for user in page.users],
-            next_page_token=page.next_page_token,
-            total_size=page.total_size,
+        response = pb.ListUsersResponse(
+            next_page_token=page.next_page_token, total_size=page.total_size
         )
+        add = response.users.add
+        for user in page.users:
+            fill_user(add(), user)
+        return response
 
     @maps_domain_errors
     async def UpdateUser(
@@ -107,7 +115,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
             list(request.update_mask.paths),
             request.user.etag,
         )
-        return pb.UpdateUserResponse(user=user_to_proto(user))
+        response = pb.UpdateUserResponse()
+        fill_user(response.user, user)
+        return response
 
     @maps_domain_errors
     async def DeleteUser(
@@ -123,7 +133,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> AsyncIterator[pb.StreamUsersResponse]:
         """Export every matching user."""
         async for user in self._service.stream_users(request.filter):
-            yield pb.StreamUsersResponse(user=user_to_proto(user))
+            response = pb.StreamUsersResponse()
+            fill_user(response.user, user)
+            yield response
 
     @maps_domain_errors
     async def ImportUsers(
@@ -176,9 +188,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
             return pb.SyncUsersResponse(
                 index=index, outcome=pb.SYNC_OUTCOME_FAILED, status=status_proto(error)
             )
-        return pb.SyncUsersResponse(
-            index=index, outcome=pb.SyncOutcome.ValueType(outcome), user=user_to_proto(user)
-        )
+        response = pb.SyncUsersResponse(index=index, outcome=pb.SyncOutcome.ValueType(outcome))
+        fill_user(response.user, user)
+        return response
 
 
 # Failures of the service itself rather than of one item end the whole stream.
