@@ -1,8 +1,8 @@
 """Profile one server of the bench under one scenario's load with py-spy; print where it goes.
 
-`python -m bench.profile import` starts the configuration the scenario measures against its
-floor (`full-write` for import, `full-1m` for export, `full` for the GetUser ones; `--config
-bare` for the floor itself), records it with `py-spy record --format raw` while the bench's
+`python -m bench.profile import` starts the service's configuration of that scenario
+(`full-write` for import, `full-1m` for export, `full` for the GetUser ones; `--config bare`
+for the floor itself), records it with `py-spy record --format raw` while the bench's
 own load generator runs the scenario once, and prints the share of samples per function:
 self (the innermost frame) and inclusive (anywhere on the stack), over the samples in which
 the server was not idle. The raw stacks stay in `--output` for a flame graph (speedscope,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.__main__ import Bench, parse_args
 from bench.procs import REPO, BenchError, stop
-from bench.scenarios import FLOOR, SCENARIOS
+from bench.scenarios import SCENARIOS
 
 # py-spy raw frames read "function (path/to/file.py:line)"; the line is dropped when totals
 # are made per function.
@@ -38,7 +38,7 @@ def _config_for(key: str, requested: str) -> str:
         if requested not in scenario.configs:
             raise SystemExit(f"{key} runs {', '.join(scenario.configs)}, not {requested}")
         return requested
-    return next(config for config in scenario.configs if config != FLOOR)
+    return next(config for config in scenario.configs if config.startswith("full"))
 
 
 def _function(frame: str) -> str:

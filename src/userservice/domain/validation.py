@@ -98,7 +98,10 @@ def check_display_name(name: str, field: str, violations: list[FieldViolation]) 
         violations.append(
             FieldViolation(field, f"must be at most {MAX_DISPLAY_NAME_LENGTH} characters")
         )
-    elif any(unicodedata.category(char) in {"Cc", "Cf"} for char in trimmed):
+    # Printable ASCII has no Cc or Cf character: only other text is looked at per character.
+    elif not (trimmed.isascii() and trimmed.isprintable()) and any(
+        unicodedata.category(char) in {"Cc", "Cf"} for char in trimmed
+    ):
         violations.append(FieldViolation(field, "must not contain control characters"))
     return trimmed
 
