@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.__main__ import Bench, parse_args
+from bench._proc import thread_cpu_seconds
 from bench.procs import REPO, BenchError, stop
 from bench.scenarios import SCENARIOS
 
@@ -79,6 +80,21 @@ def summarize(raw: Path, top: int) -> str:
         lines.append(f"\n{title:>9}  function")
         for function, count in counter.most_common(top):
             lines.append(f"{count / total:9.1%}  {function}")
+    return "\n".join(lines)
+
+
+def thread_table(threads: dict[str, float], elapsed: float) -> str:
+    """Return the server's CPU per thread name (from /proc): what py-spy cannot attribute.
+
+    py-spy sees only threads running Python: grpc's own C++ threads (event_engine) are
+    missing from its samples, and it counts the grpc poller thread (`_poll_wrapper`, whose
+    only Python frame is Thread.run) as busy while it waits in C.
+    """
+    total = sum(threads.values()) or 1.0
+    lines = ["server CPU by thread (/proc), over the load:", f"{'share':>9}  {'cores':>5}  thread"]
+    for name, cpu in sorted(threads.items(), key=lambda item: -item[1]):
+        if cpu > 0:
+            lines.append(f"{cpu / total:9.1%}  {cpu / elapsed:5.2f}  {name}")
     return "\n".join(lines)
 
 
@@ -140,8 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         record.append("--native" if options.native else "--nonblocking")
         spy_process = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)  # py-spy attaches before the load starts
+        threads_before = thread_cpu_seconds(server.process.pid)
+        started = time.monotonic()
         try:
             result = bench.measure(scenario, config, 0)
+            elapsed = time.monotonic() - started
+            threads = {
+                name: cpu - threads_before.get(name, 0.0)
+                for name, cpu in thread_cpu_seconds(server.process.pid).items()
+            }
         finally:
             spy_process.send_signal(signal.SIGINT)
             _, errors = spy_process.communicate(timeout=60)
@@ -159,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{scenario.label}, {config}: {result['per_s']:.0f} {scenario.unit}, "
         f"server {cpu:.1f} us/op (slowed by the sampling)\n"
     )
+    print(thread_table(threads, elapsed))
+    print()
     print(summarize(options.output, options.top))
     print(f"\nraw stacks: {options.output}")
     return 0
