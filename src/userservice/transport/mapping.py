@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from user.v1 import user_pb2, user_service_pb2
-from userservice.domain.model import User, UserEvent, WatchProgress
+from userservice.domain.model import Role, User, UserEvent, WatchProgress
 from userservice.domain.validation import UserInput
 
 
@@ -13,6 +15,10 @@ def timestamp(micros: int) -> Timestamp:
     """Return the protobuf Timestamp for integer microseconds since the epoch."""
     seconds, remainder = divmod(micros, 1_000_000)
     return Timestamp(seconds=seconds, nanos=remainder * 1_000)
+
+
+# Resolved once: converting the enum per user costs more than the lookup.
+_WIRE_ROLES: Final = {role: user_pb2.UserRole.ValueType(role) for role in Role}
 
 
 def fill_user(target: user_pb2.User, user: User) -> None:
@@ -24,7 +30,7 @@ def fill_user(target: user_pb2.User, user: User) -> None:
     target.id = user.id
     target.email = user.email
     target.display_name = user.display_name
-    target.role = user_pb2.UserRole.ValueType(user.role)
+    target.role = _WIRE_ROLES[user.role]
     seconds, micros = divmod(user.create_time_us, 1_000_000)
     created = target.create_time
     created.seconds = seconds
