@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import TypeVar
 
+import email_validator
 import pytest
 from email_validator import EmailNotValidError, validate_email
 from hypothesis import assume, given, settings
@@ -294,6 +295,19 @@ def test_the_plain_email_fast_path_takes_the_common_addresses() -> None:
         assert plain_email(email) == validate_email(email, check_deliverability=False).normalized
     for left_to_the_library in ("info@x.org", "a@xn--bcher-kva.de", "a@b.c1", "a@host.test"):
         assert plain_email(left_to_the_library) is None
+
+
+def test_the_plain_email_fast_path_follows_changes_to_the_special_use_names() -> None:
+    names = email_validator.SPECIAL_USE_DOMAIN_NAMES
+    assert plain_email("a@corp.example.net") == "a@corp.example.net"
+    names.append("example.net")
+    try:
+        assert plain_email("a@corp.example.net") is None
+        assert plain_email("a@example.net") is None
+        assert plain_email("a@myexample.net") == "a@myexample.net"
+    finally:
+        names.remove("example.net")
+    assert plain_email("a@corp.example.net") == "a@corp.example.net"
 
 
 @PROPERTY

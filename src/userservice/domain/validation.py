@@ -52,14 +52,25 @@ def plain_email(email: str) -> str | None:
         local.lower() in _CASE_INSENSITIVE_MAILBOXES
         or "--" in domain
         or not domain[-1].isalpha()
-        or any(
-            domain == name or domain.endswith("." + name)
-            # Read per call: the library lets its users change the list.
-            for name in email_validator.SPECIAL_USE_DOMAIN_NAMES
-        )
+        or _special_use(domain)
     ):
         return None
     return f"{local}@{domain}"
+
+
+# The library lets its users change its list of special-use names, so the list is read per
+# call; the set and suffixes derived from it are rebuilt whenever it differs from the last.
+_special: list[tuple[tuple[str, ...], frozenset[str], tuple[str, ...]]] = [((), frozenset(), ())]
+
+
+def _special_use(domain: str) -> bool:
+    """Tell whether domain is, or is under, one of email-validator's special-use names."""
+    names = tuple(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+    seen, exact, suffixes = _special[0]
+    if names != seen:
+        exact, suffixes = frozenset(names), tuple("." + name for name in names)
+        _special[0] = (names, exact, suffixes)
+    return domain in exact or domain.endswith(suffixes)
 
 
 @dataclass(frozen=True, slots=True)
