@@ -178,16 +178,20 @@ class UserService:
         )
         return ListResult(page.users, next_token, total)
 
-    async def stream_users(self, filter_text: str) -> AsyncIterator[User]:
-        """Yield every matching user in id order, one bounded batch in memory at a time."""
+    async def stream_user_batches(self, filter_text: str) -> AsyncIterator[list[User]]:
+        """Yield every matching user in id order, one bounded batch in memory at a time.
+
+        Batches rather than users: the caller loops over each without resuming this
+        generator per user.
+        """
         user_filter = parse_filter(filter_text)
         after_id: str | None = None
         while True:
             page = await self._repository.list_page(
                 user_filter, after_id, STREAM_BATCH_SIZE, with_total=False
             )
-            for user in page.users:
-                yield user
+            if page.users:
+                yield page.users
             if not page.has_more or not page.users:
                 return
             after_id = page.users[-1].id
