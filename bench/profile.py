@@ -71,7 +71,7 @@ def summarize(raw: Path, top: int) -> str:
             continue
         total += count
         own[frames[-1]] += count
-        for function in set(frames):
+        for function in dict.fromkeys(frames):  # once per sample, outermost first
             inclusive[function] += count
     if not total:
         return "no samples (was the server idle, or py-spy denied ptrace?)"
