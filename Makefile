@@ -18,7 +18,7 @@ OVERLAYS := development production
 GENERATED_DIR := src/user/v1
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench ci clean token
+.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench profile ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -133,6 +133,9 @@ new-service: ## Write a renamed copy: make new-service NAME=orders RESOURCE=Orde
 
 bench: $(STAMP) ## Every scenario vs the bare floor, interleaved (ARGS="--quick", "--only list,import", ...).
 	$(PY) -m bench $(ARGS)
+
+profile: $(STAMP) ## py-spy on the server under one bench scenario: make profile ARGS="import".
+	$(PY) -m bench.profile $(ARGS)
 
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 

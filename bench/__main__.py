@@ -108,7 +108,7 @@ class Bench:
         ]
         for name in needed:
             try:
-                self.servers[name] = self._start_one(name)
+                self.servers[name] = self.start_one(name)
             except BenchError as error:
                 self.failed[name] = str(error)
                 print(f"[bench] {name}: not available: {error}", file=sys.stderr)
@@ -129,7 +129,8 @@ class Bench:
         source = self.files["big"] if name == "full-1m" else self.files["small"]
         return copy_seeded(source, target)
 
-    def _start_one(self, name: str) -> Server:
+    def start_one(self, name: str) -> Server:
+        """Start the long-lived server of configuration `name` and wait until it listens."""
         if name.startswith("bare"):
             return start_bare(name, uvloop=name == "bare+uvloop")
         workers = 2 if name == "full-2w" else 1

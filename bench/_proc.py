@@ -18,6 +18,25 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / _CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """Return utime + stime so far per thread name of `pid` (threads of one name summed).
+
+    The main thread is named "main"; the others keep the kernel's name (Python threads
+    inherit the process's, grpc's own threads are named event_engine and so on).
+    """
+    found: dict[str, float] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii", errors="replace") as stat:
+                raw = stat.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = "main" if task == str(pid) else raw.partition("(")[2].rpartition(")")[0]
+        fields = raw.rpartition(")")[2].split()
+        found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return found
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """Return VmRSS (current) and VmHWM (peak) of `pid` in KiB."""
     wanted = {"VmRSS", "VmHWM"}

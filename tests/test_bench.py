@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # bench/ is a top-level package beside src/: importable however pytest was started.
 sys.path.insert(0, str(REPO))
 
+from bench.profile import summarize  # noqa: E402
 from bench.seed import seeded_file, user_ids  # noqa: E402
 
 
@@ -64,3 +65,18 @@ def test_bench_measures_each_scenario_against_its_floor(tmp_path: Path) -> None:
     names = {headline["name"] for headline in summary["headlines"]}
     assert "GetUser c16 throughput, full / bare" not in names  # get-c16 was not selected
     assert "ImportUsers users/s, full-write / bare" in names
+
+
+def test_profile_summary_gives_each_function_its_self_and_inclusive_share(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "run (x/site-packages/grpc/a.py:1);read (/r/src/userservice/b.py:7) 3\n"
+        "run (x/site-packages/grpc/a.py:2);read (/r/src/userservice/b.py:9);parse (c.py:1) 1\n"
+    )
+    lines = summarize(raw, top=5).splitlines()
+    assert lines[0] == "4 samples"
+    start = lines.index("     self  function") + 1
+    self_table = lines[start : lines.index("", start)]
+    assert self_table == ["    75.0%  read (userservice/b.py)", "    25.0%  parse (c.py)"]
+    inclusive = lines[lines.index("inclusive  function") + 1 :]
+    assert inclusive[:2] == ["   100.0%  run (grpc/a.py)", "   100.0%  read (userservice/b.py)"]

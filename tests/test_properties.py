@@ -11,7 +11,9 @@ import unicodedata
 from collections.abc import Callable
 from typing import TypeVar
 
+import email_validator
 import pytest
+from email_validator import EmailNotValidError, validate_email
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +38,7 @@ from userservice.domain.validation import (
     UserInput,
     check_display_name,
     check_email,
+    plain_email,
 )
 
 T = TypeVar("T")
@@ -241,6 +244,70 @@ def test_an_email_is_normalised_once_or_rejected_with_a_reason(email: str) -> No
     again: list[FieldViolation] = []
     assert check_email(normalised, "user.email", again) == normalised
     assert again == []
+
+
+# Addresses on and around the edges of the plain form: every character the dot-atom and the
+# labels allow, and the words and lengths its exceptions are about.
+_ATOM_CHARS = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+_plain_words = st.sampled_from(
+    ["info", "SALES", "Postmaster", "xn--", "xn--bcher-kva", "ab--c", "localhost", "local",
+     "TEST", "invalid", "onion", "arpa", "example", "com", "c0m", "1", "-", ".", "..", "@", "é"]
+)  # fmt: skip
+_plain_parts = st.lists(
+    st.one_of(st.text(_ATOM_CHARS, min_size=1, max_size=12), _plain_words), min_size=1, max_size=4
+)
+_labels = st.one_of(
+    st.text("abzAZ09-", min_size=1, max_size=8),
+    st.text("aZ9", min_size=60, max_size=66),
+    _plain_words,
+)
+plain_shaped_emails = st.one_of(
+    st.builds(
+        "{}@{}".format,
+        _plain_parts.map(".".join),
+        st.lists(_labels, min_size=1, max_size=5).map(".".join),
+    ),
+    st.builds(
+        "{}@{}.com".format,
+        st.text(_ATOM_CHARS, min_size=150, max_size=200),
+        st.text("ab", max_size=80),
+    ),
+    st.emails(),
+    emails,
+)
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+@given(plain_shaped_emails)
+def test_the_plain_email_fast_path_agrees_with_email_validator(email: str) -> None:
+    fast = plain_email(email)
+    if fast is None:
+        return
+    try:
+        expected = validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError as error:
+        pytest.fail(f"{email!r}: the fast path accepts what email-validator rejects: {error}")
+    assert fast == expected
+
+
+def test_the_plain_email_fast_path_takes_the_common_addresses() -> None:
+    for email in ("ada@example.com", "Bench-7@Bench.Example", "o'neil+tag@mail.co.uk"):
+        assert plain_email(email) == validate_email(email, check_deliverability=False).normalized
+    for left_to_the_library in ("info@x.org", "a@xn--bcher-kva.de", "a@b.c1", "a@host.test"):
+        assert plain_email(left_to_the_library) is None
+
+
+def test_the_plain_email_fast_path_follows_changes_to_the_special_use_names() -> None:
+    names = email_validator.SPECIAL_USE_DOMAIN_NAMES
+    assert plain_email("a@corp.example.net") == "a@corp.example.net"
+    names.append("example.net")
+    try:
+        assert plain_email("a@corp.example.net") is None
+        assert plain_email("a@example.net") is None
+        assert plain_email("a@myexample.net") == "a@myexample.net"
+    finally:
+        names.remove("example.net")
+    assert plain_email("a@corp.example.net") == "a@corp.example.net"
 
 
 @PROPERTY

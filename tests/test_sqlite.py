@@ -16,9 +16,10 @@ import pytest
 import pytest_asyncio
 
 from userservice.config import Settings
-from userservice.domain.errors import StorageUnavailableError
+from userservice.domain.errors import EmailAlreadyExistsError, StorageUnavailableError
 from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import (
+    EventType,
     Role,
     SyncOutcome,
     User,
@@ -352,6 +353,28 @@ async def test_concurrent_reads_and_writes_leave_the_cache_equal_to_the_file(
 
 
 # -- errors, retention, lifecycle -----------------------------------------------------------------
+
+
+# Text a batch insert must store exactly: quotes and backslashes, astral and combining
+# characters, a line separator, an escape-like "\u0000" and, in a batch of its own, a NUL.
+AWKWARD_NAMES = ['quo"te', "back\\slash", "emoji 🙂", "\u2028x", "e\u0301", "語", "\\u0000", "ﬀ"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("names", [AWKWARD_NAMES, [*AWKWARD_NAMES, "nul\x00x"]])
+async def test_a_batch_stores_its_text_and_events_exactly(
+    repo: SqliteUserRepository, db_path: Path, names: list[str]
+) -> None:
+    users = [make_user(f"u{index}@Example.com", name) for index, name in enumerate(names)]
+    results = await repo.create_many([*users, make_user("U0@example.COM")])
+    assert results[:-1] == users
+    assert isinstance(results[-1], EmailAlreadyExistsError)
+    stored = raw_rows(db_path, "SELECT id, display_name, email_normalized FROM users ORDER BY id")
+    assert stored == [(u.id, u.display_name, u.email.lower()) for u in users]
+    events = await repo.events_after(0, 100)
+    assert [(e.sequence, e.type, e.user) for e in events] == [
+        (sequence, EventType.CREATED, user) for sequence, user in enumerate(users, start=1)
+    ]
 
 
 @pytest.mark.asyncio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -177,16 +178,20 @@ class UserService:
         )
         return ListResult(page.users, next_token, total)
 
-    async def stream_users(self, filter_text: str) -> AsyncIterator[User]:
-        """Yield every matching user in id order, one bounded batch in memory at a time."""
+    async def stream_user_batches(self, filter_text: str) -> AsyncIterator[list[User]]:
+        """Yield every matching user in id order, one bounded batch in memory at a time.
+
+        Batches rather than users: the caller loops over each without resuming this
+        generator per user.
+        """
         user_filter = parse_filter(filter_text)
         after_id: str | None = None
         while True:
             page = await self._repository.list_page(
                 user_filter, after_id, STREAM_BATCH_SIZE, with_total=False
             )
-            for user in page.users:
-                yield user
+            if page.users:
+                yield page.users
             if not page.has_more or not page.users:
                 return
             after_id = page.users[-1].id
@@ -204,20 +209,38 @@ class UserService:
         await self._repository.delete(check_user_id(user_id, "id"), etag or None, self._clock())
 
     async def import_users(self, users: AsyncIterable[UserInput]) -> ImportResult:
-        """Create users from a stream; valid rows commit in batches, bad rows are reported."""
+        """Create users from a stream; valid rows commit in batches, bad rows are reported.
+
+        A full batch commits while the next one is read and validated, at most one commit in
+        flight, so batches still commit in stream order and the store's thread works while
+        the event loop does, instead of in turn.
+        """
         result = ImportResult()
         batch: list[tuple[int, User]] = []
+        committing: asyncio.Task[None] | None = None
         index = -1
-        async for index, user in _enumerate(users):
-            try:
-                batch.append((index, self._build_user(validate_new_user(user))))
-            except InvalidArgumentError as error:
-                result.reject(index, error)
-            if len(batch) >= IMPORT_BATCH_SIZE:
+        try:
+            async for user in users:
+                index += 1
+                try:
+                    batch.append((index, self._build_user(validate_new_user(user))))
+                except InvalidArgumentError as error:
+                    result.reject(index, error)
+                if len(batch) >= IMPORT_BATCH_SIZE:
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.ensure_future(self._flush_import(batch, result))
+                    batch = []
+            if committing is not None:
+                await committing
+            if batch:
                 await self._flush_import(batch, result)
-                batch = []
-        if batch:
-            await self._flush_import(batch, result)
+        finally:
+            if committing is not None and not committing.done():
+                # The call is ending early (cancelled, or the stream failed): the batch already
+                # handed to the store commits as it would have had the call been waiting on it,
+                # and its outcome has no one left to go to.
+                committing.add_done_callback(_outcome_dropped)
         return result
 
     async def _flush_import(self, batch: list[tuple[int, User]], result: ImportResult) -> None:
@@ -262,6 +285,12 @@ class UserService:
             watcher.close()
 
 
+def _outcome_dropped(task: asyncio.Task[None]) -> None:
+    # Retrieved so that asyncio does not log a failure nobody could have handled.
+    if not task.cancelled():
+        task.exception()
+
+
 def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChanges:
     paths = list(mask_paths)
     if paths == ["*"]:
@@ -298,10 +327,3 @@ def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChange
     if violations:
         raise InvalidArgumentError(violations)
     return UserChanges(email=email, display_name=display_name, role=role)
-
-
-async def _enumerate(items: AsyncIterable[UserInput]) -> AsyncIterator[tuple[int, UserInput]]:
-    index = 0
-    async for item in items:
-        yield index, item
-        index += 1

@@ -8,7 +8,9 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 
+import email_validator
 from email_validator import EmailNotValidError, validate_email
+from email_validator.rfc_constants import ATEXT, CASE_INSENSITIVE_MAILBOX_NAMES
 
 from userservice.domain.errors import FieldViolation, InvalidArgumentError
 from userservice.domain.ids import is_valid_id
@@ -18,6 +20,57 @@ MAX_EMAIL_LENGTH = 254
 MAX_DISPLAY_NAME_LENGTH = 100
 ROLE_UNSPECIFIED = 0
 NOT_A_USER_ID = "must be a user id (a lower-case UUID)"
+
+
+# The plain form almost every address has: an ASCII dot-atom, one "@", then two or more
+# RFC 1123 labels of at most 63 characters. For these email-validator's rules reduce to the
+# checks in plain_email(), which give its verdict and normalisation without its
+# per-character Unicode work (~10 µs an address); anything else is left to it.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PLAIN_EMAIL = re.compile(
+    rf"(?P<local>[{ATEXT}]+(?:\.[{ATEXT}]+)*)@(?P<domain>{_LABEL}(?:\.{_LABEL})+)", re.ASCII
+)
+_CASE_INSENSITIVE_MAILBOXES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+
+
+def plain_email(email: str) -> str | None:
+    """Return email-validator's normalised form of a plain ASCII address, or None to ask it.
+
+    None means only "not decided here": the address may still be valid. A string returned
+    is exactly what ``validate_email(email, check_deliverability=False).normalized`` gives
+    (tests/test_properties.py checks the two agree).
+    """
+    if len(email) > MAX_EMAIL_LENGTH:
+        return None
+    match = _PLAIN_EMAIL.fullmatch(email)
+    if match is None:
+        return None
+    local, domain = match["local"], match["domain"].lower()
+    # Left to the library: mailbox names it lower-cases (RFC 2142), labels with "--" (its
+    # Punycode and R-LDH rules), top-level domains not ending in a letter, special-use names.
+    if (
+        local.lower() in _CASE_INSENSITIVE_MAILBOXES
+        or "--" in domain
+        or not domain[-1].isalpha()
+        or _special_use(domain)
+    ):
+        return None
+    return f"{local}@{domain}"
+
+
+# The library lets its users change its list of special-use names, so the list is read per
+# call; the set and suffixes derived from it are rebuilt whenever it differs from the last.
+_special: list[tuple[tuple[str, ...], frozenset[str], tuple[str, ...]]] = [((), frozenset(), ())]
+
+
+def _special_use(domain: str) -> bool:
+    """Tell whether domain is, or is under, one of email-validator's special-use names."""
+    names = tuple(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+    seen, exact, suffixes = _special[0]
+    if names != seen:
+        exact, suffixes = frozenset(names), tuple("." + name for name in names)
+        _special[0] = (names, exact, suffixes)
+    return domain in exact or domain.endswith(suffixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +90,9 @@ def check_email(email: str, field: str, violations: list[FieldViolation]) -> str
     if len(email) > MAX_EMAIL_LENGTH:
         violations.append(FieldViolation(field, f"must be at most {MAX_EMAIL_LENGTH} characters"))
         return ""
+    plain = plain_email(email)
+    if plain is not None:
+        return plain
     try:
         return validate_email(email, check_deliverability=False).normalized
     except EmailNotValidError as error:
@@ -53,7 +109,10 @@ def check_display_name(name: str, field: str, violations: list[FieldViolation]) 
         violations.append(
             FieldViolation(field, f"must be at most {MAX_DISPLAY_NAME_LENGTH} characters")
         )
-    elif any(unicodedata.category(char) in {"Cc", "Cf"} for char in trimmed):
+    # Printable ASCII has no Cc or Cf character: only other text is looked at per character.
+    elif not (trimmed.isascii() and trimmed.isprintable()) and any(
+        unicodedata.category(char) in {"Cc", "Cf"} for char in trimmed
+    ):
         violations.append(FieldViolation(field, "must not contain control characters"))
     return trimmed
 

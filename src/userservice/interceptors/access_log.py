@@ -16,7 +16,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any, Final, cast
 
@@ -29,6 +29,7 @@ from userservice.interceptors._handlers import (
     Behaviour,
     Context,
     WrappingInterceptor,
+    with_hook,
 )
 from userservice.interceptors._status import error_reason
 from userservice.interceptors.recovery import final_code
@@ -111,7 +112,7 @@ class _CountingContext:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
-    def count_received(self) -> None:
+    def count_received(self, message: Any = None) -> None:
         self.received += 1
         self._received.inc()
 
@@ -128,11 +129,6 @@ class _CountingContext:
     async def write(self, message: Any) -> None:
         await self._context.write(message)
         self.count_sent()
-
-    async def iterate(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for request in requests:
-            self.count_received()
-            yield request
 
 
 class AccessLogInterceptor(WrappingInterceptor):
@@ -182,7 +178,7 @@ class AccessLogInterceptor(WrappingInterceptor):
             correlation = request_id(context)
             counting = _CountingContext(context, metrics)
             if streams_requests:
-                request = counting.iterate(request)
+                request = with_hook(request, counting.count_received)
             else:
                 counting.count_received()
             code = _OK

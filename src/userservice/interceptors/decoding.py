@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, NoReturn, cast
 
 import grpc
@@ -31,6 +31,7 @@ from userservice.interceptors._handlers import (
     Context,
     WrappingInterceptor,
     is_batch_error,
+    with_hook,
 )
 from userservice.interceptors._status import rejection
 from userservice.metrics import MALFORMED_REQUESTS
@@ -127,15 +128,23 @@ class _CheckedContext:
         return message
 
 
-async def _checked(
-    requests: AsyncIterator[Any], method: str, context: Context
-) -> AsyncIterator[Any]:
-    index = 0
-    async for message in requests:
+class _StreamCheck:
+    """The per-message hook that ends a request stream at its first malformed message."""
+
+    __slots__ = ("_context", "_index", "_method")
+
+    def __init__(self, method: str, context: Context) -> None:
+        self._method = method
+        self._context = context
+        self._index = 0
+
+    def check(self, message: Any) -> Awaitable[None] | None:
+        """Return None for a message that parsed, else the rejection that ends the call."""
+        index = self._index
+        self._index = index + 1
         if isinstance(message, Malformed):
-            await _reject(method, context, message, index)
-        yield message
-        index += 1
+            return _reject(self._method, self._context, message, index)
+        return None
 
 
 class DecodingInterceptor(WrappingInterceptor):
@@ -151,7 +160,7 @@ class DecodingInterceptor(WrappingInterceptor):
 
             async def checked_stream(requests: Any, context: Context) -> Any:
                 if hasattr(requests, "__aiter__"):
-                    requests = _checked(requests, method, context)
+                    requests = with_hook(requests, _StreamCheck(method, context).check)
                 return await behaviour(requests, cast(Context, _CheckedContext(context, method)))
 
             return checked_stream

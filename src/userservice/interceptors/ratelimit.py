@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, NamedTuple, Protocol
 
 import grpc
@@ -31,6 +31,7 @@ from userservice.interceptors._handlers import (
     Behaviour,
     Context,
     WrappingInterceptor,
+    with_hook,
 )
 from userservice.interceptors._status import Rejection, rejection
 from userservice.interceptors.matcher import MethodMatcher
@@ -167,31 +168,34 @@ def _refusal(decision: Decision) -> Rejection:
 class _Pacer:
     """Charges each message of a stream after the first, waiting while the bucket is empty."""
 
-    def __init__(self, limit: Callable[[str, float], Any], key: str, cost: float) -> None:
+    __slots__ = ("_context", "_cost", "_first", "_key", "_limit")
+
+    def __init__(
+        self, limit: Callable[[str, float], Any], key: str, cost: float, context: Context
+    ) -> None:
         self._limit = limit
         self._key = key
         self._cost = cost
+        self._context = context
         self._first = True
 
-    async def pay(self, context: Context) -> None:
-        """Return once the message just read is paid for (the first one is free)."""
+    def charge(self, message: Any) -> Awaitable[None] | None:
+        """Return None for the first message (it is free), else what pays for this one."""
         if self._first:
             self._first = False
-            return
+            return None
+        return self.pay()
+
+    async def pay(self) -> None:
+        """Return once the message just read (after the first) is paid for."""
         while True:
             decision: Decision = await self._limit(self._key, self._cost)
             if decision.allowed:
                 return
             if decision.undecided:
-                await _refusal(decision).abort(context)
+                await _refusal(decision).abort(self._context)
             # Bounded: the deadline cancels this sleep and ends the call DEADLINE_EXCEEDED.
             await asyncio.sleep(min(max(decision.retry_after, 0.001), MAX_PACE_SECONDS))
-
-    async def iterate(self, requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-        """Yield requests, each after it is paid for."""
-        async for message in requests:
-            await self.pay(context)
-            yield message
 
 
 class _PacedContext:
@@ -210,7 +214,9 @@ class _PacedContext:
         """Read the next message, waiting for its tokens."""
         message = await self._context.read()
         if message is not grpc.aio.EOF:
-            await self._pacer.pay(self._context)
+            paying = self._pacer.charge(message)
+            if paying is not None:
+                await paying
         return message
 
 
@@ -251,9 +257,9 @@ class RateLimitInterceptor(WrappingInterceptor):
                 await _refusal(decision).abort(context)
             if paced:
                 assert message_cost is not None
-                pacer = _Pacer(limit, key, min(message_cost, self._burst))
+                pacer = _Pacer(limit, key, min(message_cost, self._burst), context)
                 if hasattr(request, "__aiter__"):
-                    request = pacer.iterate(request, context)
+                    request = with_hook(request, pacer.charge)
                 context = _PacedContext(context, pacer)  # type: ignore[assignment]
             return await behaviour(request, context)
 

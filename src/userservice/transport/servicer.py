@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
@@ -17,28 +16,14 @@ from userservice.domain.errors import DomainError, ShuttingDownError, StorageUna
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
 from userservice.transport.errors import abort_with_domain_error, status_proto
-from userservice.transport.mapping import event_to_proto, user_input, user_to_proto
+from userservice.transport.mapping import event_to_proto, fill_user, user_input
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def maps_domain_errors(method: _Method) -> _Method:
-    """End the call with the mapped status when the domain raises; unary and streaming alike."""
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
-            bound = bind_time_remaining(context.time_remaining)
-            try:
-                async for response in method(self, request, context):
-                    yield response
-            except DomainError as error:
-                await abort_with_domain_error(context, error)
-            finally:
-                unbind_time_remaining(bound)
-
-        return cast(_Method, stream_wrapper)
+    """End a unary call with the mapped status when the domain raises (streams: DomainErrors)."""
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: Context) -> Any:
@@ -55,6 +40,35 @@ def maps_domain_errors(method: _Method) -> _Method:
     return cast(_Method, unary_wrapper)
 
 
+class DomainErrors:
+    """What maps_domain_errors does, as a block inside a streaming method's generator.
+
+    A decorator around an async generator has to be a generator too, re-yielding every
+    message: one resumption more per message of a 100k-user export. The block costs once
+    per call.
+    """
+
+    __slots__ = ("_bound", "_context")
+
+    def __init__(self, context: Context) -> None:
+        """Map the domain errors raised inside the block to the call's status."""
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        """Bind the call's remaining time for the store."""
+        self._bound = bind_time_remaining(self._context.time_remaining)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: Any
+    ) -> None:
+        """End the call with the mapped status if the block raised a DomainError."""
+        try:
+            if isinstance(error, DomainError):
+                await abort_with_domain_error(self._context, error)
+        finally:
+            unbind_time_remaining(self._bound)
+
+
 class UserServiceServicer(pb_grpc.UserServiceServicer):
     """The transport for UserService; business rules live in the domain service."""
 
@@ -67,12 +81,16 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> pb.CreateUserResponse:
         """Create a user."""
         user = await self._service.create_user(user_input(request.user), request.request_id)
-        return pb.CreateUserResponse(user=user_to_proto(user))
+        response = pb.CreateUserResponse()
+        fill_user(response.user, user)
+        return response
 
     @maps_domain_errors
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
         """Return one user."""
-        return pb.GetUserResponse(user=user_to_proto(await self._service.get_user(request.id)))
+        response = pb.GetUserResponse()
+        fill_user(response.user, await self._service.get_user(request.id))
+        return response
 
     @maps_domain_errors
     async def BatchGetUsers(
@@ -80,9 +98,11 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> pb.BatchGetUsersResponse:
         """Return the users found and the ids not found."""
         users, missing = await self._service.batch_get_users(list(request.ids))
-        return pb.BatchGetUsersResponse(
-            users=[user_to_proto(user) for user in users], not_found_ids=missing
-        )
+        response = pb.BatchGetUsersResponse(not_found_ids=missing)
+        add = response.users.add
+        for user in users:
+            fill_user(add(), user)
+        return response
 
     @maps_domain_errors
     async def ListUsers(
@@ -90,11 +110,13 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> pb.ListUsersResponse:
         """Return one page of users."""
         page = await self._service.list_users(request.page_size, request.page_token, request.filter)
-        return pb.ListUsersResponse(
-            users=[user_to_proto(user) for user in page.users],
-            next_page_token=page.next_page_token,
-            total_size=page.total_size,
+        response = pb.ListUsersResponse(
+            next_page_token=page.next_page_token, total_size=page.total_size
         )
+        add = response.users.add
+        for user in page.users:
+            fill_user(add(), user)
+        return response
 
     @maps_domain_errors
     async def UpdateUser(
@@ -107,7 +129,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
             list(request.update_mask.paths),
             request.user.etag,
         )
-        return pb.UpdateUserResponse(user=user_to_proto(user))
+        response = pb.UpdateUserResponse()
+        fill_user(response.user, user)
+        return response
 
     @maps_domain_errors
     async def DeleteUser(
@@ -117,13 +141,16 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         await self._service.delete_user(request.id, request.etag)
         return pb.DeleteUserResponse()
 
-    @maps_domain_errors
     async def StreamUsers(
         self, request: pb.StreamUsersRequest, context: Context
     ) -> AsyncIterator[pb.StreamUsersResponse]:
         """Export every matching user."""
-        async for user in self._service.stream_users(request.filter):
-            yield pb.StreamUsersResponse(user=user_to_proto(user))
+        async with DomainErrors(context):
+            async for batch in self._service.stream_user_batches(request.filter):
+                for user in batch:
+                    response = pb.StreamUsersResponse()
+                    fill_user(response.user, user)
+                    yield response
 
     @maps_domain_errors
     async def ImportUsers(
@@ -140,7 +167,6 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
             ],
         )
 
-    @maps_domain_errors
     async def WatchUsers(
         self, request: pb.WatchUsersRequest, context: Context
     ) -> AsyncIterator[pb.WatchUsersResponse]:
@@ -149,10 +175,10 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         # No event may come for a long time: the client still sees the watch
         # established at once because the access-log interceptor sends initial
         # metadata (x-request-id) when every call starts.
-        async for event in self._service.watch_users(after):
-            yield event_to_proto(event)
+        async with DomainErrors(context):
+            async for event in self._service.watch_users(after):
+                yield event_to_proto(event)
 
-    @maps_domain_errors
     async def SyncUsers(
         self, request_iterator: AsyncIterator[pb.SyncUsersRequest], context: Context
     ) -> AsyncIterator[pb.SyncUsersResponse]:
@@ -162,10 +188,11 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         gRPC, so a client that stops reading stops the server reading too:
         HTTP/2 flow control bounds what either side buffers.
         """
-        index = 0
-        async for request in request_iterator:
-            yield await self._sync_one(index, request)
-            index += 1
+        async with DomainErrors(context):
+            index = 0
+            async for request in request_iterator:
+                yield await self._sync_one(index, request)
+                index += 1
 
     async def _sync_one(self, index: int, request: pb.SyncUsersRequest) -> pb.SyncUsersResponse:
         try:
@@ -176,9 +203,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
             return pb.SyncUsersResponse(
                 index=index, outcome=pb.SYNC_OUTCOME_FAILED, status=status_proto(error)
             )
-        return pb.SyncUsersResponse(
-            index=index, outcome=pb.SyncOutcome.ValueType(outcome), user=user_to_proto(user)
-        )
+        response = pb.SyncUsersResponse(index=index, outcome=pb.SyncOutcome.ValueType(outcome))
+        fill_user(response.user, user)
+        return response
 
 
 # Failures of the service itself rather than of one item end the whole stream.

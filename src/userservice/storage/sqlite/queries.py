@@ -14,6 +14,10 @@ SELECT_USER_BY_EMAIL: Final = f"SELECT {USER_COLUMNS} FROM users WHERE email_nor
 SELECT_USERS: Final = (
     f"SELECT {USER_COLUMNS} FROM users WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608
 )
+# The emails among a batch's keys (a JSON array) that are already taken.
+SELECT_TAKEN_EMAILS: Final = (
+    "SELECT email_normalized FROM users WHERE email_normalized IN (SELECT value FROM json_each(?))"
+)
 SELECT_PAGE: Final = f"SELECT {USER_COLUMNS} FROM users{{where}} ORDER BY id LIMIT ?"  # noqa: S608
 COUNT_USERS: Final = "SELECT count(*) FROM users{where}"
 INSERT_USER: Final = (
@@ -39,6 +43,12 @@ INSERT_EVENT: Final = (
     f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING sequence"
 )
+# A batch's events, by executemany (which returns no rows); the last sequence is then read.
+INSERT_EVENTS: Final = (
+    f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+LAST_SEQUENCE: Final = "SELECT last_insert_rowid()"
 SELECT_EVENTS: Final = (
     f"SELECT {SNAPSHOT_COLUMNS}, sequence, type, event_time_us FROM user_events"  # noqa: S608
     " WHERE sequence > ? ORDER BY sequence LIMIT ?"

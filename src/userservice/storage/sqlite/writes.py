@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 
@@ -66,6 +67,24 @@ class WriteTransaction:
                 raise EmailAlreadyExistsError() from None
             raise
 
+    def insert_new(self, users: Sequence[User]) -> None:
+        """Insert users whose emails are known to be free, each with its CREATED event."""
+        if not users:
+            return
+        inserted = self.conn.executemany(
+            queries.INSERT_USER, [insert_fields(user) for user in users]
+        ).rowcount
+        if inserted != len(users):
+            # Cannot happen inside BEGIN IMMEDIATE; if it did, the rollback keeps the batch out.
+            raise sqlite3.IntegrityError("an email was taken between the check and the insert")
+        created = int(EventType.CREATED)
+        self.conn.executemany(
+            queries.INSERT_EVENTS,
+            [(created, user.create_time_us, *user_fields(user)) for user in users],
+        )
+        self.last_sequence = self.conn.execute(queries.LAST_SEQUENCE).fetchone()[0]
+        self.events += len(users)
+
     def event(self, event_type: EventType, user: User, event_time_us: int) -> None:
         """Append a change event in this transaction."""
         values = (int(event_type), event_time_us, *user_fields(user))
@@ -102,13 +121,23 @@ def create(
 def create_many(writes: WriteTransaction, users: Sequence[User]) -> list[User | DomainError]:
     """Insert each user whose email is free; the others get EmailAlreadyExistsError."""
     # New ids cannot be cached yet, and caching a bulk import would only push out hot entries.
+    # One query finds the batch's taken emails and one executemany per table writes the rest,
+    # instead of two statements per row: BEGIN IMMEDIATE keeps every other writer out between
+    # the check and the insert, so the check decides exactly what ON CONFLICT would have.
+    keys = [email_key(user.email) for user in users]
+    taken = {
+        row[0] for row in writes.conn.execute(queries.SELECT_TAKEN_EMAILS, (json.dumps(keys),))
+    }
     results: list[User | DomainError] = []
-    for user in users:
-        if writes.insert(user):
-            writes.event(EventType.CREATED, user, user.create_time_us)
-            results.append(user)
-        else:
+    new: list[User] = []
+    for user, key in zip(users, keys, strict=True):
+        if key in taken:
             results.append(EmailAlreadyExistsError())
+        else:
+            taken.add(key)  # a later row of the batch with this email is taken too
+            new.append(user)
+            results.append(user)
+    writes.insert_new(new)
     return results
 
 
