@@ -106,30 +106,8 @@ async def _reject(
         raise
 
 
-class _CheckedContext:
-    """A servicer context whose read() rejects a message that did not parse."""
-
-    __slots__ = ("_context", "_method", "_read")
-
-    def __init__(self, context: Context, method: str) -> None:
-        self._context = context
-        self._method = method
-        self._read = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    async def read(self) -> Any:
-        """Return the next message, or end the call if it is malformed."""
-        message = await self._context.read()
-        if isinstance(message, Malformed):
-            await _reject(self._method, self._context, message, self._read)
-        self._read += 1
-        return message
-
-
 class _StreamCheck:
-    """The per-message hook that ends a request stream at its first malformed message."""
+    """The per-message check that ends a request stream at its first malformed message."""
 
     __slots__ = ("_context", "_index", "_method")
 
@@ -147,6 +125,27 @@ class _StreamCheck:
         return None
 
 
+class _CheckedContext:
+    """A servicer context whose read() runs the stream's check on each message it returns."""
+
+    __slots__ = ("_check", "_context")
+
+    def __init__(self, context: Context, check: _StreamCheck) -> None:
+        self._context = context
+        self._check = check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        """Return the next message, or end the call if it is malformed."""
+        message = await self._context.read()
+        rejection = self._check.check(message)
+        if rejection is not None:
+            await rejection
+        return message
+
+
 class DecodingInterceptor(WrappingInterceptor):
     """Innermost layer: a request message that did not parse ends the call INVALID_ARGUMENT."""
 
@@ -159,9 +158,11 @@ class DecodingInterceptor(WrappingInterceptor):
         if kind in (CLIENT_STREAM, BIDI_STREAM):
 
             async def checked_stream(requests: Any, context: Context) -> Any:
+                # One check, so one message count, whichever style the handler reads in.
+                check = _StreamCheck(method, context)
                 if hasattr(requests, "__aiter__"):
-                    requests = with_hook(requests, _StreamCheck(method, context).check)
-                return await behaviour(requests, cast(Context, _CheckedContext(context, method)))
+                    requests = with_hook(requests, check.check)
+                return await behaviour(requests, cast(Context, _CheckedContext(context, check)))
 
             return checked_stream
 
