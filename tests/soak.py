@@ -29,28 +29,28 @@ import contextlib
 import dataclasses
 import random
 import signal
-import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import fuzz
 import grpc
+import pytest
+from conftest import POSTGRES_ADMIN_URL, REDIS_URL, fresh_postgres_database
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import bearer, suite_env
 from tcp_proxy import TcpProxy
+from test_replicas import free_port
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
 
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 CYCLE_SECONDS = 30.0  # one PostgreSQL cut, one Redis cut and one restart per cycle
 CUT_SECONDS = 3.0
 SERVING_WITHIN_SECONDS = 20.0
@@ -584,30 +584,10 @@ async def verify(port: int, principals: list[Principal], tally: Tally) -> int:
     return verified
 
 
-@contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """Create a PostgreSQL database for this run and drop it afterwards."""
-    name = f"userservice_soak_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-def free_port() -> int:
-    """Return a loopback port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _host_port(url: str, default_port: int) -> tuple[str, int]:
+    """Return the host and port a service URL names (the suite's PostgreSQL and Redis)."""
+    parsed = urllib.parse.urlsplit(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
 
 
 @dataclasses.dataclass
@@ -636,15 +616,15 @@ async def soak(
     log_path = log_dir / "server.log"
     run_id = uuid.uuid4().hex[:8]
     async with (
-        fresh_database() as database_url,
-        TcpProxy("127.0.0.1", 5432) as postgres,
-        TcpProxy(REDIS_HOST, REDIS_PORT) as redis,
+        fresh_postgres_database() as database_url,
+        TcpProxy(*_host_port(POSTGRES_ADMIN_URL, 5432)) as postgres,
+        TcpProxy(*_host_port(REDIS_URL, 6379)) as redis,
     ):
         port = free_port()
         env = suite_env(
             USERSERVICE_LISTEN_ADDRESS=f"127.0.0.1:{port}",
             USERSERVICE_DATABASE_URL=postgres.url(database_url),
-            USERSERVICE_RATE_LIMIT_REDIS_URL=f"redis://127.0.0.1:{redis.port}/15",
+            USERSERVICE_RATE_LIMIT_REDIS_URL=redis.url(REDIS_URL),
             USERSERVICE_RATE_LIMIT_RPS="100",
             USERSERVICE_RATE_LIMIT_BURST="200",
             USERSERVICE_SHUTDOWN_DRAIN_SECONDS="0.5",
@@ -727,14 +707,19 @@ def main() -> int:
     )
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="userservice-soak-") as directory:
-        result = asyncio.run(
-            soak(
-                options.minutes,
-                principals=options.principals,
-                seed=options.seed,
-                log_dir=Path(directory),
+        try:
+            result = asyncio.run(
+                soak(
+                    options.minutes,
+                    principals=options.principals,
+                    seed=options.seed,
+                    log_dir=Path(directory),
+                )
             )
-        )
+        except (pytest.skip.Exception, pytest.fail.Exception) as unreachable:
+            # The suite's fixtures skip (or fail) when PostgreSQL is not reachable.
+            print(f"soak: FAIL: {unreachable.msg}")
+            return 1
         for violation in result.tally.violations[:30]:
             print(f"  {violation}")
         if not result.passed:
