@@ -53,12 +53,6 @@ class _BadMetadataFilter(logging.Filter):
 _BAD_METADATA_FILTER: Final = _BadMetadataFilter()
 
 
-def quiet_grpc_metadata_errors() -> None:
-    """Install the filters above and below on grpc's and asyncpg's loggers (idempotent)."""
-    logging.getLogger(_GRPC_LOGGER).addFilter(_BAD_METADATA_FILTER)
-    logging.getLogger(_ASYNCPG_POOL_LOGGER).addFilter(_RECONNECT_FILTER)
-
-
 class _ReconnectFilter(logging.Filter):
     """Turns asyncpg's reconnect-attempt WARNING with a traceback into one line naming the error.
 
@@ -80,9 +74,15 @@ _ASYNCPG_RECONNECT: Final = "Failed to restore the pool connection floor; retryi
 _RECONNECT_FILTER: Final = _ReconnectFilter()
 
 
+def quiet_library_logs() -> None:
+    """Install the two filters above on grpc's and asyncpg's loggers (idempotent)."""
+    logging.getLogger(_GRPC_LOGGER).addFilter(_BAD_METADATA_FILTER)
+    logging.getLogger(_ASYNCPG_POOL_LOGGER).addFilter(_RECONNECT_FILTER)
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send every log record to stderr as JSON at the given level."""
-    quiet_grpc_metadata_errors()
+    quiet_library_logs()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -30,7 +30,7 @@ from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
 from userservice.interceptors.keys import KeyFetchError
-from userservice.logs import quiet_grpc_metadata_errors
+from userservice.logs import quiet_library_logs
 from userservice.metrics import (
     MetricsServer,
     publish_build_info,
@@ -177,7 +177,7 @@ class Application:
 
     async def _start(self) -> None:
         settings = self.settings
-        quiet_grpc_metadata_errors()
+        quiet_library_logs()
         publish_build_info()
         for service in self.health.services:
             publish_health(service, partial(self._serving, service))
