@@ -40,9 +40,8 @@ from test_key_rotation import JwksServer, _jwks
 from test_replicas import Replica, assert_stopped_cleanly, free_port, stop_process
 from test_tls import _issue, _key_pem, _pem
 
-from user.v1 import user_pb2
+from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
-from user.v1 import user_service_pb2_grpc
 from userservice.interceptors.auth import mint_token
 
 ROLES_SQL = ROOT / "deploy" / "postgres" / "roles.sql"
@@ -203,9 +202,7 @@ async def exercise(port: int, ca_pem: bytes | None, token: str, email: str) -> N
 async def test_the_development_overlay_starts_with_its_own_environment(tmp_path: Path) -> None:
     docs = rendered("development")
     pod_spec, container = container_of(docs, "Deployment", "userservice")
-    env = localized(
-        resolved_environment(docs, container, {}), pod_spec, container, tmp_path, {}
-    )
+    env = localized(resolved_environment(docs, container, {}), pod_spec, container, tmp_path, {})
     assert env["USERSERVICE_DATABASE_URL"] == f"sqlite:///{tmp_path}/data/userservice.db"
     async with serving(env, tmp_path / "server.log", None) as replica:
         # The development secret of the generated Secret, as `make token` mints with it.
@@ -307,7 +304,8 @@ async def test_the_production_overlay_migrates_as_the_migrator_and_serves_as_the
         code, output = await run_userservice(
             "migrate", env=process_env(environment_of("Job", "userservice-migrate", with_app_url))
         )
-        assert code != 0 and "permission denied" in output, output
+        assert code != 0, output
+        assert "permission denied" in output, output
         code, output = await run_userservice(
             "migrate", env=process_env(environment_of("Job", "userservice-migrate", secret_values))
         )
