@@ -37,6 +37,7 @@ from userservice.storage.sqlite import (
 )
 from userservice.storage.sqlite.connection import connect, storage_errors
 from userservice.storage.sqlite.migrations import apply_migrations
+from userservice.storage.sqlite.shared import SharedCommits
 
 
 def make_user(email: str = "ann@example.com", display_name: str = "Ann") -> User:
@@ -294,6 +295,59 @@ async def test_a_write_whose_caller_was_cancelled_still_refreshes_the_cache(
     cached = await repo.get(user.id)
     assert cached is not None
     assert (cached.display_name, cached.revision) == ("Committed", 2)
+
+
+@pytest.mark.asyncio
+async def test_a_worker_never_caches_its_own_commit_over_a_newer_one_of_another(
+    db_path: Path,
+) -> None:
+    """Two repositories on one file and one SharedCommits stand in for two `--workers`.
+
+    Worker A commits, worker B commits a newer version of the same user, and A's loop
+    notices B's commit (a read) before A's own commit is applied to its cache. A must
+    then serve B's version, not its own older one.
+    """
+    migrate_sqlite(db_path)
+    shared = SharedCommits()
+    worker_a = await open_sqlite(db_path, shared=shared)
+    try:
+        user = await worker_a.create(make_user(), None, "fp")
+        assert await worker_a.get(user.id) == user  # cached in A
+
+        a_writes = asyncio.ensure_future(
+            worker_a.update(user.id, UserChanges(display_name="Older, by A"), None, now_us())
+        )
+        await asyncio.sleep(0)  # A's write is on A's writer thread
+        # Blocks A's loop on purpose: A's commit is applied to its cache only once the
+        # loop runs again, after B's commit and the read below.
+        deadline = time.monotonic() + 10
+        while shared.commits < 2:
+            assert time.monotonic() < deadline, "worker A's write never committed"
+            time.sleep(0.001)
+
+        newer: list[User] = []
+
+        async def worker_b_writes() -> None:
+            worker_b = await open_sqlite(db_path, shared=shared)
+            try:
+                changes = UserChanges(display_name="Newer, by B")
+                newer.append(await worker_b.update(user.id, changes, None, now_us()))
+            finally:
+                await worker_b.close()
+
+        other = threading.Thread(target=asyncio.run, args=(worker_b_writes(),))
+        other.start()
+        other.join(30)
+        assert newer, "worker B's write did not finish"
+
+        # The read sees B's bump first, then A's own commit lands on A's loop.
+        assert await worker_a.get(user.id) == newer[0]
+        await a_writes
+        assert a_writes.result().display_name == "Older, by A"
+        assert await worker_a.get(user.id) == newer[0]
+        assert await worker_a.get_many([user.id]) == {user.id: newer[0]}
+    finally:
+        await worker_a.close()
 
 
 @pytest.mark.asyncio

@@ -307,9 +307,16 @@ class SqliteUserRepository:
         return result
 
     def _committed(self, cache: dict[str, User | None], last_sequence: int, commits: int) -> None:
-        if commits == self._seen_commits + 1:
+        if self._shared is None or commits == self._seen_commits + 1:
             # Only this process committed since the last look: its own effects are exact.
-            self._seen_commits = commits
-        if not self._closed:
-            self._cache.committed(cache)
+            self._seen_commits = max(self._seen_commits, commits)
+            if not self._closed:
+                self._cache.committed(cache)
+        else:
+            # Another worker committed before this commit was applied here, or after it and
+            # already seen by _sync_shared: this commit's rows may be older than theirs, so
+            # applying them could serve an overwritten user until the next write. Everything
+            # up to this commit is in the file; forget the cache instead.
+            self._seen_commits = max(self._seen_commits, commits)
+            self._cache.invalidate()
         self._commits.advance(last_sequence)
