@@ -16,9 +16,9 @@ from userservice.domain.errors import StorageTimeoutError, StorageUnavailableErr
 BUSY_TIMEOUT_MS: Final = 5_000
 SYNCHRONOUS_MODES: Final = ("NORMAL", "FULL")
 """PRAGMA synchronous values the store accepts (WAL mode): NORMAL, or FULL for power-loss safety."""
-# SQLite virtual-machine instructions between two budget checks: rare enough that the
-# handler (which takes the GIL) costs nothing noticeable, often enough (well under a
-# millisecond of work) that a statement stops soon after its budget.
+# SQLite virtual-machine instructions between two budget checks: a scan calls the handler
+# (which takes the GIL) every millisecond or two of its work, too rarely to cost anything
+# measurable, and often enough that a statement stops soon after its budget.
 _PROGRESS_INSTRUCTIONS: Final = 20_000
 # Primary result codes that mean the file cannot be used right now, as opposed to a bad query.
 _UNAVAILABLE_CODES: Final = frozenset(
