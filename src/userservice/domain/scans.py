@@ -34,10 +34,6 @@ class ScanGate:
         self.running = 0
         self._by_principal: dict[str | None, int] = {}
 
-    def running_for(self, principal: str | None) -> int:
-        """Return how many scans principal has in progress."""
-        return self._by_principal.get(principal, 0)
-
     @contextlib.contextmanager
     def admit(self, principal: str | None) -> Iterator[None]:
         """Run the body as one scan of principal's, or raise TooManyScansError at once.
