@@ -206,7 +206,7 @@ def test_scan_limits_are_validated_and_keep_postgres_connections_back() -> None:
     base = {"USERSERVICE_AUTH_JWT_SECRET": "x" * 32, "USERSERVICE_DEV": "true"}
     with pytest.raises(ConfigError, match="USERSERVICE_MAX_SCANS_PER_PRINCIPAL must be positive"):
         load_settings({**base, "USERSERVICE_MAX_SCANS_PER_PRINCIPAL": "0"})
-    with pytest.raises(ConfigError, match="must not exceed MAX_SCANS"):
+    with pytest.raises(ConfigError, match="must not exceed USERSERVICE_MAX_SCANS"):
         load_settings({**base, "USERSERVICE_MAX_SCANS_PER_PRINCIPAL": "5"})
     postgres = "postgresql://127.0.0.1/db"
     assert (

@@ -193,7 +193,9 @@ class Settings:
         if self.sqlite_synchronous.upper() not in {"NORMAL", "FULL"}:
             raise ConfigError("USERSERVICE_SQLITE_SYNCHRONOUS must be NORMAL or FULL")
         if self.max_scans_per_principal > self.max_scans:
-            raise ConfigError("USERSERVICE_MAX_SCANS_PER_PRINCIPAL must not exceed MAX_SCANS")
+            raise ConfigError(
+                "USERSERVICE_MAX_SCANS_PER_PRINCIPAL must not exceed USERSERVICE_MAX_SCANS"
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("USERSERVICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         if self.rate_limit_rps < 0 or (self.rate_limit_rps > 0 and self.rate_limit_burst < 1):
