@@ -24,11 +24,14 @@ from user.v1 import user_service_pb2 as pb
 from userservice.interceptors.ratelimit import (
     ALLOWED,
     METHOD_COSTS,
+    SCAN_COSTS,
     Decision,
     LocalLimiter,
     peer_host,
 )
 from userservice.interceptors.ratelimit_redis import RedisLimiter
+
+LIST_USERS = "/user.v1.UserService/ListUsers"
 
 
 def _retry_delay(result: Result) -> float:
@@ -106,6 +109,28 @@ async def test_cost_above_the_burst_is_capped_so_the_call_can_pass() -> None:
     async with serve(settings(rate_limit_rps=0.01, rate_limit_burst=2)) as harness:
         result = await harness.call("ImportUsers", b"a", token=token())
         assert result.code is grpc.StatusCode.OK
+
+
+@pytest.mark.asyncio
+async def test_a_scan_filter_pays_more_than_a_plain_read(sqlite_url: str) -> None:
+    scan_cost = METHOD_COSTS.get(LIST_USERS, 1.0) + SCAN_COSTS[LIST_USERS]
+    config = make_settings(sqlite_url, rate_limit_rps=0.01, rate_limit_burst=int(scan_cost) + 2)
+    async with running_app(config) as app, connect(app.port) as client:
+        scan = pb.ListUsersRequest(filter='display_name : "ada"')
+        await client.stub.ListUsers(scan, metadata=client.metadata)  # two tokens left
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.stub.ListUsers(scan, metadata=client.metadata)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rich_details(caught.value)["ErrorInfo"].reason == "RATE_LIMITED"
+        # Reads served by an index pay one token each, and filters that do not parse
+        # are refused by the handler, not charged as scans.
+        plain = pb.ListUsersRequest(filter='role = USER_ROLE_ADMIN AND email = "a@b.io"')
+        await client.stub.ListUsers(plain, metadata=client.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.stub.ListUsers(
+                pb.ListUsersRequest(filter='display_name : "x" OR'), metadata=client.metadata
+            )
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.asyncio

@@ -12,11 +12,19 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 import pytest_asyncio
+import support
+from support import make_settings, new_user, rich_details, running_app
 
-from userservice.config import Settings
-from userservice.domain.errors import EmailAlreadyExistsError, StorageUnavailableError
+from user.v1 import user_service_pb2 as pb
+from userservice.config import ConfigError, Settings
+from userservice.domain.errors import (
+    EmailAlreadyExistsError,
+    StorageTimeoutError,
+    StorageUnavailableError,
+)
 from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import (
     EventType,
@@ -37,6 +45,7 @@ from userservice.storage.sqlite import (
 )
 from userservice.storage.sqlite.connection import connect, storage_errors
 from userservice.storage.sqlite.migrations import apply_migrations
+from userservice.storage.sqlite.shared import SharedCommits
 
 
 def make_user(email: str = "ann@example.com", display_name: str = "Ann") -> User:
@@ -65,6 +74,36 @@ def raw_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
         rows = conn.execute(sql).fetchall()
     conn.close()
     return rows
+
+
+async def insert_slow_rows(path: Path, count: int) -> None:
+    """Create the store at path and insert count users straight into the file.
+
+    Their names are long, so that a substring no row holds takes a while to rule out.
+    """
+    await (await open_sqlite(path)).close()
+    timestamp = now_us()
+    name = "Ünïcode " + "ü" * 40
+    key = search_key(name)
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO users (id, email, email_normalized, display_name, display_name_key,"
+            " role, create_time_us, update_time_us, revision)"
+            " VALUES (?, ?, ?, ?, ?, 1, ?, ?, 1)",
+            (
+                (
+                    f"{index:08d}-0000-7000-8000-000000000000",
+                    f"u{index}@x.io",
+                    f"u{index}@x.io",
+                    name,
+                    key,
+                    timestamp,
+                    timestamp,
+                )
+                for index in range(count)
+            ),
+        )
+    conn.close()
 
 
 # -- URLs and files --------------------------------------------------------------------
@@ -297,6 +336,59 @@ async def test_a_write_whose_caller_was_cancelled_still_refreshes_the_cache(
 
 
 @pytest.mark.asyncio
+async def test_a_worker_never_caches_its_own_commit_over_a_newer_one_of_another(
+    db_path: Path,
+) -> None:
+    """Two repositories on one file and one SharedCommits stand in for two `--workers`.
+
+    Worker A commits, worker B commits a newer version of the same user, and A's loop
+    notices B's commit (a read) before A's own commit is applied to its cache. A must
+    then serve B's version, not its own older one.
+    """
+    migrate_sqlite(db_path)
+    shared = SharedCommits()
+    worker_a = await open_sqlite(db_path, shared=shared)
+    try:
+        user = await worker_a.create(make_user(), None, "fp")
+        assert await worker_a.get(user.id) == user  # cached in A
+
+        a_writes = asyncio.ensure_future(
+            worker_a.update(user.id, UserChanges(display_name="Older, by A"), None, now_us())
+        )
+        await asyncio.sleep(0)  # A's write is on A's writer thread
+        # Blocks A's loop on purpose: A's commit is applied to its cache only once the
+        # loop runs again, after B's commit and the read below.
+        deadline = time.monotonic() + 10
+        while shared.commits < 2:
+            assert time.monotonic() < deadline, "worker A's write never committed"
+            time.sleep(0.001)
+
+        newer: list[User] = []
+
+        async def worker_b_writes() -> None:
+            worker_b = await open_sqlite(db_path, shared=shared)
+            try:
+                changes = UserChanges(display_name="Newer, by B")
+                newer.append(await worker_b.update(user.id, changes, None, now_us()))
+            finally:
+                await worker_b.close()
+
+        other = threading.Thread(target=asyncio.run, args=(worker_b_writes(),))
+        other.start()
+        other.join(30)
+        assert newer, "worker B's write did not finish"
+
+        # The read sees B's bump first, then A's own commit lands on A's loop.
+        assert await worker_a.get(user.id) == newer[0]
+        await a_writes
+        assert a_writes.result().display_name == "Older, by A"
+        assert await worker_a.get(user.id) == newer[0]
+        assert await worker_a.get_many([user.id]) == {user.id: newer[0]}
+    finally:
+        await worker_a.close()
+
+
+@pytest.mark.asyncio
 async def test_cache_hits_need_no_reader_thread(repo: SqliteUserRepository) -> None:
     cached = await repo.create(make_user("ann@example.com"), None, "fp")
     [uncached] = await repo.create_many([make_user("bob@example.com")])
@@ -469,30 +561,7 @@ async def test_upsert_that_changes_nothing_writes_nothing(repo: SqliteUserReposi
 @pytest.mark.asyncio
 async def test_a_cancelled_read_is_interrupted_not_left_running(db_path: Path) -> None:
     """The caller gave up (deadline or cancel): the reader thread stops its query."""
-    await (await open_sqlite(db_path)).close()
-    timestamp = now_us()
-    with sqlite3.connect(db_path) as conn:
-        # Long names, so that a substring no row holds takes a while to rule out.
-        name = "Ünïcode " + "ü" * 40
-        key = search_key(name)
-        conn.executemany(
-            "INSERT INTO users (id, email, email_normalized, display_name, display_name_key,"
-            " role, create_time_us, update_time_us, revision)"
-            " VALUES (?, ?, ?, ?, ?, 1, ?, ?, 1)",
-            (
-                (
-                    f"{index:08d}-0000-7000-8000-000000000000",
-                    f"u{index}@x.io",
-                    f"u{index}@x.io",
-                    name,
-                    key,
-                    timestamp,
-                    timestamp,
-                )
-                for index in range(600_000)
-            ),
-        )
-    conn.close()
+    await insert_slow_rows(db_path, 600_000)
     repository = await open_sqlite(db_path)
     try:
         # A substring no row holds is tested against every row: a slow scan on purpose.
@@ -514,5 +583,73 @@ async def test_a_cancelled_read_is_interrupted_not_left_running(db_path: Path) -
         # The interrupt ended only the abandoned query: the connection still serves reads.
         page = await repository.list_page(UserFilter(), None, 5, with_total=False)
         assert len(page.users) == 5
+    finally:
+        await repository.close()
+
+
+# -- the statement budget and durability -------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_scan_past_the_statement_budget_ends_storage_timeout_and_the_reader_goes_on(
+    db_path: Path,
+) -> None:
+    """USERSERVICE_DB_STATEMENT_TIMEOUT_SECONDS bounds SQLite statements as it does PostgreSQL's."""
+    await insert_slow_rows(db_path, 200_000)
+    settings = make_settings(f"sqlite:///{db_path}", db_statement_timeout_seconds=0.005)
+    async with running_app(settings) as app, support.connect(app.port) as client:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.stub.ListUsers(
+                pb.ListUsersRequest(filter='display_name : "ñ"'),
+                metadata=client.metadata,
+                timeout=30,
+            )
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        details = rich_details(caught.value)
+        assert details["ErrorInfo"].reason == "STORAGE_TIMEOUT"
+        assert "RetryInfo" not in details
+        assert time.monotonic() - started < 5
+        # Point reads and writes fit the budget, and the interrupted read's transaction was
+        # rolled back: the reader's connection serves the next read.
+        user_id = "00000042-0000-7000-8000-000000000000"
+        got = await client.stub.GetUser(pb.GetUserRequest(id=user_id), metadata=client.metadata)
+        assert got.user.email == "u42@x.io"
+        created = await client.stub.CreateUser(
+            pb.CreateUserRequest(user=new_user("budget@example.com")), metadata=client.metadata
+        )
+        assert created.user.email == "budget@example.com"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("setting", "pragma"), [(None, 1), ("FULL", 2), ("full", 2)])
+async def test_the_synchronous_setting_reaches_every_connection_of_the_store(
+    db_path: Path, setting: str | None, pragma: int
+) -> None:
+    overrides = {} if setting is None else {"sqlite_synchronous": setting}
+    async with running_app(make_settings(f"sqlite:///{db_path}", **overrides)) as app:
+        files = app.repository._files  # type: ignore[union-attr]
+        for conn in (files.write_conn, files.read_conn, files.ping_conn):
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == pragma
+
+
+def test_the_synchronous_setting_accepts_only_normal_or_full() -> None:
+    with pytest.raises(ConfigError, match="USERSERVICE_SQLITE_SYNCHRONOUS must be NORMAL or FULL"):
+        make_settings("sqlite:///x.db", sqlite_synchronous="OFF")
+
+
+@pytest.mark.asyncio
+async def test_a_write_transaction_past_the_budget_rolls_back_whole_and_the_writer_goes_on(
+    db_path: Path,
+) -> None:
+    repository = await open_sqlite(db_path, statement_timeout=0.002)
+    try:
+        batch = [make_user(f"u{index}@example.com", f"User {index}") for index in range(20_000)]
+        with pytest.raises(StorageTimeoutError):
+            await repository.create_many(batch)
+        assert raw_rows(db_path, "SELECT count(*) FROM users") == [(0,)]
+        assert await repository.event_bounds() == (0, 0)
+        created = await repository.create(make_user("after@example.com"), None, "fp")
+        assert await repository.get(created.id) == created
     finally:
         await repository.close()

@@ -43,6 +43,16 @@ class Settings:
     max_streams_per_principal: int = _setting(
         100, "streaming calls one principal (or one peer host without a token) may hold open"
     )
+    max_scans_per_principal: int = _setting(
+        2,
+        "ListUsers/StreamUsers calls with a substring filter (a scan) one principal may have "
+        "in progress at once",
+    )
+    max_scans: int = _setting(
+        4,
+        "scans in progress at once on this replica (all principals); on PostgreSQL at most "
+        "db_pool_max_size - 1, so point reads and watchers keep a connection",
+    )
     health_failures: int = _setting(
         3, "consecutive failed storage pings before health reports NOT_SERVING"
     )
@@ -67,7 +77,15 @@ class Settings:
     db_pool_min_size: int = _setting(2, "PostgreSQL: connections kept open")
     db_pool_max_size: int = _setting(10, "PostgreSQL: most connections per process")
     db_connect_timeout_seconds: float = _setting(5.0, "PostgreSQL: connect timeout")
-    db_statement_timeout_seconds: float = _setting(10.0, "PostgreSQL: statement timeout")
+    db_statement_timeout_seconds: float = _setting(
+        10.0,
+        "statement budget: PostgreSQL's statement_timeout; SQLite interrupts a read or a "
+        "write transaction past it",
+    )
+    sqlite_synchronous: str = _setting(
+        "NORMAL",
+        "SQLite: PRAGMA synchronous, NORMAL (a power loss can lose the last commits) or FULL",
+    )
     migration_lock_timeout_seconds: float = _setting(
         10.0, "PostgreSQL: how long a migration waits for a table lock before it fails"
     )
@@ -145,6 +163,8 @@ class Settings:
             "max_concurrent_rpcs",
             "max_open_streams",
             "max_streams_per_principal",
+            "max_scans_per_principal",
+            "max_scans",
             "health_failures",
             "health_check_interval_seconds",
             "max_message_bytes",
@@ -170,6 +190,12 @@ class Settings:
             raise ConfigError("USERSERVICE_WORKERS above 1 needs a fixed port to share")
         if not 0 <= self.db_pool_min_size <= self.db_pool_max_size:
             raise ConfigError("USERSERVICE_DB_POOL_MIN_SIZE must be between 0 and the max size")
+        if self.sqlite_synchronous.upper() not in {"NORMAL", "FULL"}:
+            raise ConfigError("USERSERVICE_SQLITE_SYNCHRONOUS must be NORMAL or FULL")
+        if self.max_scans_per_principal > self.max_scans:
+            raise ConfigError(
+                "USERSERVICE_MAX_SCANS_PER_PRINCIPAL must not exceed USERSERVICE_MAX_SCANS"
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("USERSERVICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         if self.rate_limit_rps < 0 or (self.rate_limit_rps > 0 and self.rate_limit_burst < 1):
@@ -298,6 +324,17 @@ def _check_jwks_url(url: str, *, allow_plain_http: bool) -> None:
         "USERSERVICE_AUTH_JWKS_URL must be an https:// URL "
         "(http:// only to a loopback host or in development)"
     )
+
+
+def replica_scan_limit(settings: Settings) -> int:
+    """Return how many scans this replica runs at once: max_scans, below the pool on PostgreSQL.
+
+    Scans beyond it would hold every pool connection, and point reads and the change feed
+    would wait behind them; with a pool of one there is nothing to keep back.
+    """
+    if settings.database_url.startswith(("postgresql://", "postgres://")):
+        return max(1, min(settings.max_scans, settings.db_pool_max_size - 1))
+    return settings.max_scans
 
 
 def previous_secrets(settings: Settings) -> list[str]:

@@ -22,10 +22,11 @@ from grpc_health.v1 import health_pb2_grpc
 import userservice
 from user.v1 import user_service_pb2
 from userservice import workers
-from userservice.config import Settings, previous_secrets
+from userservice.config import Settings, previous_secrets, replica_scan_limit
 from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.pagination import PageTokenCodec
 from userservice.domain.repository import UserRepository
+from userservice.domain.scans import ScanGate
 from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
 from userservice.interceptors.chain import InterceptorChain, build_chain
@@ -204,6 +205,7 @@ class Application:
             page_token_codec(settings),
             watch_progress_seconds=settings.watch_progress_seconds,
             watch_buffer_size=settings.watch_buffer_events,
+            scans=ScanGate(settings.max_scans_per_principal, replica_scan_limit(settings)),
         )
         try:
             self._chain = await build_chain(settings, self._tracing)

@@ -18,6 +18,7 @@ class Reason(enum.StrEnum):
     SEQUENCE_EXPIRED = "SEQUENCE_EXPIRED"
     SEQUENCE_BEYOND_LATEST = "SEQUENCE_BEYOND_LATEST"
     WATCHER_TOO_SLOW = "WATCHER_TOO_SLOW"
+    TOO_MANY_SCANS = "TOO_MANY_SCANS"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     STORAGE_BUSY = "STORAGE_BUSY"
     STORAGE_TIMEOUT = "STORAGE_TIMEOUT"
@@ -171,6 +172,21 @@ class WatcherTooSlowError(DomainError):
             f"resume with after_sequence={last_sequence}"
         )
         self.last_sequence = last_sequence
+
+
+class TooManyScansError(DomainError):
+    """The caller, or this replica, already has as many scans in progress as allowed."""
+
+    reason = Reason.TOO_MANY_SCANS
+
+    def __init__(self, limit: str, value: int) -> None:
+        whose = "this caller" if limit == "max_scans_per_principal" else "this server"
+        super().__init__(
+            f"too many filtered scans in progress for {whose} (limit {value}); "
+            "retry later, or filter by exact email or role, which read no whole table"
+        )
+        self.limit = limit
+        self.value = value
 
 
 class StorageUnavailableError(DomainError):

@@ -138,6 +138,15 @@ class UserFilter:
     email_contains: str | None = None
     display_name_contains: str | None = None
 
+    @property
+    def is_scan(self) -> bool:
+        """Tell whether matching needs every row read: a substring term, which no index serves.
+
+        The one rule of what a filtered read costs, for both stores: such a call may read
+        the whole table for one page (and count it), where other filters read an index.
+        """
+        return self.email_contains is not None or self.display_name_contains is not None
+
     def matches(self, user: User) -> bool:
         """Tell whether user matches: the rule each store's SQL must give the same answer as."""
         return (

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from userservice.domain.errors import (
@@ -28,6 +29,7 @@ from userservice.domain.model import (
 )
 from userservice.domain.pagination import PageTokenCodec, effective_page_size
 from userservice.domain.repository import UserRepository
+from userservice.domain.scans import ScanGate
 from userservice.domain.validation import (
     NOT_A_USER_ID,
     UserInput,
@@ -98,8 +100,10 @@ class UserService:
         id_factory: Callable[[], str] = new_user_id,
         watch_progress_seconds: float = DEFAULT_WATCH_PROGRESS_SECONDS,
         watch_buffer_size: int = DEFAULT_BUFFER_SIZE,
+        scans: ScanGate | None = None,
     ) -> None:
         self._repository = repository
+        self._scans = ScanGate() if scans is None else scans
         self._page_tokens = page_tokens
         self._clock = clock
         self._new_id = id_factory
@@ -154,12 +158,15 @@ class UserService:
         missing = [user_id for user_id in unique if user_id not in found]
         return users, missing
 
-    async def list_users(self, page_size: int, page_token: str, filter_text: str) -> ListResult:
+    async def list_users(
+        self, page_size: int, page_token: str, filter_text: str, *, principal: str | None = None
+    ) -> ListResult:
         """Return one page in id order, its total and the next page's token.
 
         The total is counted once, with the first page and in its snapshot, then carried
         in the signed token (AIP-132 allows it), so paging through N rows costs O(N)
-        instead of one full count per page.
+        instead of one full count per page. A scan filter counts against principal's (and
+        the replica's) scans in progress for the duration of the call.
         """
         limit = effective_page_size(page_size)
         user_filter = parse_filter(filter_text)
@@ -167,9 +174,10 @@ class UserService:
         position = self._page_tokens.decode(page_token, filter_key) if page_token else None
         carried = None if position is None else position.total_size
         after_id = None if position is None else position.after_id
-        page = await self._repository.list_page(
-            user_filter, after_id, limit, with_total=carried is None
-        )
+        with self._scan(user_filter.is_scan, principal):
+            page = await self._repository.list_page(
+                user_filter, after_id, limit, with_total=carried is None
+            )
         total = page.total_size if carried is None else carried
         next_token = (
             self._page_tokens.encode(page.users[-1].id, filter_key, total)
@@ -178,23 +186,32 @@ class UserService:
         )
         return ListResult(page.users, next_token, total)
 
-    async def stream_user_batches(self, filter_text: str) -> AsyncIterator[list[User]]:
+    async def stream_user_batches(
+        self, filter_text: str, *, principal: str | None = None
+    ) -> AsyncGenerator[list[User], None]:
         """Yield every matching user in id order, one bounded batch in memory at a time.
 
         Batches rather than users: the caller loops over each without resuming this
-        generator per user.
+        generator per user. A scan filter counts as one of principal's scans in progress
+        from the first batch until the generator ends or is closed.
         """
         user_filter = parse_filter(filter_text)
         after_id: str | None = None
-        while True:
-            page = await self._repository.list_page(
-                user_filter, after_id, STREAM_BATCH_SIZE, with_total=False
-            )
-            if page.users:
-                yield page.users
-            if not page.has_more or not page.users:
-                return
-            after_id = page.users[-1].id
+        with self._scan(user_filter.is_scan, principal):
+            while True:
+                page = await self._repository.list_page(
+                    user_filter, after_id, STREAM_BATCH_SIZE, with_total=False
+                )
+                if page.users:
+                    yield page.users
+                if not page.has_more or not page.users:
+                    return
+                after_id = page.users[-1].id
+
+    def _scan(
+        self, is_scan: bool, principal: str | None
+    ) -> contextlib.AbstractContextManager[None]:
+        return self._scans.admit(principal) if is_scan else contextlib.nullcontext()
 
     async def update_user(
         self, user_id: str, user: UserInput, mask_paths: Sequence[str], etag: str

@@ -1,14 +1,15 @@
 """Rate limiting: a token bucket per principal (per peer host without one), charged at call start.
 
 Over the limit a call ends RESOURCE_EXHAUSTED with RetryInfo (when enough tokens will be
-back) and ErrorInfo reason RATE_LIMITED. The bulk write streams (``MESSAGE_COSTS``) also
-pay for each message after the first, and are *paced* rather than cut when the bucket is
-empty: the next message is not read until the tokens are back, so HTTP/2 flow control
-pushes back on the client, and the call's deadline still ends the wait. A limiter that
-cannot decide (Redis down, failing closed) ends the call UNAVAILABLE with reason
-RATE_LIMITER_UNAVAILABLE: the caller is not over any limit. Buckets live in-process
-(``LocalLimiter``) or in Redis, shared by every replica (``ratelimit_redis.RedisLimiter``);
-both implement ``Limiter``.
+back) and ErrorInfo reason RATE_LIMITED. A ListUsers or StreamUsers request whose filter
+is a scan (``SCAN_COSTS``) pays more than a point read. The bulk write streams
+(``MESSAGE_COSTS``) also pay for each message after the first, and are *paced* rather
+than cut when the bucket is empty: the next message is not read until the tokens are
+back, so HTTP/2 flow control pushes back on the client, and the call's deadline still
+ends the wait. A limiter that cannot decide (Redis down, failing closed) ends the call
+UNAVAILABLE with reason RATE_LIMITER_UNAVAILABLE: the caller is not over any limit.
+Buckets live in-process (``LocalLimiter``) or in Redis, shared by every replica
+(``ratelimit_redis.RedisLimiter``); both implement ``Limiter``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2
 
+from userservice.domain.errors import InvalidArgumentError
+from userservice.domain.filtering import parse_filter
 from userservice.interceptors._call import PRINCIPAL
 from userservice.interceptors._handlers import (
     BIDI_STREAM,
@@ -42,6 +45,12 @@ METHOD_COSTS: Final[Mapping[str, float]] = {
     _SERVICE + "ImportUsers": 20.0,
     _SERVICE + "SyncUsers": 20.0,
     _SERVICE + "StreamUsers": 5.0,
+}
+SCAN_COSTS: Final[Mapping[str, float]] = {
+    # Charged on top when the request's filter is a scan (UserFilter.is_scan): one such
+    # call can read the whole table, where a point read reads one row.
+    _SERVICE + "ListUsers": 10.0,
+    _SERVICE + "StreamUsers": 10.0,
 }
 MESSAGE_COSTS: Final[Mapping[str, float]] = {
     # One upsert per message after the first, like a unary write.
@@ -127,6 +136,20 @@ class LocalLimiter:
         excess = len(self._buckets) - int(self._max_keys * 0.9)
         for key in list(itertools.islice(self._buckets, max(0, excess))):
             del self._buckets[key]
+
+
+def is_scan_request(request: Any) -> bool:
+    """Tell whether a request's filter is a scan, by the domain's rule (False if it has none).
+
+    A filter that does not parse is not charged as a scan: the handler refuses it.
+    """
+    text = getattr(request, "filter", None)
+    if not isinstance(text, str) or not text:
+        return False
+    try:
+        return parse_filter(text).is_scan
+    except InvalidArgumentError:
+        return False
 
 
 def peer_host(peer: str) -> str:
@@ -231,6 +254,7 @@ class RateLimitInterceptor(WrappingInterceptor):
         burst: float,
         costs: Mapping[str, float] = METHOD_COSTS,
         message_costs: Mapping[str, float] = MESSAGE_COSTS,
+        scan_costs: Mapping[str, float] = SCAN_COSTS,
     ) -> None:
         """Exempt methods matching public; costs above burst are capped so they can pass."""
         super().__init__()
@@ -239,12 +263,16 @@ class RateLimitInterceptor(WrappingInterceptor):
         self._burst = burst
         self._costs = costs
         self._message_costs = message_costs
+        self._scan_costs = scan_costs
 
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:
         """Return behaviour behind the bucket check (None for exempt methods)."""
         if self._public.matches(method):
             return None
-        cost = min(self._costs.get(method, 1.0), self._burst)
+        base_cost = self._costs.get(method, 1.0)
+        cost = min(base_cost, self._burst)
+        extra = self._scan_costs.get(method)
+        scan_cost = None if extra is None else min(base_cost + extra, self._burst)
         message_cost = self._message_costs.get(method)
         paced = message_cost is not None and kind in (CLIENT_STREAM, BIDI_STREAM)
         limit = self._limit
@@ -252,7 +280,10 @@ class RateLimitInterceptor(WrappingInterceptor):
         async def limited(request: Any, context: Context) -> Any:
             principal = PRINCIPAL.get()
             key = "p:" + principal if principal is not None else "h:" + peer_host(context.peer())
-            decision = await limit(key, cost)
+            charged = cost
+            if scan_cost is not None and is_scan_request(request):
+                charged = scan_cost
+            decision = await limit(key, charged)
             if not decision.allowed:
                 await _refusal(decision).abort(context)
             if paced:

@@ -35,6 +35,8 @@ async def open_repository(
         migrate=settings.migrate_on_start,
         request_id_retention_seconds=settings.request_id_retention_seconds,
         shared=shared,
+        statement_timeout=settings.db_statement_timeout_seconds,
+        synchronous=settings.sqlite_synchronous.upper(),
     )
 
 

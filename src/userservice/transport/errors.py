@@ -25,6 +25,7 @@ from userservice.domain.errors import (
     StorageBusyError,
     StorageTimeoutError,
     StorageUnavailableError,
+    TooManyScansError,
     UserNotFoundError,
     WatcherTooSlowError,
 )
@@ -33,6 +34,8 @@ from userservice.interceptors._call import with_request_id
 ERROR_DOMAIN = "userservice"
 USER_RESOURCE_TYPE = "user.v1.User"
 _RETRY_AFTER_UNAVAILABLE = duration_pb2.Duration(seconds=1)
+# A scan ends within the statement budget; most within well under a second.
+_RETRY_AFTER_SCANS = duration_pb2.Duration(seconds=1)
 
 _CODES: dict[type[DomainError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -43,6 +46,7 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     SequenceExpiredError: grpc.StatusCode.OUT_OF_RANGE,
     SequenceBeyondLatestError: grpc.StatusCode.OUT_OF_RANGE,
     WatcherTooSlowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyScansError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailableError: grpc.StatusCode.UNAVAILABLE,
     # UNAVAILABLE, not RESOURCE_EXHAUSTED: nothing ran, another replica may have a free
     # connection, and gRPC retry policies and proxies retry UNAVAILABLE there by default.
@@ -103,6 +107,9 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
         metadata["latest_sequence"] = str(error.latest)
     elif isinstance(error, WatcherTooSlowError):
         metadata["last_sequence"] = str(error.last_sequence)
+    elif isinstance(error, TooManyScansError):
+        metadata.update(limit=error.limit, value=str(error.value))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_SCANS)))
     elif type(error) in _RETRY_SAFE:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_UNAVAILABLE)))
     details.insert(

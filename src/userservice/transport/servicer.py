@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
@@ -15,6 +16,7 @@ from userservice.domain.deadlines import bind_time_remaining, unbind_time_remain
 from userservice.domain.errors import DomainError, ShuttingDownError, StorageUnavailableError
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
+from userservice.interceptors._call import PRINCIPAL
 from userservice.transport.errors import abort_with_domain_error, status_proto
 from userservice.transport.mapping import event_to_proto, fill_user, user_input
 
@@ -109,7 +111,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         self, request: pb.ListUsersRequest, context: Context
     ) -> pb.ListUsersResponse:
         """Return one page of users."""
-        page = await self._service.list_users(request.page_size, request.page_token, request.filter)
+        page = await self._service.list_users(
+            request.page_size, request.page_token, request.filter, principal=PRINCIPAL.get()
+        )
         response = pb.ListUsersResponse(
             next_page_token=page.next_page_token, total_size=page.total_size
         )
@@ -145,8 +149,10 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         self, request: pb.StreamUsersRequest, context: Context
     ) -> AsyncIterator[pb.StreamUsersResponse]:
         """Export every matching user."""
-        async with DomainErrors(context):
-            async for batch in self._service.stream_user_batches(request.filter):
+        batches = self._service.stream_user_batches(request.filter, principal=PRINCIPAL.get())
+        # Closed at once however the call ends, so its scan stops counting then.
+        async with DomainErrors(context), contextlib.aclosing(batches):
+            async for batch in batches:
                 for user in batch:
                     response = pb.StreamUsersResponse()
                     fill_user(response.user, user)

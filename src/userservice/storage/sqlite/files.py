@@ -28,7 +28,12 @@ class StoreFiles:
 
 
 def open_files(
-    path: Path, migrate: bool, event_retention: int, *, locked_by_parent: bool = False
+    path: Path,
+    migrate: bool,
+    event_retention: int,
+    *,
+    locked_by_parent: bool = False,
+    synchronous: str = "NORMAL",
 ) -> StoreFiles:
     """Lock path (unless the supervising parent holds the lock), migrate and connect."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +42,7 @@ def open_files(
         if not locked_by_parent:
             lock_fd = lock(path)
             undo.callback(os.close, lock_fd)
-        write_conn = connect(path)
+        write_conn = connect(path, synchronous=synchronous)
         undo.callback(write_conn.close)
         if migrate:
             apply_migrations(write_conn, backend_migrations("sqlite"))
@@ -47,9 +52,9 @@ def open_files(
         write_conn.execute(queries.PRUNE_EVENTS, (event_retention,))
         # Rows from before migration 0002 (or written by older code since) get their key.
         backfill_keys(write_conn)
-        read_conn = connect(path, query_only=True)
+        read_conn = connect(path, query_only=True, synchronous=synchronous)
         undo.callback(read_conn.close)
-        ping_conn = connect(path, query_only=True)
+        ping_conn = connect(path, query_only=True, synchronous=synchronous)
         latest = reads.event_bounds(write_conn)[1]
         undo.pop_all()
     return StoreFiles(path, lock_fd, write_conn, read_conn, ping_conn, latest)

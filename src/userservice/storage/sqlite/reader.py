@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar, TypeVarTuple
 
-from userservice.storage.sqlite.connection import storage_errors
+from userservice.storage.sqlite.connection import StatementBudget, storage_errors
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -18,23 +18,33 @@ Ts = TypeVarTuple("Ts")
 class ReaderThread:
     """Runs read queries one at a time on its own thread and connection."""
 
-    def __init__(self, executor: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
-        """Read through conn, used only from executor's single thread."""
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        conn: sqlite3.Connection,
+        statement_timeout: float | None = None,
+    ) -> None:
+        """Read through conn, used only from executor's single thread.
+
+        Each read gets statement_timeout seconds (None: unbounded) before it is interrupted.
+        """
         self.executor = executor
         self._conn = conn
+        self._budget = StatementBudget(conn, statement_timeout)
         # The read running on the thread, shared with the loop thread to interrupt it.
         self._running_lock = threading.Lock()
         self._running: object | None = None
 
     async def run(self, query: Callable[[sqlite3.Connection, *Ts], T], *args: *Ts) -> T:
-        """Run query(conn, *args) on the thread; a cancelled caller interrupts it."""
+        """Run query(conn, *args) on the thread; a cancelled caller or a spent budget stops it."""
         job = object()
 
         def run() -> T:
             with self._running_lock:
                 self._running = job
             try:
-                return query(self._conn, *args)
+                with self._budget.running():
+                    return query(self._conn, *args)
             finally:
                 with self._running_lock:
                     self._running = None

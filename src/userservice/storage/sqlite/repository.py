@@ -30,7 +30,7 @@ from userservice.storage.maintenance import EXPIRE_BATCH, ExpirySchedule
 from userservice.storage.signal import SequenceSignal
 from userservice.storage.sqlite import queries, reads, writes
 from userservice.storage.sqlite.cache import ReadCache
-from userservice.storage.sqlite.connection import storage_errors, transaction
+from userservice.storage.sqlite.connection import StatementBudget, storage_errors, transaction
 from userservice.storage.sqlite.files import StoreFiles, close_writer, open_files
 from userservice.storage.sqlite.reader import ReaderThread
 from userservice.storage.sqlite.shared import SharedCommits
@@ -53,11 +53,15 @@ async def open_sqlite(
     cache_size: int = DEFAULT_CACHE_SIZE,
     request_id_retention_seconds: float = DEFAULT_REQUEST_ID_RETENTION_SECONDS,
     shared: SharedCommits | None = None,
+    statement_timeout: float | None = None,
+    synchronous: str = "NORMAL",
 ) -> SqliteUserRepository:
     """Open (creating it if needed) the database file at path for this process alone.
 
     With shared, this process is one of the workers a parent forked: the parent holds the
     file's lock and has migrated it, and the workers keep their caches exact through shared.
+    statement_timeout bounds each read and each write transaction (None: unbounded);
+    synchronous is the connections' PRAGMA synchronous (NORMAL or FULL).
     """
     if event_retention < 1 or cache_size < 0:
         raise ValueError("event_retention must be positive and cache_size not negative")
@@ -73,6 +77,7 @@ async def open_sqlite(
                 migrate and shared is None,
                 event_retention,
                 locked_by_parent=shared is not None,
+                synchronous=synchronous,
             ),
         )
     except BaseException:
@@ -87,6 +92,7 @@ async def open_sqlite(
         cache_size=cache_size,
         expiry=expiry,
         shared=shared,
+        statement_timeout=statement_timeout,
     )
 
 
@@ -103,6 +109,7 @@ class SqliteUserRepository:
         cache_size: int,
         expiry: ExpirySchedule,
         shared: SharedCommits | None = None,
+        statement_timeout: float | None = None,
     ) -> None:
         """Serve from what open_sqlite opened; the executors each own one connection."""
         self._files = files
@@ -110,7 +117,8 @@ class SqliteUserRepository:
         # A sqlite3 connection is used by one thread at a time; giving each its own
         # thread also serialises all writes without any lock contention.
         self._writer = writer
-        self._reader = ReaderThread(reader, files.read_conn)
+        self._reader = ReaderThread(reader, files.read_conn, statement_timeout)
+        self._write_budget = StatementBudget(files.write_conn, statement_timeout)
         # Health pings get a thread and connection of their own, so a long scan on the
         # reader never reads as an outage.
         self._pinger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ping")
@@ -277,7 +285,8 @@ class SqliteUserRepository:
         """Run work in one write transaction on the writer thread, then publish its effects."""
         transaction_effects = writes.WriteTransaction(self._files.write_conn)
         conn = transaction_effects.conn
-        with transaction(conn):
+        # The budget covers the transaction's statements; COMMIT and ROLLBACK run outside it.
+        with transaction(conn), self._write_budget.running():
             result = work(transaction_effects, *args)
             self._events_since_prune += transaction_effects.events
             if self._events_since_prune >= self._prune_interval:
@@ -307,9 +316,16 @@ class SqliteUserRepository:
         return result
 
     def _committed(self, cache: dict[str, User | None], last_sequence: int, commits: int) -> None:
-        if commits == self._seen_commits + 1:
+        if self._shared is None or commits == self._seen_commits + 1:
             # Only this process committed since the last look: its own effects are exact.
-            self._seen_commits = commits
-        if not self._closed:
-            self._cache.committed(cache)
+            self._seen_commits = max(self._seen_commits, commits)
+            if not self._closed:
+                self._cache.committed(cache)
+        else:
+            # Another worker committed before this commit was applied here, or after it and
+            # already seen by _sync_shared: this commit's rows may be older than theirs, so
+            # applying them could serve an overwritten user until the next write. Everything
+            # up to this commit is in the file; forget the cache instead.
+            self._seen_commits = max(self._seen_commits, commits)
+            self._cache.invalidate()
         self._commits.advance(last_sequence)
