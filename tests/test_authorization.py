@@ -7,17 +7,25 @@ token's sub. The `client` fixture's token has every scope (an admin, subject "te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from support import Client, bearer, new_user, rich_details
+from support import Client, bearer, connect, make_settings, new_user, rich_details, running_app
 
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
+from userservice.domain.ids import new_user_id, now_us
+from userservice.storage import parse_sqlite_path
+from userservice.storage.migrations import backend_migrations
+from userservice.storage.postgres import migrations as postgres_migrations
+from userservice.storage.sqlite import migrations as sqlite_migrations
 
 WRITER = ("users.read", "users.write")
 Metadata = tuple[tuple[str, str], ...]
@@ -428,3 +436,48 @@ async def test_a_read_caller_still_reads_every_user_and_writes_none(client: Clie
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await update(client, user_pb2.User(id=mine.id, display_name="X"), [], reader)
     refused(caught.value, grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING")
+
+
+OLD_ROW = (
+    "INSERT INTO users (id, email, email_normalized, display_name, display_name_key, role,"
+    " create_time_us, update_time_us, revision) VALUES ({})"
+)
+
+
+async def store_a_user_before_subjects(database_url: str) -> str:
+    """Migrate the database only up to 0002, store one user as that schema did; return its id."""
+    user_id, timestamp = new_user_id(), now_us()
+    row = (user_id, "old@example.com", "old@example.com", "Old", "old", 1, timestamp, timestamp, 1)
+    if database_url.startswith("sqlite:"):
+        path = parse_sqlite_path(database_url)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            sqlite_migrations.apply_migrations(conn, backend_migrations("sqlite")[:2])
+            conn.execute(OLD_ROW.format(", ".join("?" * len(row))), row)
+        return user_id
+    conn = await asyncpg.connect(database_url, timeout=5)
+    try:
+        await postgres_migrations.apply_migrations(conn, backend_migrations("postgres")[:2])
+        placeholders = ", ".join(f"${n}" for n in range(1, len(row) + 1))
+        await conn.execute(OLD_ROW.format(placeholders), *row)
+    finally:
+        await conn.close()
+    return user_id
+
+
+@pytest.mark.asyncio
+async def test_users_from_before_subjects_belong_to_no_one_until_an_admin_says(
+    database_url: str,
+) -> None:
+    user_id = await store_a_user_before_subjects(database_url)
+    async with running_app(make_settings(database_url)) as app, connect(app.port) as client:
+        old = await get(client, user_id)
+        assert (old.email, old.subject) == ("old@example.com", "")
+        old_owner = as_subject("old")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await update(client, user_pb2.User(id=user_id, display_name="Mine?"), [], old_owner)
+        refused(caught.value, grpc.StatusCode.PERMISSION_DENIED, "NOT_OWNER")
+        await update(client, user_pb2.User(id=user_id, subject="old"), ["subject"], client.metadata)
+        claimed = await update(
+            client, user_pb2.User(id=user_id, display_name="Mine"), [], old_owner
+        )
+        assert (claimed.display_name, claimed.subject) == ("Mine", "old")
