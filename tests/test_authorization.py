@@ -407,6 +407,7 @@ async def test_import_and_sync_store_subjects_and_keep_them_unique(client: Clien
             owned("three@example.com"),  # an empty subject leaves it
             owned("one@example.com", "taken"),  # someone else's: fails this item only
             owned("four@example.com", "four"),
+            owned("five@example.com", "four"),  # a new user for a taken subject fails alone
         ]:
             yield pb.SyncUsersRequest(user=user)
 
@@ -416,8 +417,11 @@ async def test_import_and_sync_store_subjects_and_keep_them_unique(client: Clien
         pb.SYNC_OUTCOME_UNCHANGED,
         pb.SYNC_OUTCOME_FAILED,
         pb.SYNC_OUTCOME_CREATED,
+        pb.SYNC_OUTCOME_FAILED,
     ]
-    assert answers[2].status.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    for failed in (answers[2], answers[4]):
+        assert failed.status.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+        assert "subject" in failed.status.message
     assert {user.email: user.subject for user in await all_users(client)} == {
         "taken@example.com": "taken",
         "one@example.com": "one",

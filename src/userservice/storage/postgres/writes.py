@@ -191,7 +191,10 @@ async def upsert_by_email(
     # The insert either wins the email or waits for whoever holds it; the locked read then
     # sees that user, unless it was deleted meanwhile.
     for _ in range(_UPSERT_ATTEMPTS):
-        inserted = await conn.fetchval(queries.UPSERT_INSERT, *insert_fields(candidate))
+        try:
+            inserted = await conn.fetchval(queries.UPSERT_INSERT, *insert_fields(candidate))
+        except asyncpg.UniqueViolationError as error:
+            raise _unique_violation(error) from None
         if inserted is not None:
             events = [(EventType.CREATED, candidate, candidate.create_time_us)]
             return (SyncOutcome.CREATED, candidate), await append_events(conn, events, retention)
