@@ -19,11 +19,16 @@ ROWS = 3000
 ROLES = ("USER_ROLE_VIEWER", "USER_ROLE_EDITOR", "USER_ROLE_ADMIN")
 
 
-async def users_cli(port: int, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-    """Run `userservice users ARGS` (60 s at most); return exit code, stdout, stderr."""
+async def users_cli(
+    port: int, *args: str, stdin: bytes = b"", token: str = ""
+) -> tuple[int, str, str]:
+    """Run `userservice users ARGS` (60 s at most); return exit code, stdout, stderr.
+
+    The token is an admin's unless one (an authorization header value) is given.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
     env["USERSERVICE_CLI_ADDRESS"] = f"127.0.0.1:{port}"
-    env["USERSERVICE_CLI_TOKEN"] = bearer().removeprefix("Bearer ")
+    env["USERSERVICE_CLI_TOKEN"] = (token or bearer()).removeprefix("Bearer ")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "userservice", "users", *args, env=env,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -77,16 +82,56 @@ async def test_crud_prints_proto3_json_and_exits_with_the_grpc_code(app: Applica
 
 
 @pytest.mark.asyncio
+async def test_a_write_token_creates_and_changes_its_own_user_only(app: Application) -> None:
+    ada = bearer(("users.read", "users.write"), subject="ada")
+    code, out, err = await users_cli(
+        app.port, "create", "--email", "ada@example.com", "--display-name", "Ada", token=ada
+    )
+    assert code == 0, err
+    (mine,) = lines(out)
+    assert (mine["subject"], mine["role"]) == ("ada", "USER_ROLE_VIEWER")
+    code, _, err = await users_cli(
+        app.port, "create", "--email", "ada2@example.com", "--display-name", "Ada", token=ada
+    )
+    assert code == 64 + 6, err  # ALREADY_EXISTS: one user per subject
+    code, out, err = await users_cli(
+        app.port, "update", mine["id"], "--display-name", "A", token=ada
+    )
+    assert (code, lines(out)[0]["displayName"]) == (0, "A"), err
+    code, _, err = await users_cli(
+        app.port, "update", mine["id"], "--role", "USER_ROLE_ADMIN", token=ada
+    )
+    assert code == 64 + 7, err  # PERMISSION_DENIED
+    assert "may set user.role" in err
+    # An admin names the subject of the user it creates, and may move it.
+    code, out, err = await users_cli(
+        app.port,
+        "create",
+        "--email",
+        "bob@example.com",
+        "--display-name",
+        "Bob",
+        "--subject",
+        "bob",
+    )
+    assert (code, lines(out)[0]["subject"]) == (0, "bob"), err
+    code, _, err = await users_cli(app.port, "delete", lines(out)[0]["id"], token=ada)
+    assert code == 64 + 7, err
+    assert "is not the caller's own user" in err
+
+
+@pytest.mark.asyncio
 async def test_import_csv_then_export_round_trips_every_field(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     source = tmp_path / "users.csv"
     with source.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["email", "display_name", "role"])
+        writer.writerow(["email", "display_name", "role", "subject"])
         for i in range(ROWS):
             # Commas, quotes and non-ASCII survive the CSV dialect both ways.
-            writer.writerow([f"user{i}@example.com", f'Zoë "{i}", Ünïcode', ROLES[i % 3]])
+            subject = f"idp|{i}" if i % 2 else ""
+            writer.writerow([f"user{i}@example.com", f'Zoë "{i}", Ünïcode', ROLES[i % 3], subject])
     async with running_app(make_settings(sqlite_url, rate_limit_rps=0)) as app:
         code, out, err = await users_cli(app.port, "import", str(source))
         assert code == 0, err
@@ -107,12 +152,14 @@ async def test_import_csv_then_export_round_trips_every_field(
         server = by_email[email]
         assert server["displayName"] == f'Zoë "{i}", Ünïcode'
         assert server["role"] == ROLES[i % 3]
+        assert server.get("subject", "") == (f"idp|{i}" if i % 2 else "")
     for row in from_csv:
         server = by_email[row["email"]]
         assert row == {
             "id": server["id"], "email": server["email"], "display_name": server["displayName"],
             "role": server["role"], "create_time": server["createTime"],
             "update_time": server["updateTime"], "etag": server["etag"],
+            "subject": server.get("subject", ""),
         }  # fmt: skip
     assert sorted(from_jsonl, key=lambda user: user["email"]) == sorted(
         by_email.values(), key=lambda user: user["email"]

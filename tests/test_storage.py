@@ -97,12 +97,13 @@ async def stored_request_ids(database_url: str) -> set[str]:
 
 async def insert_expired_request_ids(database_url: str, count: int) -> None:
     """Store count keys first used at the epoch, as a table from before keys expired would."""
-    rows = [(f"old-{n}", "fp", new_user_id(), "e", "n", 1, 1, 1, 1, 1) for n in range(count)]
-    # Both schemas order the columns alike: request_id, fingerprint, the snapshot, created_us.
+    rows = [(f"old-{n}", "fp", new_user_id(), "e", "n", 1, 1, 1, 1, 1, None) for n in range(count)]
+    # Both schemas order the columns alike: request_id, fingerprint, the snapshot, created_us,
+    # then the subject that came later.
     if database_url.startswith("sqlite:"):
         with contextlib.closing(sqlite3.connect(parse_sqlite_path(database_url))) as conn, conn:
             conn.executemany(
-                "INSERT INTO create_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                "INSERT INTO create_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
             )
         return
     import asyncpg
@@ -110,7 +111,8 @@ async def insert_expired_request_ids(database_url: str, count: int) -> None:
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         await conn.executemany(
-            "INSERT INTO create_requests VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", rows
+            "INSERT INTO create_requests VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            rows,
         )
     finally:
         await conn.close()

@@ -57,7 +57,9 @@ def add_users_command(commands: Any) -> None:
     )
     users.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     actions = users.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create a user")
+    create = actions.add_parser(
+        "create", help="create a user (with only users.write: your own, for the token's subject)"
+    )
     _user_fields(create, required=True)
     create.add_argument(
         "--request-id", default="", help="idempotency key (UUID); random if omitted"
@@ -89,6 +91,10 @@ def _user_fields(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--display-name", required=required)
     parser.add_argument(
         "--role", choices=[role.name for role in user_pb2.UserRole.DESCRIPTOR.values if role.number]
+    )
+    parser.add_argument(
+        "--subject",
+        help='identity-provider subject the user belongs to (users.admin; "" clears it)',
     )
 
 
@@ -142,6 +148,7 @@ async def _run(arguments: argparse.Namespace) -> int:
                     arguments.display_name,
                     role,  # type: ignore[arg-type]
                     request_id=arguments.request_id,
+                    subject=arguments.subject or "",
                 )
             )
         elif action == "get":
@@ -156,6 +163,7 @@ async def _run(arguments: argparse.Namespace) -> int:
                 "email": arguments.email,
                 "display_name": arguments.display_name,
                 "role": user_pb2.UserRole.Value(arguments.role) if arguments.role else None,
+                "subject": arguments.subject,
             }
             given = {field: value for field, value in changes.items() if value is not None}
             if not given:

@@ -12,9 +12,18 @@ from google.protobuf import json_format
 from user.v1 import user_pb2
 
 FORMATS = ("csv", "jsonl")
-CSV_COLUMNS = ("id", "email", "display_name", "role", "create_time", "update_time", "etag")
+CSV_COLUMNS = (
+    "id",
+    "email",
+    "display_name",
+    "role",
+    "create_time",
+    "update_time",
+    "etag",
+    "subject",
+)
 # What a create accepts; the other columns are written by export and ignored by import.
-IMPORTED_COLUMNS = ("email", "display_name", "role")
+IMPORTED_COLUMNS = ("email", "display_name", "role", "subject")
 
 
 class UserFileError(ValueError):
@@ -52,7 +61,10 @@ def read_users(stream: IO[str], file_format: str) -> Iterator[user_pb2.User]:
             except ValueError:
                 raise UserFileError(f"line {line}: unknown role {role!r}") from None
             yield user_pb2.User(
-                email=row["email"], display_name=row["display_name"], role=role_value
+                email=row["email"],
+                display_name=row["display_name"],
+                role=role_value,
+                subject=row.get("subject") or "",
             )
         return
     for line, text in enumerate(stream, start=1):
@@ -63,7 +75,9 @@ def read_users(stream: IO[str], file_format: str) -> Iterator[user_pb2.User]:
             json_format.Parse(text, user)
         except json_format.ParseError as error:
             raise UserFileError(f"line {line}: {error}") from None
-        yield user_pb2.User(email=user.email, display_name=user.display_name, role=user.role)
+        yield user_pb2.User(
+            email=user.email, display_name=user.display_name, role=user.role, subject=user.subject
+        )
 
 
 class UserWriter:

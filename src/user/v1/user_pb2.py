@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x02\n\x04User\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08R\x02id\x12\x1a\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12\'\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x0b\x64isplayName\x12+\n\x04role\x18\x04 \x01(\x0e\x32\x11.user.v1.UserRoleB\x04\xe2\x41\x01\x01R\x04role\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12\x41\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\nupdateTime\x12\x18\n\x04\x65tag\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01R\x04\x65tag*f\n\x08UserRole\x12\x19\n\x15USER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10USER_ROLE_VIEWER\x10\x01\x12\x14\n\x10USER_ROLE_EDITOR\x10\x02\x12\x13\n\x0fUSER_ROLE_ADMIN\x10\x03*\x87\x01\n\rUserEventType\x12\x1f\n\x1bUSER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17USER_EVENT_TYPE_CREATED\x10\x01\x12\x1b\n\x17USER_EVENT_TYPE_UPDATED\x10\x02\x12\x1b\n\x17USER_EVENT_TYPE_DELETED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x02\n\x04User\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08R\x02id\x12\x1a\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12\'\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x0b\x64isplayName\x12+\n\x04role\x18\x04 \x01(\x0e\x32\x11.user.v1.UserRoleB\x04\xe2\x41\x01\x01R\x04role\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12\x41\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\nupdateTime\x12\x18\n\x04\x65tag\x18\x07 \x01(\tB\x04\xe2\x41\x01\x01R\x04\x65tag\x12\x1e\n\x07subject\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01R\x07subject*f\n\x08UserRole\x12\x19\n\x15USER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10USER_ROLE_VIEWER\x10\x01\x12\x14\n\x10USER_ROLE_EDITOR\x10\x02\x12\x13\n\x0fUSER_ROLE_ADMIN\x10\x03*\x87\x01\n\rUserEventType\x12\x1f\n\x1bUSER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17USER_EVENT_TYPE_CREATED\x10\x01\x12\x1b\n\x17USER_EVENT_TYPE_UPDATED\x10\x02\x12\x1b\n\x17USER_EVENT_TYPE_DELETED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,10 +47,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USER'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_USER'].fields_by_name['etag']._loaded_options = None
   _globals['_USER'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
-  _globals['_USERROLE']._serialized_start=402
-  _globals['_USERROLE']._serialized_end=504
-  _globals['_USEREVENTTYPE']._serialized_start=507
-  _globals['_USEREVENTTYPE']._serialized_end=642
+  _globals['_USER'].fields_by_name['subject']._loaded_options = None
+  _globals['_USER'].fields_by_name['subject']._serialized_options = b'\342A\001\001'
+  _globals['_USERROLE']._serialized_start=434
+  _globals['_USERROLE']._serialized_end=536
+  _globals['_USEREVENTTYPE']._serialized_start=539
+  _globals['_USEREVENTTYPE']._serialized_end=674
   _globals['_USER']._serialized_start=98
-  _globals['_USER']._serialized_end=400
+  _globals['_USER']._serialized_end=432
 # @@protoc_insertion_point(module_scope)

@@ -85,6 +85,7 @@ class User(message.Message):
     CREATE_TIME_FIELD_NUMBER: builtins.int
     UPDATE_TIME_FIELD_NUMBER: builtins.int
     ETAG_FIELD_NUMBER: builtins.int
+    SUBJECT_FIELD_NUMBER: builtins.int
     id: builtins.str
     """Server-assigned identifier (a UUIDv7 string). Immutable: it names the user
     in GetUser, UpdateUser and DeleteUser and is ignored on CreateUser.
@@ -94,11 +95,25 @@ class User(message.Message):
     display_name: builtins.str
     """Human-readable name, 1 to 100 characters after trimming, no control characters."""
     role: UserRole.ValueType
-    """Role of the user. USER_ROLE_UNSPECIFIED on create means USER_ROLE_VIEWER."""
+    """Role of the user. USER_ROLE_UNSPECIFIED on create means USER_ROLE_VIEWER.
+    Only a users.admin caller may set it to anything but its current value
+    (on create: anything but USER_ROLE_VIEWER); otherwise PERMISSION_DENIED
+    with reason ADMIN_ONLY_FIELD.
+    """
     etag: builtins.str
     """Server-computed checksum of the current state (AIP-154). Output only: it can
     never be written through an update_mask, but a client may echo it back in
     UpdateUser as a precondition, and a stale value fails with ABORTED.
+    """
+    subject: builtins.str
+    """The identity-provider subject (the bearer token's `sub` claim) this user
+    belongs to; empty when the user belongs to no one (created by an admin
+    without one, or before the field existed). Unique among users. A caller
+    with only users.write may change the user whose subject is its own `sub`,
+    and no other: CreateUser sets it to the caller's `sub` (naming another is
+    PERMISSION_DENIED, ADMIN_ONLY_FIELD; a second user for one subject is
+    ALREADY_EXISTS, SUBJECT_ALREADY_EXISTS). Only a users.admin caller may set
+    or change it to anything else.
     """
     @builtins.property
     def create_time(self) -> timestamp_pb2.Timestamp:
@@ -118,9 +133,10 @@ class User(message.Message):
         create_time: timestamp_pb2.Timestamp | None = ...,
         update_time: timestamp_pb2.Timestamp | None = ...,
         etag: builtins.str = ...,
+        subject: builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = typing.Literal["create_time", b"create_time", "display_name", b"display_name", "email", b"email", "etag", b"etag", "id", b"id", "role", b"role", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = typing.Literal["create_time", b"create_time", "display_name", b"display_name", "email", b"email", "etag", b"etag", "id", b"id", "role", b"role", "subject", b"subject", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...

@@ -278,8 +278,9 @@ class UpdateUserRequest(message.Message):
 
     @builtins.property
     def update_mask(self) -> field_mask_pb2.FieldMask:
-        """Fields to change: email, display_name, role, or "*" for all three. Empty
-        means every mutable field that is set to a non-default value in user.
+        """Fields to change: email, display_name, role, subject, or "*" for all four
+        (an empty subject then clears it). Empty means every mutable field that is
+        set to a non-default value in user.
         """
 
     def __init__(
@@ -575,7 +576,9 @@ class SyncUsersRequest(message.Message):
     USER_FIELD_NUMBER: builtins.int
     @builtins.property
     def user(self) -> user_pb2.User:
-        """The desired state: email selects the user, display_name and role are set."""
+        """The desired state: email selects the user, display_name and role are set,
+        and subject too when it is not empty (an empty one leaves it as it is).
+        """
 
     def __init__(
         self,

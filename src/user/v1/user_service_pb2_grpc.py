@@ -31,6 +31,15 @@ class UserServiceStub:
     Errors carry google.rpc.ErrorInfo (domain "userservice", a stable reason such
     as USER_NOT_FOUND), plus google.rpc.BadRequest for INVALID_ARGUMENT and
     google.rpc.ResourceInfo where a resource is named.
+
+    Authorization: a bearer token's scopes decide what a caller may do.
+    users.read reads any user. users.admin may do anything to any user.
+    users.write is self-service: it creates, updates and deletes only the
+    caller's own user, the one whose subject is the token's `sub`, and can
+    neither set role nor subject. A refusal is PERMISSION_DENIED with reason
+    NOT_OWNER (the user is not the caller's, or does not exist: the same status,
+    message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
+    (metadata "field" names it).
     """
 
     def __init__(self, channel):
@@ -97,10 +106,21 @@ class UserServiceServicer:
     Errors carry google.rpc.ErrorInfo (domain "userservice", a stable reason such
     as USER_NOT_FOUND), plus google.rpc.BadRequest for INVALID_ARGUMENT and
     google.rpc.ResourceInfo where a resource is named.
+
+    Authorization: a bearer token's scopes decide what a caller may do.
+    users.read reads any user. users.admin may do anything to any user.
+    users.write is self-service: it creates, updates and deletes only the
+    caller's own user, the one whose subject is the token's `sub`, and can
+    neither set role nor subject. A refusal is PERMISSION_DENIED with reason
+    NOT_OWNER (the user is not the caller's, or does not exist: the same status,
+    message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
+    (metadata "field" names it).
     """
 
     def CreateUser(self, request, context):
         """Creates a user. A retried call with the same request_id returns the same user.
+        Without users.admin the user is the caller's own: its subject is the
+        token's `sub`, and one subject has at most one user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,14 +148,15 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUser(self, request, context):
-        """Changes the fields named by update_mask.
+        """Changes the fields named by update_mask. Without users.admin only the
+        caller's own user, and role and subject only to their current values.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Deletes a user.
+        """Deletes a user. Without users.admin only the caller's own user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -236,6 +257,15 @@ class UserService:
     Errors carry google.rpc.ErrorInfo (domain "userservice", a stable reason such
     as USER_NOT_FOUND), plus google.rpc.BadRequest for INVALID_ARGUMENT and
     google.rpc.ResourceInfo where a resource is named.
+
+    Authorization: a bearer token's scopes decide what a caller may do.
+    users.read reads any user. users.admin may do anything to any user.
+    users.write is self-service: it creates, updates and deletes only the
+    caller's own user, the one whose subject is the token's `sub`, and can
+    neither set role nor subject. A refusal is PERMISSION_DENIED with reason
+    NOT_OWNER (the user is not the caller's, or does not exist: the same status,
+    message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
+    (metadata "field" names it).
     """
 
     @staticmethod

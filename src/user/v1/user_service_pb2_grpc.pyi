@@ -32,6 +32,15 @@ class UserServiceStub:
     Errors carry google.rpc.ErrorInfo (domain "userservice", a stable reason such
     as USER_NOT_FOUND), plus google.rpc.BadRequest for INVALID_ARGUMENT and
     google.rpc.ResourceInfo where a resource is named.
+
+    Authorization: a bearer token's scopes decide what a caller may do.
+    users.read reads any user. users.admin may do anything to any user.
+    users.write is self-service: it creates, updates and deletes only the
+    caller's own user, the one whose subject is the token's `sub`, and can
+    neither set role nor subject. A refusal is PERMISSION_DENIED with reason
+    NOT_OWNER (the user is not the caller's, or does not exist: the same status,
+    message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
+    (metadata "field" names it).
     """
 
     @typing.overload
@@ -39,7 +48,10 @@ class UserServiceStub:
     @typing.overload
     def __new__(cls, channel: aio.Channel) -> UserServiceAsyncStub: ...
     CreateUser: grpc.UnaryUnaryMultiCallable[user_service_pb2.CreateUserRequest, user_service_pb2.CreateUserResponse]
-    """Creates a user. A retried call with the same request_id returns the same user."""
+    """Creates a user. A retried call with the same request_id returns the same user.
+    Without users.admin the user is the caller's own: its subject is the
+    token's `sub`, and one subject has at most one user.
+    """
     GetUser: grpc.UnaryUnaryMultiCallable[user_service_pb2.GetUserRequest, user_service_pb2.GetUserResponse]
     """Returns one user by id."""
     BatchGetUsers: grpc.UnaryUnaryMultiCallable[user_service_pb2.BatchGetUsersRequest, user_service_pb2.BatchGetUsersResponse]
@@ -47,9 +59,11 @@ class UserServiceStub:
     ListUsers: grpc.UnaryUnaryMultiCallable[user_service_pb2.ListUsersRequest, user_service_pb2.ListUsersResponse]
     """Lists users one page at a time, in id order."""
     UpdateUser: grpc.UnaryUnaryMultiCallable[user_service_pb2.UpdateUserRequest, user_service_pb2.UpdateUserResponse]
-    """Changes the fields named by update_mask."""
+    """Changes the fields named by update_mask. Without users.admin only the
+    caller's own user, and role and subject only to their current values.
+    """
     DeleteUser: grpc.UnaryUnaryMultiCallable[user_service_pb2.DeleteUserRequest, user_service_pb2.DeleteUserResponse]
-    """Deletes a user."""
+    """Deletes a user. Without users.admin only the caller's own user."""
     StreamUsers: grpc.UnaryStreamMultiCallable[user_service_pb2.StreamUsersRequest, user_service_pb2.StreamUsersResponse]
     """Streams every user matching a filter, in id order."""
     ImportUsers: grpc.StreamUnaryMultiCallable[user_service_pb2.ImportUsersRequest, user_service_pb2.ImportUsersResponse]
@@ -66,11 +80,23 @@ class UserServiceAsyncStub(UserServiceStub):
     Errors carry google.rpc.ErrorInfo (domain "userservice", a stable reason such
     as USER_NOT_FOUND), plus google.rpc.BadRequest for INVALID_ARGUMENT and
     google.rpc.ResourceInfo where a resource is named.
+
+    Authorization: a bearer token's scopes decide what a caller may do.
+    users.read reads any user. users.admin may do anything to any user.
+    users.write is self-service: it creates, updates and deletes only the
+    caller's own user, the one whose subject is the token's `sub`, and can
+    neither set role nor subject. A refusal is PERMISSION_DENIED with reason
+    NOT_OWNER (the user is not the caller's, or does not exist: the same status,
+    message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
+    (metadata "field" names it).
     """
 
     def __init__(self, channel: aio.Channel) -> None: ...
     CreateUser: aio.UnaryUnaryMultiCallable[user_service_pb2.CreateUserRequest, user_service_pb2.CreateUserResponse]  # type: ignore[assignment]
-    """Creates a user. A retried call with the same request_id returns the same user."""
+    """Creates a user. A retried call with the same request_id returns the same user.
+    Without users.admin the user is the caller's own: its subject is the
+    token's `sub`, and one subject has at most one user.
+    """
     GetUser: aio.UnaryUnaryMultiCallable[user_service_pb2.GetUserRequest, user_service_pb2.GetUserResponse]  # type: ignore[assignment]
     """Returns one user by id."""
     BatchGetUsers: aio.UnaryUnaryMultiCallable[user_service_pb2.BatchGetUsersRequest, user_service_pb2.BatchGetUsersResponse]  # type: ignore[assignment]
@@ -78,9 +104,11 @@ class UserServiceAsyncStub(UserServiceStub):
     ListUsers: aio.UnaryUnaryMultiCallable[user_service_pb2.ListUsersRequest, user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Lists users one page at a time, in id order."""
     UpdateUser: aio.UnaryUnaryMultiCallable[user_service_pb2.UpdateUserRequest, user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
-    """Changes the fields named by update_mask."""
+    """Changes the fields named by update_mask. Without users.admin only the
+    caller's own user, and role and subject only to their current values.
+    """
     DeleteUser: aio.UnaryUnaryMultiCallable[user_service_pb2.DeleteUserRequest, user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
-    """Deletes a user."""
+    """Deletes a user. Without users.admin only the caller's own user."""
     StreamUsers: aio.UnaryStreamMultiCallable[user_service_pb2.StreamUsersRequest, user_service_pb2.StreamUsersResponse]  # type: ignore[assignment]
     """Streams every user matching a filter, in id order."""
     ImportUsers: aio.StreamUnaryMultiCallable[user_service_pb2.ImportUsersRequest, user_service_pb2.ImportUsersResponse]  # type: ignore[assignment]
@@ -96,6 +124,15 @@ class UserServiceServicer(metaclass=abc_1.ABCMeta):
     Errors carry google.rpc.ErrorInfo (domain "userservice", a stable reason such
     as USER_NOT_FOUND), plus google.rpc.BadRequest for INVALID_ARGUMENT and
     google.rpc.ResourceInfo where a resource is named.
+
+    Authorization: a bearer token's scopes decide what a caller may do.
+    users.read reads any user. users.admin may do anything to any user.
+    users.write is self-service: it creates, updates and deletes only the
+    caller's own user, the one whose subject is the token's `sub`, and can
+    neither set role nor subject. A refusal is PERMISSION_DENIED with reason
+    NOT_OWNER (the user is not the caller's, or does not exist: the same status,
+    message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
+    (metadata "field" names it).
     """
 
     @abc_1.abstractmethod
@@ -104,7 +141,10 @@ class UserServiceServicer(metaclass=abc_1.ABCMeta):
         request: user_service_pb2.CreateUserRequest,
         context: _ServicerContext,
     ) -> typing.Union[user_service_pb2.CreateUserResponse, abc.Awaitable[user_service_pb2.CreateUserResponse]]:
-        """Creates a user. A retried call with the same request_id returns the same user."""
+        """Creates a user. A retried call with the same request_id returns the same user.
+        Without users.admin the user is the caller's own: its subject is the
+        token's `sub`, and one subject has at most one user.
+        """
 
     @abc_1.abstractmethod
     def GetUser(
@@ -136,7 +176,9 @@ class UserServiceServicer(metaclass=abc_1.ABCMeta):
         request: user_service_pb2.UpdateUserRequest,
         context: _ServicerContext,
     ) -> typing.Union[user_service_pb2.UpdateUserResponse, abc.Awaitable[user_service_pb2.UpdateUserResponse]]:
-        """Changes the fields named by update_mask."""
+        """Changes the fields named by update_mask. Without users.admin only the
+        caller's own user, and role and subject only to their current values.
+        """
 
     @abc_1.abstractmethod
     def DeleteUser(
@@ -144,7 +186,7 @@ class UserServiceServicer(metaclass=abc_1.ABCMeta):
         request: user_service_pb2.DeleteUserRequest,
         context: _ServicerContext,
     ) -> typing.Union[user_service_pb2.DeleteUserResponse, abc.Awaitable[user_service_pb2.DeleteUserResponse]]:
-        """Deletes a user."""
+        """Deletes a user. Without users.admin only the caller's own user."""
 
     @abc_1.abstractmethod
     def StreamUsers(

@@ -155,10 +155,15 @@ class UserServiceClient:
         role: user_pb2.UserRole.ValueType = user_pb2.USER_ROLE_UNSPECIFIED,
         *,
         request_id: str = "",
+        subject: str = "",
     ) -> user_pb2.User:
-        """Create a user; a request_id is always sent, so the call is safe to retry."""
+        """Create a user; a request_id is always sent, so the call is safe to retry.
+
+        With only users.write this creates the caller's own user (leave role and subject
+        unset: the subject becomes the token's sub); users.admin may name any subject.
+        """
         request = pb.CreateUserRequest(
-            user=user_pb2.User(email=email, display_name=display_name, role=role),
+            user=user_pb2.User(email=email, display_name=display_name, role=role, subject=subject),
             request_id=request_id or str(uuid.uuid4()),
         )
         response = await self._unary(self.stub.CreateUser, request)

@@ -25,6 +25,9 @@ class Reason(enum.StrEnum):
     CONCURRENT_CONFLICT = "CONCURRENT_CONFLICT"
     COMMIT_OUTCOME_UNKNOWN = "COMMIT_OUTCOME_UNKNOWN"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    NOT_OWNER = "NOT_OWNER"
+    ADMIN_ONLY_FIELD = "ADMIN_ONLY_FIELD"
+    SUBJECT_ALREADY_EXISTS = "SUBJECT_ALREADY_EXISTS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,43 @@ class EmailAlreadyExistsError(DomainError):
 
     def __init__(self) -> None:
         super().__init__("a user with this email already exists")
+
+
+class SubjectAlreadyExistsError(DomainError):
+    """Another user already belongs to this subject (one user per identity-provider subject)."""
+
+    reason = Reason.SUBJECT_ALREADY_EXISTS
+
+    def __init__(self) -> None:
+        super().__init__("a user with this subject already exists")
+
+
+class PermissionDeniedError(DomainError):
+    """The caller is authenticated and holds the method's scope, but may not do this."""
+
+
+class NotOwnerError(PermissionDeniedError):
+    """A non-admin caller named a user that is not its own, or one that does not exist.
+
+    One message for both, naming only what the caller sent, so that a refusal does not tell
+    whether the id exists (AIP-211).
+    """
+
+    reason = Reason.NOT_OWNER
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id!r} is not the caller's own user, or does not exist")
+        self.user_id = user_id
+
+
+class AdminOnlyFieldError(PermissionDeniedError):
+    """A non-admin caller tried to give a field a value only users.admin may give it."""
+
+    reason = Reason.ADMIN_ONLY_FIELD
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"only a caller with users.admin may set {field} to this value")
+        self.field = field
 
 
 class EtagMismatchError(DomainError):

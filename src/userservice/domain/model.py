@@ -5,8 +5,14 @@ from __future__ import annotations
 import enum
 import unicodedata
 from dataclasses import dataclass, replace
+from typing import Final
 
-from userservice.domain.errors import EtagMismatchError
+from userservice.domain.errors import (
+    AdminOnlyFieldError,
+    EtagMismatchError,
+    NotOwnerError,
+    UserNotFoundError,
+)
 
 
 class Role(enum.IntEnum):
@@ -53,6 +59,8 @@ class User:
     create_time_us: int
     update_time_us: int
     revision: int
+    subject: str = ""
+    """The identity-provider subject (a token's sub) the user belongs to; "" for no one."""
 
     @property
     def etag(self) -> str:
@@ -68,6 +76,7 @@ class User:
             if changes.display_name is None
             else changes.display_name,
             role=self.role if changes.role is None else changes.role,
+            subject=self.subject if changes.subject is None else changes.subject,
             # Clocks can step back (NTP, another replica): the order of writes still shows.
             update_time_us=max(now_us, self.update_time_us + 1),
             revision=self.revision + 1,
@@ -86,10 +95,18 @@ class User:
         """Decide an upsert onto this stored user: UNCHANGED, or UPDATED to candidate's fields.
 
         The stored id, email spelling and create_time stay; candidate.update_time_us is the clock.
+        A candidate without a subject leaves the stored one as it is.
         """
-        if (self.display_name, self.role) == (candidate.display_name, candidate.role):
+        subject = candidate.subject or self.subject
+        if (self.display_name, self.role, self.subject) == (
+            candidate.display_name,
+            candidate.role,
+            subject,
+        ):
             return SyncOutcome.UNCHANGED, self
-        changes = UserChanges(display_name=candidate.display_name, role=candidate.role)
+        changes = UserChanges(
+            display_name=candidate.display_name, role=candidate.role, subject=subject
+        )
         return SyncOutcome.UPDATED, self.changed(changes, candidate.update_time_us)
 
 
@@ -100,15 +117,75 @@ class NewUser:
     email: str
     display_name: str
     role: Role
+    subject: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class UserChanges:
-    """Validated field changes for an update; None leaves a field as it is."""
+    """Validated field changes for an update; None leaves a field as it is ("" clears subject)."""
 
     email: str | None = None
     display_name: str | None = None
     role: Role | None = None
+    subject: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who makes a call, as the transport authenticated it; holds every authorization rule.
+
+    users.admin (admin) may do anything to any user. Anyone else is self-service: it may
+    create, change and delete only the user whose subject is its own, and may never give
+    role or subject a value other than the one it already has (on create: the default role
+    and its own subject). The stores call writable() inside the write's transaction, next to
+    the etag check, so ownership cannot change between the check and the write.
+    """
+
+    subject: str
+    admin: bool = False
+
+    def owns(self, user: User) -> bool:
+        """Tell whether user belongs to this caller (never true for a caller without subject)."""
+        return bool(self.subject) and user.subject == self.subject
+
+    def new_user(self, new: NewUser) -> NewUser:
+        """Return what this caller may create from new: its own user, unless it is an admin."""
+        if self.admin:
+            return new
+        if new.role is not Role.VIEWER:
+            raise AdminOnlyFieldError("user.role")
+        if not self.subject or new.subject not in ("", self.subject):
+            raise AdminOnlyFieldError("user.subject")
+        return replace(new, subject=self.subject)
+
+    def writable(
+        self,
+        user_id: str,
+        current: User | None,
+        expected_etag: str | None,
+        changes: UserChanges | None = None,
+    ) -> User:
+        """Return the stored user this caller may change as asked, or raise why not.
+
+        For a non-admin a missing user and someone else's are the same NotOwnerError, checked
+        before the etag, so neither the status nor the etag check tells an id exists.
+        """
+        if current is None:
+            raise UserNotFoundError(user_id) if self.admin else NotOwnerError(user_id)
+        if not self.admin:
+            if not self.owns(current):
+                raise NotOwnerError(user_id)
+            if changes is not None:
+                if changes.role is not None and changes.role != current.role:
+                    raise AdminOnlyFieldError("user.role")
+                if changes.subject is not None and changes.subject != current.subject:
+                    raise AdminOnlyFieldError("user.subject")
+        current.require_etag(expected_etag)
+        return current
+
+
+OPERATOR: Final = Caller("", admin=True)
+"""The caller of in-process writes that no request made (the stores' own tests and tools)."""
 
 
 @dataclass(frozen=True, slots=True)

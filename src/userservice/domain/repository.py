@@ -7,6 +7,8 @@ from typing import Protocol
 
 from userservice.domain.errors import DomainError
 from userservice.domain.model import (
+    OPERATOR,
+    Caller,
     Page,
     SyncOutcome,
     User,
@@ -23,7 +25,11 @@ class UserRepository(Protocol):
     - Each write is one transaction that also appends its UserEvent; a failed
       write changes nothing.
     - Emails are unique without regard to case (compared lower-cased), under
-      concurrency: the database enforces it, not a read-then-write check.
+      concurrency: the database enforces it, not a read-then-write check. So
+      are non-empty subjects (SubjectAlreadyExistsError); many users may have none.
+    - Who may change or delete a user is decided by Caller.writable(), called on
+      the stored row inside the write's transaction (with the row locked), never
+      on a copy read before it.
     - Event sequences are contiguous (a rolled-back write leaves no hole),
       strictly increasing, and become visible in sequence order, so a reader
       that has seen N never later finds an event below N; a hole can only
@@ -37,7 +43,8 @@ class UserRepository(Protocol):
 
         With a request_id: if that id was used before with the same fingerprint,
         return the user stored then (and insert nothing); with another
-        fingerprint raise RequestIdReusedError. Raises EmailAlreadyExistsError.
+        fingerprint raise RequestIdReusedError. Raises EmailAlreadyExistsError
+        or SubjectAlreadyExistsError.
         """
         ...
 
@@ -45,7 +52,8 @@ class UserRepository(Protocol):
         """Insert a batch in one transaction; per row the stored user or the row's error.
 
         A row whose email is taken (in the store or earlier in the batch) gets
-        EmailAlreadyExistsError and does not stop the others.
+        EmailAlreadyExistsError, one whose subject is taken SubjectAlreadyExistsError,
+        and neither stops the others.
         """
         ...
 
@@ -71,21 +79,30 @@ class UserRepository(Protocol):
         ...
 
     async def update(
-        self, user_id: str, changes: UserChanges, expected_etag: str | None, now_us: int
+        self,
+        user_id: str,
+        changes: UserChanges,
+        expected_etag: str | None,
+        now_us: int,
+        *,
+        caller: Caller = OPERATOR,
     ) -> User:
         """Apply changes atomically; update_time becomes max(now_us, previous + 1).
 
-        Raises UserNotFoundError, EtagMismatchError (expected_etag set and not
-        current) or EmailAlreadyExistsError.
+        Raises what caller.writable() raises (UserNotFoundError, NotOwnerError,
+        AdminOnlyFieldError, EtagMismatchError), EmailAlreadyExistsError or
+        SubjectAlreadyExistsError.
         """
         ...
 
-    async def delete(self, user_id: str, expected_etag: str | None, now_us: int) -> None:
-        """Delete a user. Raises UserNotFoundError or EtagMismatchError."""
+    async def delete(
+        self, user_id: str, expected_etag: str | None, now_us: int, *, caller: Caller = OPERATOR
+    ) -> None:
+        """Delete a user. Raises what caller.writable() raises."""
         ...
 
     async def upsert_by_email(self, candidate: User) -> tuple[SyncOutcome, User]:
-        """Create candidate, or set display_name and role on the user with its email.
+        """Create candidate, or set display_name, role and any subject on the user with its email.
 
         Atomic: concurrent upserts of one email never create two users. An
         update keeps the stored id, email spelling and create_time, and uses

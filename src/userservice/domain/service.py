@@ -20,6 +20,7 @@ from userservice.domain.feed import DEFAULT_BUFFER_SIZE, ChangeFeed
 from userservice.domain.filtering import canonical_filter, parse_filter
 from userservice.domain.ids import is_valid_id, new_user_id, now_us
 from userservice.domain.model import (
+    Caller,
     NewUser,
     SyncOutcome,
     User,
@@ -37,6 +38,7 @@ from userservice.domain.validation import (
     check_email,
     check_request_id,
     check_role,
+    check_subject,
     check_user_id,
     fingerprint,
     validate_new_user,
@@ -47,7 +49,7 @@ IMPORT_BATCH_SIZE = 500
 MAX_REPORTED_REJECTIONS = 1000
 STREAM_BATCH_SIZE = 256
 DEFAULT_WATCH_PROGRESS_SECONDS = 15.0
-MUTABLE_FIELDS = ("email", "display_name", "role")
+MUTABLE_FIELDS = ("email", "display_name", "role", "subject")
 IMMUTABLE_FIELDS = frozenset({"id", "create_time", "update_time", "etag"})
 
 
@@ -124,11 +126,15 @@ class UserService:
             create_time_us=timestamp,
             update_time_us=timestamp,
             revision=1,
+            subject=new.subject,
         )
 
-    async def create_user(self, user: UserInput, request_id: str) -> User:
-        """Create a user; a repeated request_id with the same input returns the first result."""
-        new = validate_new_user(user)
+    async def create_user(self, caller: Caller, user: UserInput, request_id: str) -> User:
+        """Create a user; a repeated request_id with the same input returns the first result.
+
+        A non-admin caller creates its own user (see Caller.new_user).
+        """
+        new = caller.new_user(validate_new_user(user))
         key = check_request_id(request_id)
         return await self._repository.create(self._build_user(new), key, fingerprint(new))
 
@@ -214,16 +220,23 @@ class UserService:
         return self._scans.admit(principal) if is_scan else contextlib.nullcontext()
 
     async def update_user(
-        self, user_id: str, user: UserInput, mask_paths: Sequence[str], etag: str
+        self, caller: Caller, user_id: str, user: UserInput, mask_paths: Sequence[str], etag: str
     ) -> User:
-        """Apply the fields named by the mask (AIP-134); a stale etag fails the update."""
+        """Apply the fields named by the mask (AIP-134); a stale etag fails the update.
+
+        The store asks caller.writable() inside its transaction whether this caller may.
+        """
         check_user_id(user_id, "user.id")
         changes = _changes_from_mask(user, mask_paths)
-        return await self._repository.update(user_id, changes, etag or None, self._clock())
+        return await self._repository.update(
+            user_id, changes, etag or None, self._clock(), caller=caller
+        )
 
-    async def delete_user(self, user_id: str, etag: str) -> None:
-        """Delete a user; a stale etag fails the delete."""
-        await self._repository.delete(check_user_id(user_id, "id"), etag or None, self._clock())
+    async def delete_user(self, caller: Caller, user_id: str, etag: str) -> None:
+        """Delete a user; a stale etag fails the delete; caller.writable() decides who may."""
+        await self._repository.delete(
+            check_user_id(user_id, "id"), etag or None, self._clock(), caller=caller
+        )
 
     async def import_users(self, users: AsyncIterable[UserInput]) -> ImportResult:
         """Create users from a stream; valid rows commit in batches, bad rows are reported.
@@ -319,6 +332,7 @@ def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChange
                 ("email", bool(user.email)),
                 ("display_name", bool(user.display_name)),
                 ("role", user.role != 0),
+                ("subject", bool(user.subject)),
             )
             if is_set
         ]
@@ -341,6 +355,9 @@ def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChange
         else None
     )
     role = check_role(user.role, "user.role", violations, default=None) if "role" in paths else None
+    subject = (
+        check_subject(user.subject, "user.subject", violations) if "subject" in paths else None
+    )
     if violations:
         raise InvalidArgumentError(violations)
-    return UserChanges(email=email, display_name=display_name, role=role)
+    return UserChanges(email=email, display_name=display_name, role=role, subject=subject)

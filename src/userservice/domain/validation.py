@@ -18,6 +18,7 @@ from userservice.domain.model import NewUser, Role
 
 MAX_EMAIL_LENGTH = 254
 MAX_DISPLAY_NAME_LENGTH = 100
+MAX_SUBJECT_LENGTH = 255
 ROLE_UNSPECIFIED = 0
 NOT_A_USER_ID = "must be a user id (a lower-case UUID)"
 
@@ -80,6 +81,7 @@ class UserInput:
     email: str = ""
     display_name: str = ""
     role: int = ROLE_UNSPECIFIED
+    subject: str = ""
 
 
 def check_email(email: str, field: str, violations: list[FieldViolation]) -> str:
@@ -117,6 +119,18 @@ def check_display_name(name: str, field: str, violations: list[FieldViolation]) 
     return trimmed
 
 
+def check_subject(subject: str, field: str, violations: list[FieldViolation]) -> str:
+    """Return the subject as given ("" for none), or record why it is invalid.
+
+    Not trimmed or folded: it must equal a token's sub exactly to match it.
+    """
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        violations.append(FieldViolation(field, f"must be at most {MAX_SUBJECT_LENGTH} characters"))
+    elif not subject.isprintable():
+        violations.append(FieldViolation(field, "must not contain control characters"))
+    return subject
+
+
 def check_role(
     raw: int, field: str, violations: list[FieldViolation], *, default: Role | None
 ) -> Role:
@@ -138,9 +152,10 @@ def validate_new_user(user: UserInput, prefix: str = "user") -> NewUser:
     email = check_email(user.email, f"{prefix}.email", violations)
     display_name = check_display_name(user.display_name, f"{prefix}.display_name", violations)
     role = check_role(user.role, f"{prefix}.role", violations, default=Role.VIEWER)
+    subject = check_subject(user.subject, f"{prefix}.subject", violations)
     if violations:
         raise InvalidArgumentError(violations)
-    return NewUser(email=email, display_name=display_name, role=role)
+    return NewUser(email=email, display_name=display_name, role=role, subject=subject)
 
 
 def check_user_id(user_id: str, field: str) -> str:
@@ -170,4 +185,7 @@ def check_request_id(request_id: str) -> str | None:
 def fingerprint(user: NewUser) -> str:
     """Return a digest of what a create asked for, to tell a retry from a reuse of its key."""
     material = f"{user.email.lower()}\x00{user.display_name}\x00{int(user.role)}"
+    if user.subject:
+        # Only when set, so keys recorded before subjects existed still match their retries.
+        material += f"\x00{user.subject}"
     return hashlib.sha256(material.encode()).hexdigest()

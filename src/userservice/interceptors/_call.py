@@ -1,4 +1,4 @@
-"""Per-call state the interceptors share: request id, principal, invocation metadata.
+"""Per-call state the interceptors share: request id, principal and scopes, invocation metadata.
 
 grpc.aio runs the interceptors and the handler of one RPC in one task with its own
 contextvars.Context, so a value set by an inner wrapper is visible to the outer ones
@@ -19,6 +19,8 @@ MAX_REQUEST_ID_LENGTH: Final = 128
 
 REQUEST_ID: Final[ContextVar[str | None]] = ContextVar("userservice_request_id", default=None)
 PRINCIPAL: Final[ContextVar[str | None]] = ContextVar("userservice_principal", default=None)
+SCOPES: Final[ContextVar[frozenset[str]]] = ContextVar("userservice_scopes", default=frozenset())
+"""The verified token's scopes, next to its subject in PRINCIPAL (which keys limits and logs)."""
 TRACE_LOG_FIELDS: Final[ContextVar[str]] = ContextVar("userservice_trace_log_fields", default="")
 """The access line's trace fields (``,"trace_id":...,"span_id":...``), set by the tracing layer."""
 _METADATA: Final[ContextVar[Any]] = ContextVar("userservice_metadata", default=None)

@@ -1,7 +1,9 @@
 """Authentication and authorization: a JWT bearer token, and one scope per method.
 
 ``METHOD_SCOPES`` is the one place that maps a method to the scope it needs; a method
-missing from it is denied to everyone (fail closed). Failures carry ErrorInfo (domain
+missing from it is denied to everyone (fail closed). Which users a caller may write is the
+domain's rule (``domain.model.Caller``): the transport builds the Caller from the subject
+and scopes recorded here (``PRINCIPAL``, ``SCOPES``). Failures carry ErrorInfo (domain
 ``userservice``) and an RFC 6750 ``www-authenticate`` trailer, with a generic message:
 why a token was rejected goes to the debug log, never to the caller.
 """
@@ -17,7 +19,7 @@ from typing import Any, Final
 import grpc
 import jwt
 
-from userservice.interceptors._call import PRINCIPAL, invocation_metadata, metadata_value
+from userservice.interceptors._call import PRINCIPAL, SCOPES, invocation_metadata, metadata_value
 from userservice.interceptors._handlers import Behaviour, Context, WrappingInterceptor
 from userservice.interceptors._status import Rejection, rejection
 from userservice.interceptors.jwt_verifier import TokenVerifier
@@ -161,6 +163,7 @@ class AuthInterceptor(WrappingInterceptor):
                 _log.debug("bearer token rejected: %s", error, extra={"method": method})
                 await _INVALID.abort(context)
             PRINCIPAL.set(principal.subject)
+            SCOPES.set(principal.scopes)
             if scope is None or scope not in principal.scopes:
                 await denied.abort(context)
             return await behaviour(request, context)

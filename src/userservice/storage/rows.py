@@ -9,7 +9,7 @@ from userservice.domain.model import Role, User, email_key, search_key
 
 # The order user_fields() and user_from_row() rely on; SQL texts interpolate only these
 # constants, never a value.
-USER_DATA: Final = "email, display_name, role, create_time_us, update_time_us, revision"
+USER_DATA: Final = "email, display_name, role, create_time_us, update_time_us, revision, subject"
 USER_COLUMNS: Final = f"id, {USER_DATA}"
 # The same fields as kept in the event log and the idempotency table, keyed by user_id.
 SNAPSHOT_COLUMNS: Final = f"user_id, {USER_DATA}"
@@ -20,7 +20,7 @@ INSERT_COLUMNS: Final = f"{USER_COLUMNS}, email_normalized, display_name_key"
 BACKFILL_BATCH: Final = 1_000
 
 
-def user_fields(user: User) -> tuple[str, str, str, int, int, int, int]:
+def user_fields(user: User) -> tuple[str, str, str, int, int, int, int, str | None]:
     """Return a user's values in USER_COLUMNS (and SNAPSHOT_COLUMNS) order."""
     return (
         user.id,
@@ -30,10 +30,16 @@ def user_fields(user: User) -> tuple[str, str, str, int, int, int, int]:
         user.create_time_us,
         user.update_time_us,
         user.revision,
+        stored_subject(user.subject),
     )
 
 
-def insert_fields(user: User) -> tuple[str, str, str, int, int, int, int, str, str]:
+def stored_subject(subject: str) -> str | None:
+    """Return the column value of a subject: NULL for none, so the unique index skips it."""
+    return subject or None
+
+
+def insert_fields(user: User) -> tuple[str, str, str, int, int, int, int, str | None, str, str]:
     """Return a user's values in INSERT_COLUMNS order."""
     return (*user_fields(user), email_key(user.email), search_key(user.display_name))
 
@@ -44,7 +50,7 @@ def backfilled_keys(rows: Sequence[Any]) -> list[tuple[str, str, str]]:
 
 
 def user_from_row(row: Sequence[Any]) -> User:
-    """Build a User from a row whose first seven columns are USER_COLUMNS or SNAPSHOT_COLUMNS."""
+    """Build a User from a row whose first eight columns are USER_COLUMNS or SNAPSHOT_COLUMNS."""
     return User(
         str(row[0]),
         str(row[1]),
@@ -53,4 +59,5 @@ def user_from_row(row: Sequence[Any]) -> User:
         int(row[4]),
         int(row[5]),
         int(row[6]),
+        row[7] or "",
     )

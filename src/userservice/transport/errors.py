@@ -12,12 +12,14 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from userservice.domain.errors import (
+    AdminOnlyFieldError,
     CommitOutcomeUnknownError,
     ConcurrentConflictError,
     DomainError,
     EmailAlreadyExistsError,
     EtagMismatchError,
     InvalidArgumentError,
+    NotOwnerError,
     RequestIdReusedError,
     SequenceBeyondLatestError,
     SequenceExpiredError,
@@ -25,6 +27,7 @@ from userservice.domain.errors import (
     StorageBusyError,
     StorageTimeoutError,
     StorageUnavailableError,
+    SubjectAlreadyExistsError,
     TooManyScansError,
     UserNotFoundError,
     WatcherTooSlowError,
@@ -42,6 +45,11 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     RequestIdReusedError: grpc.StatusCode.INVALID_ARGUMENT,
     UserNotFoundError: grpc.StatusCode.NOT_FOUND,
     EmailAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    SubjectAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    # No ResourceInfo for NotOwnerError: its details must not differ between a user that
+    # exists and one that does not.
+    NotOwnerError: grpc.StatusCode.PERMISSION_DENIED,
+    AdminOnlyFieldError: grpc.StatusCode.PERMISSION_DENIED,
     EtagMismatchError: grpc.StatusCode.ABORTED,
     SequenceExpiredError: grpc.StatusCode.OUT_OF_RANGE,
     SequenceBeyondLatestError: grpc.StatusCode.OUT_OF_RANGE,
@@ -101,6 +109,8 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
                 )
             )
         )
+    elif isinstance(error, AdminOnlyFieldError):
+        metadata["field"] = error.field
     elif isinstance(error, SequenceExpiredError):
         metadata["oldest_sequence"] = str(error.oldest)
     elif isinstance(error, SequenceBeyondLatestError):

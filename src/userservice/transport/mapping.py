@@ -40,11 +40,18 @@ def fill_user(target: user_pb2.User, user: User) -> None:
     updated.seconds = seconds
     updated.nanos = micros * 1_000
     target.etag = user.etag
+    if user.subject:  # a new message's field is already empty
+        target.subject = user.subject
 
 
 def user_input(message: user_pb2.User) -> UserInput:
     """Return the caller-supplied fields of a User message, unvalidated."""
-    return UserInput(email=message.email, display_name=message.display_name, role=message.role)
+    return UserInput(
+        email=message.email,
+        display_name=message.display_name,
+        role=message.role,
+        subject=message.subject,
+    )
 
 
 def event_to_proto(event: UserEvent | WatchProgress) -> user_service_pb2.WatchUsersResponse:

@@ -14,9 +14,11 @@ from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc as pb_grpc
 from userservice.domain.deadlines import bind_time_remaining, unbind_time_remaining
 from userservice.domain.errors import DomainError, ShuttingDownError, StorageUnavailableError
+from userservice.domain.model import Caller
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
-from userservice.interceptors._call import PRINCIPAL
+from userservice.interceptors._call import PRINCIPAL, SCOPES
+from userservice.interceptors.auth import ADMIN
 from userservice.transport.errors import abort_with_domain_error, status_proto
 from userservice.transport.mapping import event_to_proto, fill_user, user_input
 
@@ -71,6 +73,11 @@ class DomainErrors:
             unbind_time_remaining(self._bound)
 
 
+def current_caller() -> Caller:
+    """Return the Caller the auth interceptor established for this call (no one if none ran)."""
+    return Caller(PRINCIPAL.get() or "", admin=ADMIN in SCOPES.get())
+
+
 class UserServiceServicer(pb_grpc.UserServiceServicer):
     """The transport for UserService; business rules live in the domain service."""
 
@@ -82,7 +89,9 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         self, request: pb.CreateUserRequest, context: Context
     ) -> pb.CreateUserResponse:
         """Create a user."""
-        user = await self._service.create_user(user_input(request.user), request.request_id)
+        user = await self._service.create_user(
+            current_caller(), user_input(request.user), request.request_id
+        )
         response = pb.CreateUserResponse()
         fill_user(response.user, user)
         return response
@@ -128,6 +137,7 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
     ) -> pb.UpdateUserResponse:
         """Apply a masked update."""
         user = await self._service.update_user(
+            current_caller(),
             request.user.id,
             user_input(request.user),
             list(request.update_mask.paths),
@@ -142,7 +152,7 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
         """Delete a user."""
-        await self._service.delete_user(request.id, request.etag)
+        await self._service.delete_user(current_caller(), request.id, request.etag)
         return pb.DeleteUserResponse()
 
     async def StreamUsers(

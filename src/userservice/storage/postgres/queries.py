@@ -5,81 +5,86 @@ from __future__ import annotations
 from typing import Final
 
 SELECT_USER: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
 FROM users WHERE id = $1
 """
 
 SELECT_USERS: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
 FROM users WHERE id = ANY($1::text[])
 """
 
 SELECT_USER_BY_EMAIL: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
 FROM users WHERE email_normalized = $1
 """
 
 LOCK_USER: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
 FROM users WHERE id = $1 FOR UPDATE
 """
 
+# The subjects among $1 that already have a user, with the email of that user.
+SELECT_SUBJECT_OWNERS: Final = """
+SELECT subject, email_normalized FROM users WHERE subject = ANY($1::text[])
+"""
+
 LOCK_USER_BY_EMAIL: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision
+SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
 FROM users WHERE email_normalized = $1 FOR UPDATE
 """
 
 
 INSERT_USER: Final = """
 INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
-                   email_normalized, display_name_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   subject, email_normalized, display_name_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 
 UPSERT_INSERT: Final = """
 INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
-                   email_normalized, display_name_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   subject, email_normalized, display_name_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (email_normalized) DO NOTHING
 RETURNING id
 """
 
 INSERT_MANY: Final = """
 INSERT INTO users (id, email, email_normalized, display_name, role,
-                   create_time_us, update_time_us, revision, display_name_key)
+                   create_time_us, update_time_us, revision, display_name_key, subject)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[], $9::text[])
-ON CONFLICT (email_normalized) DO NOTHING
+                     $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])
+ON CONFLICT DO NOTHING
 RETURNING id
 """
 
-# Claims a new key, or takes over an expired one ($11 is the cutoff) in place. On a
+# Claims a new key, or takes over an expired one ($12 is the cutoff) in place. On a
 # conflict DO UPDATE waits for the row's writer, then locks the row's newest version
 # and tests the WHERE on it even when it declines to update; so of replicas racing on
 # one expired key exactly one takes it over, and the rest find a live row they hold
 # locked, which no sweep can delete before they read it.
 CLAIM_REQUEST: Final = """
 INSERT INTO create_requests (request_id, fingerprint, user_id, email, display_name, role,
-                             create_time_us, update_time_us, revision, created_us)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                             create_time_us, update_time_us, revision, subject, created_us)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (request_id) DO UPDATE
 SET fingerprint = EXCLUDED.fingerprint, user_id = EXCLUDED.user_id, email = EXCLUDED.email,
     display_name = EXCLUDED.display_name, role = EXCLUDED.role,
     create_time_us = EXCLUDED.create_time_us, update_time_us = EXCLUDED.update_time_us,
-    revision = EXCLUDED.revision, created_us = EXCLUDED.created_us
-WHERE create_requests.created_us < $11
+    revision = EXCLUDED.revision, subject = EXCLUDED.subject, created_us = EXCLUDED.created_us
+WHERE create_requests.created_us < $12
 RETURNING request_id
 """
 
 SELECT_REQUEST: Final = """
 SELECT user_id, email, display_name, role, create_time_us, update_time_us, revision,
-       fingerprint
+       subject, fingerprint
 FROM create_requests WHERE request_id = $1
 """
 
 UPDATE_USER: Final = """
 UPDATE users SET email = $2, email_normalized = $3, display_name = $4, role = $5,
-                 update_time_us = $6, revision = $7, display_name_key = $8
+                 update_time_us = $6, revision = $7, display_name_key = $8, subject = $9
 WHERE id = $1
 """
 
@@ -110,15 +115,15 @@ WITH allocated AS (
 ),
 inserted AS (
     INSERT INTO user_events (sequence, type, user_id, email, display_name, role,
-                             create_time_us, update_time_us, revision, event_time_us)
+                             create_time_us, update_time_us, revision, event_time_us, subject)
     SELECT a.previous + e.ord, e.type, e.user_id, e.email, e.display_name, e.role,
-           e.create_time_us, e.update_time_us, e.revision, e.event_time_us
+           e.create_time_us, e.update_time_us, e.revision, e.event_time_us, e.subject
     FROM allocated AS a,
          unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::smallint[],
-                $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])
+                $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $11::text[])
              WITH ORDINALITY AS e(type, user_id, email, display_name, role,
                                   create_time_us, update_time_us, revision,
-                                  event_time_us, ord)
+                                  event_time_us, subject, ord)
     WHERE a.previous + e.ord > a.last - $10::bigint
 ),
 pruned AS (
@@ -155,7 +160,7 @@ WHERE request_id = ANY(ARRAY(
 
 SELECT_EVENTS: Final = """
 SELECT user_id, email, display_name, role, create_time_us, update_time_us, revision,
-       sequence, type, event_time_us
+       subject, sequence, type, event_time_us
 FROM user_events WHERE sequence > $1 ORDER BY sequence LIMIT $2
 """
 

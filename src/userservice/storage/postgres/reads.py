@@ -69,7 +69,7 @@ async def select_events(conn: asyncpg.Connection, sequence: int, limit: int) -> 
     """Return up to limit events after sequence, ascending."""
     rows = await conn.fetch(queries.SELECT_EVENTS, sequence, limit)
     return [
-        UserEvent(int(row[7]), EventType(row[8]), user_from_row(row), int(row[9])) for row in rows
+        UserEvent(int(row[8]), EventType(row[9]), user_from_row(row), int(row[10])) for row in rows
     ]
 
 

@@ -24,6 +24,8 @@ from userservice.domain.errors import (
     StorageUnavailableError,
 )
 from userservice.domain.model import (
+    OPERATOR,
+    Caller,
     Page,
     SyncOutcome,
     User,
@@ -146,19 +148,29 @@ class PostgresUserRepository:
         return await self._transact(lambda conn: writes.create_many(conn, users, self._retention))
 
     async def update(
-        self, user_id: str, changes: UserChanges, expected_etag: str | None, now_us: int
+        self,
+        user_id: str,
+        changes: UserChanges,
+        expected_etag: str | None,
+        now_us: int,
+        *,
+        caller: Caller = OPERATOR,
     ) -> User:
-        """Apply changes under a row lock after checking the etag."""
+        """Apply changes under a row lock after checking the caller and the etag."""
         return await self._transact(
             lambda conn: writes.update(
-                conn, user_id, changes, expected_etag, now_us, self._retention
+                conn, user_id, changes, expected_etag, now_us, self._retention, caller
             )
         )
 
-    async def delete(self, user_id: str, expected_etag: str | None, now_us: int) -> None:
-        """Delete a user under a row lock after checking the etag."""
+    async def delete(
+        self, user_id: str, expected_etag: str | None, now_us: int, *, caller: Caller = OPERATOR
+    ) -> None:
+        """Delete a user under a row lock after checking the caller and the etag."""
         await self._transact(
-            lambda conn: writes.delete(conn, user_id, expected_etag, now_us, self._retention)
+            lambda conn: writes.delete(
+                conn, user_id, expected_etag, now_us, self._retention, caller
+            )
         )
 
     async def upsert_by_email(self, candidate: User) -> tuple[SyncOutcome, User]:

@@ -13,9 +13,11 @@ from userservice.domain.errors import (
     EmailAlreadyExistsError,
     RequestIdReusedError,
     StorageUnavailableError,
-    UserNotFoundError,
+    SubjectAlreadyExistsError,
 )
 from userservice.domain.model import (
+    OPERATOR,
+    Caller,
     EventType,
     SyncOutcome,
     User,
@@ -28,11 +30,13 @@ from userservice.storage.rows import (
     BACKFILL_BATCH,
     backfilled_keys,
     insert_fields,
+    stored_subject,
     user_fields,
     user_from_row,
 )
 
 _EMAIL_INDEX: Final = "users_email_normalized_key"
+_SUBJECT_INDEX: Final = "users_subject_key"
 _UPSERT_ATTEMPTS: Final = 5
 
 Event = tuple[EventType, User, int]
@@ -54,6 +58,7 @@ async def append_events(conn: asyncpg.Connection, events: Sequence[Event], reten
         [user.revision for _, user, _ in events],
         [event_time for _, _, event_time in events],
         retention,
+        [stored_subject(user.subject) for _, user, _ in events],
     )
     return int(last)
 
@@ -93,11 +98,20 @@ async def create(
 async def create_many(
     conn: asyncpg.Connection, users: Sequence[User], retention: int
 ) -> tuple[list[User | DomainError], int]:
-    """Insert a batch with one statement; per row the user or EmailAlreadyExistsError."""
+    """Insert a batch with one statement; per row the user or why its email or subject is taken."""
     results: list[User | DomainError] = [EmailAlreadyExistsError() for _ in users]
     first_by_email: dict[str, tuple[int, User]] = {}
+    subjects: set[str] = set()
     for index, user in enumerate(users):
-        first_by_email.setdefault(email_key(user.email), (index, user))
+        key = email_key(user.email)
+        if key in first_by_email:
+            continue
+        if user.subject in subjects:
+            results[index] = SubjectAlreadyExistsError()
+            continue
+        first_by_email[key] = (index, user)
+        if user.subject:
+            subjects.add(user.subject)
     if not first_by_email:
         return results, 0
     # Inserting in email order makes concurrent batches wait on each other's unique-index
@@ -114,13 +128,27 @@ async def create_many(
         [u.update_time_us for u in batch],
         [u.revision for u in batch],
         [search_key(u.display_name) for u in batch],
+        [stored_subject(u.subject) for u in batch],
     )
     inserted = {str(row["id"]) for row in rows}
+    # A row left out hit the email or the subject index (ON CONFLICT DO NOTHING names
+    # neither): its subject held by a user with another email means the subject.
+    refused = [u.subject for u in batch if u.id not in inserted and u.subject]
+    owners = (
+        {
+            str(row["subject"]): str(row["email_normalized"])
+            for row in await conn.fetch(queries.SELECT_SUBJECT_OWNERS, refused)
+        }
+        if refused
+        else {}
+    )
     events: list[Event] = []
     for index, user in sorted(first_by_email.values(), key=lambda item: item[0]):
         if user.id in inserted:
             results[index] = user
             events.append((EventType.CREATED, user, user.create_time_us))
+        elif owners.get(user.subject, email_key(user.email)) != email_key(user.email):
+            results[index] = SubjectAlreadyExistsError()
     return results, await append_events(conn, events, retention)
 
 
@@ -131,19 +159,26 @@ async def update(
     expected_etag: str | None,
     now_us: int,
     retention: int,
+    caller: Caller = OPERATOR,
 ) -> tuple[User, int]:
-    """Apply changes under a row lock after the domain's etag check."""
-    updated = (await _lock_user(conn, user_id, expected_etag)).changed(changes, now_us)
+    """Apply changes under a row lock after the domain's caller and etag checks."""
+    current = await _lock_user(conn, user_id, expected_etag, caller, changes)
+    updated = current.changed(changes, now_us)
     await _write_user(conn, updated)
     events = [(EventType.UPDATED, updated, updated.update_time_us)]
     return updated, await append_events(conn, events, retention)
 
 
 async def delete(
-    conn: asyncpg.Connection, user_id: str, expected_etag: str | None, now_us: int, retention: int
+    conn: asyncpg.Connection,
+    user_id: str,
+    expected_etag: str | None,
+    now_us: int,
+    retention: int,
+    caller: Caller = OPERATOR,
 ) -> tuple[None, int]:
-    """Delete under a row lock after the domain's etag check."""
-    current = await _lock_user(conn, user_id, expected_etag)
+    """Delete under a row lock after the domain's caller and etag checks."""
+    current = await _lock_user(conn, user_id, expected_etag, caller)
     await conn.execute(queries.DELETE_USER, user_id)
     events = [(EventType.DELETED, current, current.deletion_time(now_us))]
     return None, await append_events(conn, events, retention)
@@ -156,7 +191,10 @@ async def upsert_by_email(
     # The insert either wins the email or waits for whoever holds it; the locked read then
     # sees that user, unless it was deleted meanwhile.
     for _ in range(_UPSERT_ATTEMPTS):
-        inserted = await conn.fetchval(queries.UPSERT_INSERT, *insert_fields(candidate))
+        try:
+            inserted = await conn.fetchval(queries.UPSERT_INSERT, *insert_fields(candidate))
+        except asyncpg.UniqueViolationError as error:
+            raise _unique_violation(error) from None
         if inserted is not None:
             events = [(EventType.CREATED, candidate, candidate.create_time_us)]
             return (SyncOutcome.CREATED, candidate), await append_events(conn, events, retention)
@@ -177,9 +215,17 @@ async def _insert_user(conn: asyncpg.Connection, user: User) -> None:
     try:
         await conn.execute(queries.INSERT_USER, *insert_fields(user))
     except asyncpg.UniqueViolationError as error:
-        if error.constraint_name == _EMAIL_INDEX:
-            raise EmailAlreadyExistsError() from None
-        raise
+        raise _unique_violation(error) from None
+
+
+def _unique_violation(error: Exception) -> Exception:
+    """Return the domain error for the unique index a write hit, or error itself."""
+    index = getattr(error, "constraint_name", None)
+    if index == _EMAIL_INDEX:
+        return EmailAlreadyExistsError()
+    if index == _SUBJECT_INDEX:
+        return SubjectAlreadyExistsError()
+    return error
 
 
 async def _write_user(conn: asyncpg.Connection, user: User) -> None:
@@ -194,20 +240,23 @@ async def _write_user(conn: asyncpg.Connection, user: User) -> None:
             user.update_time_us,
             user.revision,
             search_key(user.display_name),
+            stored_subject(user.subject),
         )
     except asyncpg.UniqueViolationError as error:
-        if error.constraint_name == _EMAIL_INDEX:
-            raise EmailAlreadyExistsError() from None
-        raise
+        raise _unique_violation(error) from None
 
 
-async def _lock_user(conn: asyncpg.Connection, user_id: str, expected_etag: str | None) -> User:
+async def _lock_user(
+    conn: asyncpg.Connection,
+    user_id: str,
+    expected_etag: str | None,
+    caller: Caller,
+    changes: UserChanges | None = None,
+) -> User:
+    # FOR UPDATE: the owner Caller.writable() sees cannot change before this transaction ends.
     row = await conn.fetchrow(queries.LOCK_USER, user_id)
-    if row is None:
-        raise UserNotFoundError(user_id)
-    current = user_from_row(row)
-    current.require_etag(expected_etag)
-    return current
+    current = None if row is None else user_from_row(row)
+    return caller.writable(user_id, current, expected_etag, changes)
 
 
 async def backfill_keys(conn: asyncpg.Connection) -> int:

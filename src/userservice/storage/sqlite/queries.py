@@ -18,15 +18,19 @@ SELECT_USERS: Final = (
 SELECT_TAKEN_EMAILS: Final = (
     "SELECT email_normalized FROM users WHERE email_normalized IN (SELECT value FROM json_each(?))"
 )
+# The subjects among a batch's (a JSON array) that already have a user.
+SELECT_TAKEN_SUBJECTS: Final = (
+    "SELECT subject FROM users WHERE subject IN (SELECT value FROM json_each(?))"
+)
 SELECT_PAGE: Final = f"SELECT {USER_COLUMNS} FROM users{{where}} ORDER BY id LIMIT ?"  # noqa: S608
 COUNT_USERS: Final = "SELECT count(*) FROM users{where}"
 INSERT_USER: Final = (
-    f"INSERT INTO users ({INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    f"INSERT INTO users ({INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
     " ON CONFLICT (email_normalized) DO NOTHING"
 )
 UPDATE_USER: Final = (
     "UPDATE users SET email = ?, email_normalized = ?, display_name = ?, display_name_key = ?,"
-    " role = ?, update_time_us = ?, revision = ? WHERE id = ?"
+    " role = ?, subject = ?, update_time_us = ?, revision = ? WHERE id = ?"
 )
 # Keyset batches of rows lacking their display_name_key (written before migration 0002); the
 # update re-checks the name it was computed from and that no write has set the key since.
@@ -41,12 +45,12 @@ SET_KEY: Final = (
 DELETE_USER: Final = "DELETE FROM users WHERE id = ?"
 INSERT_EVENT: Final = (
     f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING sequence"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING sequence"
 )
 # A batch's events, by executemany (which returns no rows); the last sequence is then read.
 INSERT_EVENTS: Final = (
     f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 LAST_SEQUENCE: Final = "SELECT last_insert_rowid()"
 SELECT_EVENTS: Final = (
@@ -70,7 +74,7 @@ SELECT_REQUEST: Final = (
 INSERT_REQUEST: Final = (
     "INSERT OR REPLACE INTO create_requests"  # noqa: S608
     f" ({SNAPSHOT_COLUMNS}, request_id, fingerprint, created_us)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # SQLite has no DELETE ... LIMIT by default; the oldest keys come off the created_us index.
 EXPIRE_REQUESTS: Final = (

@@ -57,7 +57,7 @@ def select_page(
 def select_events(conn: sqlite3.Connection, sequence: int, limit: int) -> list[UserEvent]:
     """Return up to limit events after sequence, ascending."""
     rows = conn.execute(queries.SELECT_EVENTS, (sequence, max(limit, 0)))
-    return [UserEvent(row[7], EventType(row[8]), user_from_row(row), row[9]) for row in rows]
+    return [UserEvent(row[8], EventType(row[9]), user_from_row(row), row[10]) for row in rows]
 
 
 def event_bounds(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -18,6 +18,8 @@ from typing import Final, TypeVar, TypeVarTuple
 
 from userservice.domain.errors import DomainError, StorageUnavailableError
 from userservice.domain.model import (
+    OPERATOR,
+    Caller,
     Page,
     SyncOutcome,
     User,
@@ -201,14 +203,22 @@ class SqliteUserRepository:
         return await self._read(reads.select_page, user_filter, after_id, limit, with_total)
 
     async def update(
-        self, user_id: str, changes: UserChanges, expected_etag: str | None, now_us: int
+        self,
+        user_id: str,
+        changes: UserChanges,
+        expected_etag: str | None,
+        now_us: int,
+        *,
+        caller: Caller = OPERATOR,
     ) -> User:
         """Apply changes atomically; update_time becomes max(now_us, previous + 1)."""
-        return await self._write(writes.update, user_id, changes, expected_etag, now_us)
+        return await self._write(writes.update, user_id, changes, expected_etag, now_us, caller)
 
-    async def delete(self, user_id: str, expected_etag: str | None, now_us: int) -> None:
-        """Delete a user. Raises UserNotFoundError or EtagMismatchError."""
-        await self._write(writes.delete, user_id, expected_etag, now_us)
+    async def delete(
+        self, user_id: str, expected_etag: str | None, now_us: int, *, caller: Caller = OPERATOR
+    ) -> None:
+        """Delete a user if caller may (Caller.writable) and the etag matches."""
+        await self._write(writes.delete, user_id, expected_etag, now_us, caller)
 
     async def upsert_by_email(self, candidate: User) -> tuple[SyncOutcome, User]:
         """Create candidate, or set display_name and role on the user with its email."""

@@ -10,10 +10,12 @@ from userservice.domain.errors import (
     DomainError,
     EmailAlreadyExistsError,
     RequestIdReusedError,
-    UserNotFoundError,
+    SubjectAlreadyExistsError,
 )
 from userservice.domain.ids import now_us
 from userservice.domain.model import (
+    OPERATOR,
+    Caller,
     EventType,
     SyncOutcome,
     User,
@@ -25,6 +27,7 @@ from userservice.storage.rows import (
     BACKFILL_BATCH,
     backfilled_keys,
     insert_fields,
+    stored_subject,
     user_fields,
     user_from_row,
 )
@@ -47,7 +50,10 @@ class WriteTransaction:
 
     def insert(self, user: User) -> bool:
         """Insert a user unless its email is taken; tell whether it was inserted."""
-        return self.conn.execute(queries.INSERT_USER, insert_fields(user)).rowcount == 1
+        try:
+            return self.conn.execute(queries.INSERT_USER, insert_fields(user)).rowcount == 1
+        except sqlite3.IntegrityError as error:
+            raise _unique_violation(error) from None
 
     def overwrite(self, user: User) -> None:
         """Overwrite the stored row of user.id with user."""
@@ -57,15 +63,14 @@ class WriteTransaction:
             user.display_name,
             search_key(user.display_name),
             int(user.role),
+            stored_subject(user.subject),
         )
         try:
             self.conn.execute(
                 queries.UPDATE_USER, (*values, user.update_time_us, user.revision, user.id)
             )
         except sqlite3.IntegrityError as error:
-            if "users.email_normalized" in str(error):
-                raise EmailAlreadyExistsError() from None
-            raise
+            raise _unique_violation(error) from None
 
     def insert_new(self, users: Sequence[User]) -> None:
         """Insert users whose emails are known to be free, each with its CREATED event."""
@@ -105,7 +110,7 @@ def create(
         request = (request_id, now - retention_us)
         row = writes.conn.execute(queries.SELECT_REQUEST, request).fetchone()
         if row is not None:
-            if row[7] != fingerprint:
+            if row[8] != fingerprint:
                 raise RequestIdReusedError()
             return user_from_row(row)
     if not writes.insert(user):
@@ -119,7 +124,7 @@ def create(
 
 
 def create_many(writes: WriteTransaction, users: Sequence[User]) -> list[User | DomainError]:
-    """Insert each user whose email is free; the others get EmailAlreadyExistsError."""
+    """Insert each user whose email and subject are free; the others get the error saying which."""
     # New ids cannot be cached yet, and caching a bulk import would only push out hot entries.
     # One query finds the batch's taken emails and one executemany per table writes the rest,
     # instead of two statements per row: BEGIN IMMEDIATE keeps every other writer out between
@@ -128,13 +133,26 @@ def create_many(writes: WriteTransaction, users: Sequence[User]) -> list[User | 
     taken = {
         row[0] for row in writes.conn.execute(queries.SELECT_TAKEN_EMAILS, (json.dumps(keys),))
     }
+    subjects = [user.subject for user in users if user.subject]
+    owned = (
+        {
+            row[0]
+            for row in writes.conn.execute(queries.SELECT_TAKEN_SUBJECTS, (json.dumps(subjects),))
+        }
+        if subjects
+        else set()
+    )
     results: list[User | DomainError] = []
     new: list[User] = []
     for user, key in zip(users, keys, strict=True):
         if key in taken:
             results.append(EmailAlreadyExistsError())
+        elif user.subject in owned:
+            results.append(SubjectAlreadyExistsError())
         else:
             taken.add(key)  # a later row of the batch with this email is taken too
+            if user.subject:
+                owned.add(user.subject)
             new.append(user)
             results.append(user)
     writes.insert_new(new)
@@ -147,18 +165,25 @@ def update(
     changes: UserChanges,
     expected_etag: str | None,
     now: int,
+    caller: Caller = OPERATOR,
 ) -> User:
-    """Apply changes to the current user after the domain's etag check."""
-    updated = _current(writes, user_id, expected_etag).changed(changes, now)
+    """Apply changes to the current user after the domain's caller and etag checks."""
+    updated = _current(writes, user_id, expected_etag, caller, changes).changed(changes, now)
     writes.overwrite(updated)
     writes.event(EventType.UPDATED, updated, updated.update_time_us)
     writes.cache[user_id] = updated
     return updated
 
 
-def delete(writes: WriteTransaction, user_id: str, expected_etag: str | None, now: int) -> None:
-    """Delete the current user after the domain's etag check."""
-    current = _current(writes, user_id, expected_etag)
+def delete(
+    writes: WriteTransaction,
+    user_id: str,
+    expected_etag: str | None,
+    now: int,
+    caller: Caller = OPERATOR,
+) -> None:
+    """Delete the current user after the domain's caller and etag checks."""
+    current = _current(writes, user_id, expected_etag, caller)
     writes.conn.execute(queries.DELETE_USER, (user_id,))
     writes.event(EventType.DELETED, current, current.deletion_time(now))
     writes.cache[user_id] = None
@@ -183,13 +208,27 @@ def upsert_by_email(writes: WriteTransaction, candidate: User) -> tuple[SyncOutc
     return SyncOutcome.UPDATED, updated
 
 
-def _current(writes: WriteTransaction, user_id: str, expected_etag: str | None) -> User:
-    """Return the stored user the caller may change, or raise not-found / etag mismatch."""
+def _current(
+    writes: WriteTransaction,
+    user_id: str,
+    expected_etag: str | None,
+    caller: Caller,
+    changes: UserChanges | None = None,
+) -> User:
+    """Return the stored user the caller may change, or raise what Caller.writable() raises."""
+    # Inside BEGIN IMMEDIATE: no other write can change the owner between this and the write.
     current = fetch_user(writes.conn, queries.SELECT_USER, user_id)
-    if current is None:
-        raise UserNotFoundError(user_id)
-    current.require_etag(expected_etag)
-    return current
+    return caller.writable(user_id, current, expected_etag, changes)
+
+
+def _unique_violation(error: sqlite3.IntegrityError) -> Exception:
+    """Return the domain error for a unique index the write hit, or error itself."""
+    text = str(error)
+    if "users.email_normalized" in text:
+        return EmailAlreadyExistsError()
+    if "users.subject" in text:
+        return SubjectAlreadyExistsError()
+    return error
 
 
 def backfill_keys(conn: sqlite3.Connection) -> int:
