@@ -205,8 +205,12 @@ class UserService:
         return await self._repository.update(user_id, changes, etag or None, self._clock())
 
     async def delete_user(self, user_id: str, etag: str) -> None:
-        """Delete a user; a stale etag fails the delete."""
-        await self._repository.delete(check_user_id(user_id, "id"), etag or None, self._clock())
+        """Delete a user and erase its personal data; a stale etag fails the delete."""
+        user_id = check_user_id(user_id, "id")
+        await self._repository.delete(user_id, etag or None, self._clock())
+        # The store erased its rows in the delete's transaction; this erases what this process
+        # read before, so no watcher is sent the data once DeleteUser has returned.
+        self._feed.erase([user_id])
 
     async def import_users(self, users: AsyncIterable[UserInput]) -> ImportResult:
         """Create users from a stream; valid rows commit in batches, bad rows are reported.

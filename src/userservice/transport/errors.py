@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 from userservice.domain.errors import (
     CommitOutcomeUnknownError,
     ConcurrentConflictError,
+    CreatedUserDeletedError,
     DomainError,
     EmailAlreadyExistsError,
     EtagMismatchError,
@@ -38,6 +39,8 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     RequestIdReusedError: grpc.StatusCode.INVALID_ARGUMENT,
     UserNotFoundError: grpc.StatusCode.NOT_FOUND,
+    # The user the request_id created does not exist any more; not retryable with that id.
+    CreatedUserDeletedError: grpc.StatusCode.NOT_FOUND,
     EmailAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     EtagMismatchError: grpc.StatusCode.ABORTED,
     SequenceExpiredError: grpc.StatusCode.OUT_OF_RANGE,

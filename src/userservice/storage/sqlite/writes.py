@@ -9,16 +9,17 @@ from collections.abc import Sequence
 from userservice.domain.errors import (
     DomainError,
     EmailAlreadyExistsError,
-    RequestIdReusedError,
     UserNotFoundError,
 )
 from userservice.domain.ids import now_us
 from userservice.domain.model import (
+    ERASED,
     EventType,
     SyncOutcome,
     User,
     UserChanges,
     email_key,
+    retried_create,
     search_key,
 )
 from userservice.storage.rows import (
@@ -105,9 +106,7 @@ def create(
         request = (request_id, now - retention_us)
         row = writes.conn.execute(queries.SELECT_REQUEST, request).fetchone()
         if row is not None:
-            if row[7] != fingerprint:
-                raise RequestIdReusedError()
-            return user_from_row(row)
+            return retried_create(user_from_row(row), row[7], fingerprint)
     if not writes.insert(user):
         raise EmailAlreadyExistsError()
     if request_id is not None:
@@ -157,10 +156,15 @@ def update(
 
 
 def delete(writes: WriteTransaction, user_id: str, expected_etag: str | None, now: int) -> None:
-    """Delete the current user after the domain's etag check."""
+    """Delete the current user after the domain's etag check, erasing its personal data."""
     current = _current(writes, user_id, expected_etag)
     writes.conn.execute(queries.DELETE_USER, (user_id,))
-    writes.event(EventType.DELETED, current, current.deletion_time(now))
+    erased = current.erased()
+    writes.conn.execute(queries.ERASE_EVENTS, (erased.email, erased.display_name, user_id))
+    writes.conn.execute(
+        queries.ERASE_REQUESTS, (erased.email, erased.display_name, ERASED, user_id)
+    )
+    writes.event(EventType.DELETED, erased, current.deletion_time(now))
     writes.cache[user_id] = None
 
 
