@@ -122,11 +122,15 @@ def test_connections_use_wal_normal_sync_foreign_keys_and_a_busy_timeout(db_path
 
 
 def test_migrate_records_versions_and_is_idempotent(db_path: Path) -> None:
-    assert migrate_sqlite(db_path) == ["0001_init", "0002_display_name_key"]
+    assert migrate_sqlite(db_path) == ["0001_init", "0002_display_name_key", "0004_erasure"]
     assert migrate_sqlite(db_path) == []
 
     rows = raw_rows(db_path, "SELECT * FROM schema_migrations ORDER BY version")
-    assert [(row[0], row[1]) for row in rows] == [(1, "0001_init"), (2, "0002_display_name_key")]
+    assert [(row[0], row[1]) for row in rows] == [
+        (1, "0001_init"),
+        (2, "0002_display_name_key"),
+        (4, "0004_erasure"),
+    ]
     assert [row[3] for row in rows] == [m.checksum for m in backend_migrations("sqlite")]
     (_, _, applied_at, _) = rows[0]
     assert isinstance(applied_at, str)
