@@ -22,8 +22,14 @@ from support import Client, connect, make_settings, new_user, rich_details, runn
 
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
+from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import EventType, UserEvent
 from userservice.server import Application
+from userservice.storage import open_repository
+from userservice.storage.migrations import backend_migrations
+from userservice.storage.postgres.migrations import apply_migrations as apply_postgres
+from userservice.storage.sqlite.connection import connect as sqlite_connect
+from userservice.storage.sqlite.migrations import apply_migrations as apply_sqlite
 
 CREATED = user_pb2.USER_EVENT_TYPE_CREATED
 UPDATED = user_pb2.USER_EVENT_TYPE_UPDATED
@@ -336,3 +342,60 @@ async def test_the_sqlite_file_keeps_no_bytes_of_an_erased_user(sqlite_url: str)
         conn.close()
     contents = path.read_bytes()
     assert [secret for secret in PERSONAL if secret.encode() in contents] == []
+
+
+async def store_before_0004(database_url: str, kept_id: str, gone_id: str) -> None:
+    """Migrate below 0004 and write, as older code did, a kept user and a deleted one's rows."""
+    users = "INSERT INTO users (id, email, email_normalized, display_name, role, create_time_us,"
+    users += " update_time_us, revision) VALUES ({})"
+    events = "INSERT INTO user_events (sequence, type, user_id, email, display_name, role,"
+    events += " create_time_us, update_time_us, revision, event_time_us) VALUES ({})"
+    records = "INSERT INTO create_requests (request_id, fingerprint, user_id, email,"
+    records += " display_name, role, create_time_us, update_time_us, revision, created_us)"
+    records += " VALUES ({})"
+    # Records: request id, fingerprint, user id, email, name; role, times, revision, created.
+    record_rest = (1, 1, 1, 1, now_us())
+    rows = [
+        (users, (kept_id, "kept@example.com", "kept@example.com", "Kept Person", 1, 1, 1, 1)),
+        (events, (1, 1, kept_id, "kept@example.com", "Kept Person", 1, 1, 1, 1, 1)),
+        (events, (2, 1, gone_id, FIRST_EMAIL, FIRST_NAME, 1, 2, 2, 1, 2)),
+        (events, (3, 3, gone_id, FIRST_EMAIL, FIRST_NAME, 1, 2, 2, 1, 3)),
+        (records, (str(uuid.uuid4()), "fp-kept", kept_id, "kept@example.com", "Kept Person")),
+        (records, (str(uuid.uuid4()), "fp-gone", gone_id, FIRST_EMAIL, FIRST_NAME)),
+    ]
+    rows = [(sql, (*values, *record_rest) if sql is records else values) for sql, values in rows]
+    backend = "sqlite" if database_url.startswith("sqlite:///") else "postgres"
+    older = [m for m in backend_migrations(backend) if m.version < 4]
+    if database_url.startswith("sqlite:///"):
+        conn = sqlite_connect(Path(database_url.removeprefix("sqlite:///")))
+        try:
+            apply_sqlite(conn, older)
+            for sql, values in rows:
+                conn.execute(sql.format(", ".join("?" * len(values))), values)
+        finally:
+            conn.close()
+        return
+    pg = await asyncpg.connect(database_url)
+    try:
+        await apply_postgres(pg, older)
+        for sql, values in rows:
+            await pg.execute(
+                sql.format(", ".join(f"${n}" for n in range(1, len(values) + 1))), *values
+            )
+        await pg.execute("UPDATE event_sequence SET value = 3")
+    finally:
+        await pg.close()
+
+
+@pytest.mark.asyncio
+async def test_migration_0004_erases_the_users_deleted_before_it(database_url: str) -> None:
+    kept_id, gone_id = new_user_id(), new_user_id()
+    await store_before_0004(database_url, kept_id, gone_id)
+    repository = await open_repository(database_url)
+    await repository.close()
+    assert await personal_fields(database_url, gone_id) == [("", "")] * 2 + [("", "", "")]
+    assert await personal_fields(database_url, kept_id) == [
+        ("kept@example.com", "Kept Person"),
+        ("kept@example.com", "Kept Person", "fp-kept"),
+    ]
+    assert not leaked(await raw_rows(database_url))
