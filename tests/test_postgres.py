@@ -40,7 +40,7 @@ pytestmark = pytest.mark.postgres
 
 OpenRepository = Callable[..., Awaitable[PostgresUserRepository]]
 
-ALL_MIGRATIONS = ["0001_init", "0002_display_name_key", "0003_user_subject"]
+ALL_MIGRATIONS = ["0001_init", "0002_display_name_key", "0003_user_subject", "0004_erasure"]
 MIGRATION_LOCK_KEY = 0x7573_6572_7376_6331
 
 

@@ -355,7 +355,9 @@ async def test_update_to_a_taken_email_fails_but_own_case_change_succeeds(
 
 
 @pytest.mark.asyncio
-async def test_delete_checks_the_etag_and_logs_the_last_state(repo: UserRepository) -> None:
+async def test_delete_checks_the_etag_and_logs_the_last_state_erased(
+    repo: UserRepository,
+) -> None:
     user = await repo.create(make_user(), None, "fp")
     updated = await repo.update(user.id, UserChanges(role=Role.ADMIN), None, now_us())
     _, before = await repo.event_bounds()
@@ -371,7 +373,7 @@ async def test_delete_checks_the_etag_and_logs_the_last_state(repo: UserReposito
     [event] = await repo.events_after(before, 10)
     assert (event.type, event.user, event.event_time_us) == (
         EventType.DELETED,
-        updated,
+        updated.erased(),
         deleted_at,
     )
     with pytest.raises(UserNotFoundError):
@@ -549,10 +551,11 @@ async def test_events_record_every_change_in_sequence_order(repo: UserRepository
 
     events = await repo.events_after(0, 10)
     assert [event.sequence for event in events] == [1, 2, 3]
+    # The delete erased the user's personal data from its earlier events too.
     assert [(event.type, event.user) for event in events] == [
-        (EventType.CREATED, user),
-        (EventType.UPDATED, updated),
-        (EventType.DELETED, updated),
+        (EventType.CREATED, user.erased()),
+        (EventType.UPDATED, updated.erased()),
+        (EventType.DELETED, updated.erased()),
     ]
     assert events[0].event_time_us == user.create_time_us
     assert events[1].event_time_us == updated.update_time_us

@@ -194,6 +194,45 @@ async def test_a_write_through_one_worker_is_read_and_watched_through_another(
 
 
 @pytest.mark.asyncio
+async def test_a_delete_through_one_worker_is_watched_and_replayed_erased_through_another(
+    sqlite_url: str,
+) -> None:
+    port = free_port()
+    metadata = (("authorization", bearer()),)
+    async with workers_server(sqlite_url, port) as server, contextlib.AsyncExitStack() as stack:
+        first, second = (await one_stub_per_worker(stack, port, children(server.pid))).values()
+        created = (
+            await first.CreateUser(
+                pb.CreateUserRequest(
+                    user=user_pb2.User(email="gone@example.com", display_name="Gone Soon")
+                ),
+                metadata=metadata,
+            )
+        ).user
+        watch = second.WatchUsers(pb.WatchUsersRequest(after_sequence=0), metadata=metadata)
+
+        async def next_event() -> pb.WatchUsersResponse:
+            while True:
+                message = await asyncio.wait_for(watch.read(), 10)
+                if not message.HasField("progress"):
+                    return message
+
+        assert (await next_event()).user.email == "gone@example.com"
+        await first.DeleteUser(pb.DeleteUserRequest(id=created.id), metadata=metadata)
+        deletion = await next_event()
+        watch.cancel()
+        assert (deletion.sequence, deletion.type, deletion.user.id) == (2, 3, created.id)
+        assert (deletion.user.email, deletion.user.display_name) == ("", "")
+        replay = second.WatchUsers(pb.WatchUsersRequest(after_sequence=0), metadata=metadata)
+        replayed = [await asyncio.wait_for(replay.read(), 10) for _ in range(2)]
+        replay.cancel()
+        assert [(m.sequence, m.user.id, m.user.email, m.user.display_name) for m in replayed] == [
+            (1, created.id, "", ""),
+            (2, created.id, "", ""),
+        ]
+
+
+@pytest.mark.asyncio
 async def test_sigterm_drains_every_worker_and_the_parent_exits_0(sqlite_url: str) -> None:
     port = free_port()
     async with workers_server(sqlite_url, port) as server:

@@ -26,6 +26,33 @@ CSV_COLUMNS = (
 IMPORTED_COLUMNS = ("email", "display_name", "role", "subject")
 
 
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection):
+# export neutralises such a cell with a leading quote, which spreadsheets show as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+CELL_ESCAPE = "'"
+
+
+def neutralise_cell(value: str) -> str:
+    """Return a CSV cell a spreadsheet shows as text: a formula start gets a leading quote.
+
+    A value that already starts with the quote gets one more, so restore_cell() can tell the
+    two apart and every value comes back exactly.
+    """
+    if value.startswith((*FORMULA_STARTS, CELL_ESCAPE)):
+        return CELL_ESCAPE + value
+    return value
+
+
+def restore_cell(cell: str) -> str:
+    """Undo neutralise_cell(): drop the quote it put before a formula start or a quote.
+
+    A quote before anything else was not put there by an export, so it stays.
+    """
+    if cell.startswith(CELL_ESCAPE) and cell[1:].startswith((*FORMULA_STARTS, CELL_ESCAPE)):
+        return cell[1:]
+    return cell
+
+
 class UserFileError(ValueError):
     """A line of an import file cannot be read as a User."""
 
@@ -55,16 +82,16 @@ def read_users(stream: IO[str], file_format: str) -> Iterator[user_pb2.User]:
         if missing:
             raise UserFileError(f"CSV header lacks {', '.join(sorted(missing))}")
         for line, row in enumerate(reader, start=2):
-            role = (row.get("role") or "").strip() or "USER_ROLE_UNSPECIFIED"
+            role = restore_cell(row.get("role") or "").strip() or "USER_ROLE_UNSPECIFIED"
             try:
                 role_value = user_pb2.UserRole.Value(role)
             except ValueError:
                 raise UserFileError(f"line {line}: unknown role {role!r}") from None
             yield user_pb2.User(
-                email=row["email"],
-                display_name=row["display_name"],
+                email=restore_cell(row["email"] or ""),
+                display_name=restore_cell(row["display_name"] or ""),
                 role=role_value,
-                subject=row.get("subject") or "",
+                subject=restore_cell(row.get("subject") or ""),
             )
         return
     for line, text in enumerate(stream, start=1):
@@ -97,7 +124,9 @@ class UserWriter:
             self._stream.write(to_json(user) + "\n")
             return
         as_json = json.loads(json_format.MessageToJson(user, preserving_proto_field_name=True))
-        self._csv.writerow({column: as_json.get(column, "") for column in CSV_COLUMNS})
+        self._csv.writerow(
+            {column: neutralise_cell(str(as_json.get(column, ""))) for column in CSV_COLUMNS}
+        )
 
     def write_all(self, users: Iterable[user_pb2.User]) -> None:
         """Write every user."""

@@ -58,7 +58,10 @@ class _UserEventTypeEnumTypeWrapper(enum_type_wrapper._EnumTypeWrapper[_UserEven
     USER_EVENT_TYPE_UPDATED: _UserEventType.ValueType  # 2
     """The user was updated; the event carries the user after the change."""
     USER_EVENT_TYPE_DELETED: _UserEventType.ValueType  # 3
-    """The user was deleted; the event carries the user as it was last stored."""
+    """The user was deleted; the event carries the user's id, role, times and
+    etag as last stored, with its personal data (email, display_name,
+    subject) erased.
+    """
 
 class UserEventType(_UserEventType, metaclass=_UserEventTypeEnumTypeWrapper):
     """The kind of change a WatchUsers event reports."""
@@ -70,7 +73,10 @@ USER_EVENT_TYPE_CREATED: UserEventType.ValueType  # 1
 USER_EVENT_TYPE_UPDATED: UserEventType.ValueType  # 2
 """The user was updated; the event carries the user after the change."""
 USER_EVENT_TYPE_DELETED: UserEventType.ValueType  # 3
-"""The user was deleted; the event carries the user as it was last stored."""
+"""The user was deleted; the event carries the user's id, role, times and
+etag as last stored, with its personal data (email, display_name,
+subject) erased.
+"""
 
 @typing.final
 class User(message.Message):

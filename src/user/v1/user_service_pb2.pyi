@@ -520,7 +520,11 @@ class WatchUsersResponse(message.Message):
     """What happened."""
     @builtins.property
     def user(self) -> user_pb2.User:
-        """The user after the change (for a deletion: as it was last stored)."""
+        """The user after the change. Once a user is deleted, its personal data is
+        erased: the deletion and every earlier event of that user (replayed, or
+        still buffered for delivery) carry its id, role, create/update times and
+        etag, with email, display_name and subject empty.
+        """
 
     @builtins.property
     def event_time(self) -> timestamp_pb2.Timestamp:

@@ -15,6 +15,7 @@ class Reason(enum.StrEnum):
     INVALID_FIELD = "INVALID_FIELD"
     INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"  # noqa: S105 (a reason code, not a secret)
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+    CREATED_USER_DELETED = "CREATED_USER_DELETED"
     SEQUENCE_EXPIRED = "SEQUENCE_EXPIRED"
     SEQUENCE_BEYOND_LATEST = "SEQUENCE_BEYOND_LATEST"
     WATCHER_TOO_SLOW = "WATCHER_TOO_SLOW"
@@ -171,6 +172,22 @@ class RequestIdReusedError(InvalidArgumentError):
         super().__init__(
             [FieldViolation("request_id", "was already used for a different user")],
             Reason.REQUEST_ID_REUSED,
+        )
+
+
+class CreatedUserDeletedError(DomainError):
+    """A CreateUser retry whose request_id created a user that has since been deleted.
+
+    The first response cannot be repeated (its personal data is erased) and the user must not
+    come back by a retry, so the retry fails; a new request_id creates the user afresh.
+    """
+
+    reason = Reason.CREATED_USER_DELETED
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the user this request_id created has since been deleted; "
+            "send a new request_id to create it again"
         )
 
 

@@ -6,6 +6,13 @@ from the store once per wake-up, whatever the number of watchers, and appends it
 every attached watcher's bounded buffer. A watcher that falls further behind than its
 buffer is ended with the last sequence it was sent, so it can resume without a gap,
 and the server's memory stays bounded by watchers x buffer.
+
+Erasure: the stores scrub a deleted user's earlier events in the delete's transaction, so a
+read that starts after it gets them erased. What this process read before (a watcher's buffer,
+a read still in flight) is erased here, as soon as the process learns of the delete: from the
+service when the delete ran here (before DeleteUser returns), else when the DELETED event
+arrives by a replay batch or the pump. The ids of the last ERASED_IDS_REMEMBERED deleted users
+are kept, so a read that began before a delete and lands after it is erased on arrival.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import contextvars
 import logging
 from collections import deque
+from collections.abc import Iterable
 from typing import Final, Protocol
 
 from userservice.domain.errors import (
@@ -24,12 +32,15 @@ from userservice.domain.errors import (
     StorageUnavailableError,
     WatcherTooSlowError,
 )
-from userservice.domain.model import UserEvent
+from userservice.domain.model import EventType, UserEvent
 
 DEFAULT_BUFFER_SIZE: Final = 1024
 DEFAULT_BATCH_SIZE: Final = 256
 # A lost wake-up (a dropped NOTIFY) delays delivery by at most this long.
 DEFAULT_POLL_SECONDS: Final = 5.0
+# Far more deletes than can commit while one store read is in flight; ids are never reused,
+# so erasing by a remembered id is never wrong, only forgetting one too early would be.
+ERASED_IDS_REMEMBERED: Final = 4096
 
 _log = logging.getLogger(__name__)
 
@@ -92,6 +103,12 @@ class Watcher:
         self.cursor = event.sequence
         self._arrived.set()
 
+    def _erase(self, user_ids: set[str]) -> None:
+        if any(event.user.id in user_ids for event in self._buffer):
+            self._buffer = deque(
+                event.erased() if event.user.id in user_ids else event for event in self._buffer
+            )
+
     def _fail(self, error: DomainError) -> None:
         if self._error is None:
             self._error = error
@@ -105,7 +122,7 @@ class Watcher:
 
     async def _replay_batch(self) -> None:
         batch_size = self._feed.batch_size
-        events = await self._feed.source.events_after(self.cursor, batch_size)
+        events = self._feed._admit(await self._feed.source.events_after(self.cursor, batch_size))
         # Sequences are contiguous, so a hole means retention pruned events this
         # watcher had not read yet; only a replay "from the oldest" may skip them.
         if events and events[0].sequence != self.cursor + 1 and not self._from_oldest:
@@ -142,6 +159,7 @@ class ChangeFeed:
         self._cursor = 0  # the last sequence fanned out; meaningful while the pump runs
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
+        self._erased: dict[str, None] = {}  # the latest deleted ids, oldest first
 
     @property
     def watcher_count(self) -> int:
@@ -190,7 +208,7 @@ class ChangeFeed:
     async def _run(self) -> None:
         try:
             while self._attached:
-                events = await self.source.events_after(self._cursor, self.batch_size)
+                events = self._admit(await self.source.events_after(self._cursor, self.batch_size))
                 if events and events[0].sequence != self._cursor + 1:
                     self._fail_all(SequenceExpiredError(self._cursor, events[0].sequence - 1))
                 for event in events:
@@ -209,6 +227,28 @@ class ChangeFeed:
         finally:
             # Cleared in the same step the loop ends in, so an attach never finds a dead pump.
             self._pump = None
+
+    def erase(self, user_ids: Iterable[str]) -> None:
+        """Erase these deleted users' events in every buffer now and in every later read."""
+        fresh = {user_id for user_id in user_ids if user_id not in self._erased}
+        if not fresh:
+            return
+        for user_id in fresh:
+            self._erased[user_id] = None
+        while len(self._erased) > ERASED_IDS_REMEMBERED:
+            del self._erased[next(iter(self._erased))]
+        for watcher in self._watchers:
+            watcher._erase(fresh)
+
+    def _admit(self, events: list[UserEvent]) -> list[UserEvent]:
+        """Return a store read as it may enter a buffer: no event of a deleted user unerased."""
+        self.erase(event.user.id for event in events if event.type == EventType.DELETED)
+        if not self._erased:
+            return events
+        return [
+            event.erased() if event.user.id in self._erased and not event.user.is_erased else event
+            for event in events
+        ]
 
     def _fail_all(self, error: DomainError) -> None:
         for watcher in list(self._attached):

@@ -9,10 +9,18 @@ from typing import Final
 
 from userservice.domain.errors import (
     AdminOnlyFieldError,
+    CreatedUserDeletedError,
     EtagMismatchError,
     NotOwnerError,
+    RequestIdReusedError,
     UserNotFoundError,
 )
+
+ERASED: Final = ""
+"""What a personal field (email, display name, a create's fingerprint) reads as once erased.
+
+No stored user can have it: validation requires an email, so an empty one marks erasure.
+"""
 
 
 class Role(enum.IntEnum):
@@ -87,6 +95,20 @@ class User:
         if expected_etag is not None and expected_etag != self.etag:
             raise EtagMismatchError(self.id)
 
+    @property
+    def is_erased(self) -> bool:
+        """Tell whether this is the erased snapshot of a deleted user (see erased())."""
+        return self.email == ERASED
+
+    def erased(self) -> User:
+        """Return this snapshot without personal data: what the stores keep once it is deleted.
+
+        The id, role, times and revision stay: they are what a watcher needs to order and
+        reconcile events, and they identify nobody without the user row that is gone. The
+        subject goes with the email: an identity provider's id for the person is personal data.
+        """
+        return replace(self, email=ERASED, display_name=ERASED, subject=ERASED)
+
     def deletion_time(self, now_us: int) -> int:
         """Return the time of this user's DELETED event: never before its last update."""
         return max(now_us, self.update_time_us)
@@ -108,6 +130,20 @@ class User:
             display_name=candidate.display_name, role=candidate.role, subject=subject
         )
         return SyncOutcome.UPDATED, self.changed(changes, candidate.update_time_us)
+
+
+def retried_create(recorded: User, recorded_fingerprint: str, fingerprint: str) -> User:
+    """Return what a CreateUser retry answers from its request_id's record, or raise.
+
+    The user the first call created, if the retry asks for the same thing; a request_id
+    whose user was deleted since (its record erased) answers CreatedUserDeletedError
+    whatever the retry asks, since the erased record cannot tell a retry from a reuse.
+    """
+    if recorded.is_erased:
+        raise CreatedUserDeletedError()
+    if recorded_fingerprint != fingerprint:
+        raise RequestIdReusedError()
+    return recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +232,10 @@ class UserEvent:
     type: EventType
     user: User
     event_time_us: int
+
+    def erased(self) -> UserEvent:
+        """Return this event with its user snapshot erased (sequence, type and time stay)."""
+        return replace(self, user=self.user.erased())
 
 
 @dataclass(frozen=True, slots=True)

@@ -233,10 +233,12 @@ class UserService:
         )
 
     async def delete_user(self, caller: Caller, user_id: str, etag: str) -> None:
-        """Delete a user; a stale etag fails the delete; caller.writable() decides who may."""
-        await self._repository.delete(
-            check_user_id(user_id, "id"), etag or None, self._clock(), caller=caller
-        )
+        """Delete a user and erase its personal data; caller.writable() decides who may."""
+        user_id = check_user_id(user_id, "id")
+        await self._repository.delete(user_id, etag or None, self._clock(), caller=caller)
+        # The store erased its rows in the delete's transaction; this erases what this process
+        # read before, so no watcher is sent the data once DeleteUser has returned.
+        self._feed.erase([user_id])
 
     async def import_users(self, users: AsyncIterable[UserInput]) -> ImportResult:
         """Create users from a stream; valid rows commit in batches, bad rows are reported.

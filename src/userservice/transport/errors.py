@@ -15,6 +15,7 @@ from userservice.domain.errors import (
     AdminOnlyFieldError,
     CommitOutcomeUnknownError,
     ConcurrentConflictError,
+    CreatedUserDeletedError,
     DomainError,
     EmailAlreadyExistsError,
     EtagMismatchError,
@@ -44,6 +45,8 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     RequestIdReusedError: grpc.StatusCode.INVALID_ARGUMENT,
     UserNotFoundError: grpc.StatusCode.NOT_FOUND,
+    # The user the request_id created does not exist any more; not retryable with that id.
+    CreatedUserDeletedError: grpc.StatusCode.NOT_FOUND,
     EmailAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     SubjectAlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     # No ResourceInfo for NotOwnerError: its details must not differ between a user that

@@ -82,6 +82,16 @@ SELECT user_id, email, display_name, role, create_time_us, update_time_us, revis
 FROM create_requests WHERE request_id = $1
 """
 
+# A delete's erasure of the user's earlier events and idempotency records: the values are the
+# domain's erased fields; the user_id indexes of migration 0004 find the rows.
+ERASE_EVENTS: Final = """
+UPDATE user_events SET email = $2, display_name = $3, subject = NULL WHERE user_id = $1
+"""
+ERASE_REQUESTS: Final = """
+UPDATE create_requests SET email = $2, display_name = $3, fingerprint = $4, subject = NULL
+WHERE user_id = $1
+"""
+
 UPDATE_USER: Final = """
 UPDATE users SET email = $2, email_normalized = $3, display_name = $4, role = $5,
                  update_time_us = $6, revision = $7, display_name_key = $8, subject = $9

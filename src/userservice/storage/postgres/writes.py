@@ -11,11 +11,11 @@ from userservice.domain.errors import (
     ConcurrentConflictError,
     DomainError,
     EmailAlreadyExistsError,
-    RequestIdReusedError,
     StorageUnavailableError,
     SubjectAlreadyExistsError,
 )
 from userservice.domain.model import (
+    ERASED,
     OPERATOR,
     Caller,
     EventType,
@@ -23,6 +23,7 @@ from userservice.domain.model import (
     User,
     UserChanges,
     email_key,
+    retried_create,
     search_key,
 )
 from userservice.storage.postgres import queries
@@ -87,9 +88,7 @@ async def create(
             row = await conn.fetchrow(queries.SELECT_REQUEST, request_id)
             if row is None:
                 raise StorageUnavailableError("request_id expired while in use; retry")
-            if row["fingerprint"] != fingerprint:
-                raise RequestIdReusedError()
-            return user_from_row(row), 0
+            return retried_create(user_from_row(row), row["fingerprint"], fingerprint), 0
     await _insert_user(conn, user)
     events = [(EventType.CREATED, user, user.create_time_us)]
     return user, await append_events(conn, events, retention)
@@ -177,10 +176,16 @@ async def delete(
     retention: int,
     caller: Caller = OPERATOR,
 ) -> tuple[None, int]:
-    """Delete under a row lock after the domain's caller and etag checks."""
+    """Delete under a row lock after the domain's caller and etag checks, erasing its data."""
     current = await _lock_user(conn, user_id, expected_etag, caller)
     await conn.execute(queries.DELETE_USER, user_id)
-    events = [(EventType.DELETED, current, current.deletion_time(now_us))]
+    erased = current.erased()
+    # These row locks come before the counter's (taken last by append_events); a writer that
+    # holds the counter while pruning one of these very rows can deadlock with this delete,
+    # which the transaction retry in the repository reruns.
+    await conn.execute(queries.ERASE_EVENTS, user_id, erased.email, erased.display_name)
+    await conn.execute(queries.ERASE_REQUESTS, user_id, erased.email, erased.display_name, ERASED)
+    events = [(EventType.DELETED, erased, current.deletion_time(now_us))]
     return None, await append_events(conn, events, retention)
 
 

@@ -51,6 +51,9 @@ def connect(
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # A delete's erasure must not leave the old bytes in the file: SQLite then zeroes
+        # freed cells and freelist pages instead of leaving them for reuse (see the README).
+        conn.execute("PRAGMA secure_delete = ON")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise RuntimeError(f"SQLite database {path} cannot use WAL mode (got {mode!r})")

@@ -52,6 +52,15 @@ INSERT_EVENTS: Final = (
     f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# A delete's erasure of the user's earlier events and idempotency records: the values are the
+# domain's erased fields; the user_id indexes of migration 0004 find the rows.
+ERASE_EVENTS: Final = (
+    "UPDATE user_events SET email = ?, display_name = ?, subject = NULL WHERE user_id = ?"
+)
+ERASE_REQUESTS: Final = (
+    "UPDATE create_requests SET email = ?, display_name = ?, fingerprint = ?, subject = NULL"
+    " WHERE user_id = ?"
+)
 LAST_SEQUENCE: Final = "SELECT last_insert_rowid()"
 SELECT_EVENTS: Final = (
     f"SELECT {SNAPSHOT_COLUMNS}, sequence, type, event_time_us FROM user_events"  # noqa: S608

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from userservice.domain.errors import (
     DomainError,
     EmailAlreadyExistsError,
-    RequestIdReusedError,
     SubjectAlreadyExistsError,
 )
 from userservice.domain.ids import now_us
 from userservice.domain.model import (
+    ERASED,
     OPERATOR,
     Caller,
     EventType,
@@ -21,6 +21,7 @@ from userservice.domain.model import (
     User,
     UserChanges,
     email_key,
+    retried_create,
     search_key,
 )
 from userservice.storage.rows import (
@@ -110,9 +111,7 @@ def create(
         request = (request_id, now - retention_us)
         row = writes.conn.execute(queries.SELECT_REQUEST, request).fetchone()
         if row is not None:
-            if row[8] != fingerprint:
-                raise RequestIdReusedError()
-            return user_from_row(row)
+            return retried_create(user_from_row(row), row[8], fingerprint)
     if not writes.insert(user):
         raise EmailAlreadyExistsError()
     if request_id is not None:
@@ -182,10 +181,15 @@ def delete(
     now: int,
     caller: Caller = OPERATOR,
 ) -> None:
-    """Delete the current user after the domain's caller and etag checks."""
+    """Delete the current user after the domain's caller and etag checks, erasing its data."""
     current = _current(writes, user_id, expected_etag, caller)
     writes.conn.execute(queries.DELETE_USER, (user_id,))
-    writes.event(EventType.DELETED, current, current.deletion_time(now))
+    erased = current.erased()
+    writes.conn.execute(queries.ERASE_EVENTS, (erased.email, erased.display_name, user_id))
+    writes.conn.execute(
+        queries.ERASE_REQUESTS, (erased.email, erased.display_name, ERASED, user_id)
+    )
+    writes.event(EventType.DELETED, erased, current.deletion_time(now))
     writes.cache[user_id] = None
 
 
