@@ -40,7 +40,16 @@ FIRST_EMAIL = "erase.me@example.com"
 SECOND_EMAIL = "erased.later@example.com"
 FIRST_NAME = "Secret Name"
 SECOND_NAME = "Renamed Secret"
-PERSONAL = (FIRST_EMAIL, SECOND_EMAIL, FIRST_NAME, SECOND_NAME, "erase.me", "erased.later")
+SUBJECT = "idp|erase-me-subject"
+PERSONAL = (
+    FIRST_EMAIL,
+    SECOND_EMAIL,
+    FIRST_NAME,
+    SECOND_NAME,
+    SUBJECT,
+    "erase.me",
+    "erased.later",
+)
 
 
 @contextlib.asynccontextmanager
@@ -50,10 +59,11 @@ async def serving(database_url: str) -> AsyncIterator[tuple[Application, Client]
 
 
 async def create_update(client: Client, request_id: str) -> user_pb2.User:
-    """Create the user to erase (with request_id), change its email and name; return it."""
+    """Create the user to erase (with request_id and a subject), change its email and name."""
+    user = new_user(FIRST_EMAIL, FIRST_NAME)
+    user.subject = SUBJECT
     created = await client.stub.CreateUser(
-        pb.CreateUserRequest(user=new_user(FIRST_EMAIL, FIRST_NAME), request_id=request_id),
-        metadata=client.metadata,
+        pb.CreateUserRequest(user=user, request_id=request_id), metadata=client.metadata
     )
     updated = await client.stub.UpdateUser(
         pb.UpdateUserRequest(
@@ -104,9 +114,13 @@ async def raw_rows(database_url: str) -> list[str]:
 
 
 async def personal_fields(database_url: str, user_id: str) -> list[tuple[str, ...]]:
-    """Return (email, display_name) of user_id's events and (..., fingerprint) of its records."""
-    events = "SELECT email, display_name FROM user_events WHERE user_id = {} ORDER BY sequence"
-    records = "SELECT email, display_name, fingerprint FROM create_requests WHERE user_id = {}"
+    """Return (email, display_name, subject) of user_id's events and its records' fields."""
+    events = (
+        "SELECT email, display_name, subject FROM user_events WHERE user_id = {} ORDER BY sequence"
+    )
+    records = (
+        "SELECT email, display_name, fingerprint, subject FROM create_requests WHERE user_id = {}"
+    )
     if database_url.startswith("sqlite:///"):
         conn = sqlite3.connect(database_url.removeprefix("sqlite:///"))
         try:
@@ -164,12 +178,14 @@ async def test_a_delete_erases_the_users_personal_data_from_replays_and_rows(
         "Kept Person",
     )
     for event in events[1:]:
-        assert (event.user.email, event.user.display_name) == ("", ""), event
+        assert (event.user.email, event.user.display_name, event.user.subject) == ("", "", "")
         assert event.event_time.ToMicroseconds() > 0
     assert events[2].user.etag == events[3].user.etag == user.etag, "the rest stays"
     assert events[3].user.role == user.role
     assert not leaked(await raw_rows(database_url))
-    assert await personal_fields(database_url, user.id) == [("", "")] * 3 + [("", "", "")]
+    assert await personal_fields(database_url, user.id) == [("", "", None)] * 3 + [
+        ("", "", "", None)
+    ]
 
 
 @pytest.mark.asyncio
@@ -221,12 +237,17 @@ async def test_a_delete_that_fails_on_its_etag_erases_nothing(database_url: str)
             (SECOND_EMAIL, SECOND_NAME),
         ]
         fields = await personal_fields(database_url, user.id)
-        assert fields[:2] == [(FIRST_EMAIL, FIRST_NAME), (SECOND_EMAIL, SECOND_NAME)]
+        assert fields[:2] == [
+            (FIRST_EMAIL, FIRST_NAME, SUBJECT),
+            (SECOND_EMAIL, SECOND_NAME, SUBJECT),
+        ]
         assert fields[2][:2] == (FIRST_EMAIL, FIRST_NAME)
         assert fields[2][2], "the fingerprint stays"
+        assert fields[2][3] == SUBJECT
+        same = new_user(FIRST_EMAIL, FIRST_NAME)
+        same.subject = SUBJECT
         retried = await client.stub.CreateUser(
-            pb.CreateUserRequest(user=new_user(FIRST_EMAIL, FIRST_NAME), request_id=request_id),
-            metadata=client.metadata,
+            pb.CreateUserRequest(user=same, request_id=request_id), metadata=client.metadata
         )
         assert (retried.user.id, retried.user.email) == (user.id, FIRST_EMAIL)
 
@@ -393,9 +414,11 @@ async def test_migration_0004_erases_the_users_deleted_before_it(database_url: s
     await store_before_0004(database_url, kept_id, gone_id)
     repository = await open_repository(database_url)
     await repository.close()
-    assert await personal_fields(database_url, gone_id) == [("", "")] * 2 + [("", "", "")]
+    assert await personal_fields(database_url, gone_id) == [("", "", None)] * 2 + [
+        ("", "", "", None)
+    ]
     assert await personal_fields(database_url, kept_id) == [
-        ("kept@example.com", "Kept Person"),
-        ("kept@example.com", "Kept Person", "fp-kept"),
+        ("kept@example.com", "Kept Person", None),
+        ("kept@example.com", "Kept Person", "fp-kept", None),
     ]
     assert not leaked(await raw_rows(database_url))
