@@ -26,7 +26,13 @@ import grpc
 import jwt
 
 from userservice.interceptors._call import PRINCIPAL, invocation_metadata, metadata_value
-from userservice.interceptors._handlers import UNARY, Behaviour, Context, WrappingInterceptor
+from userservice.interceptors._handlers import (
+    UNARY,
+    Behaviour,
+    Context,
+    WrappingInterceptor,
+    is_batch_error,
+)
 from userservice.interceptors._status import Rejection, rejection
 from userservice.interceptors.jwt_verifier import Principal, TokenVerifier
 from userservice.interceptors.matcher import MethodMatcher
@@ -266,16 +272,28 @@ class AuthInterceptor(WrappingInterceptor):
             if stream.ending is not None:
                 # The handler swallowed the cancellation: the stream still ends as it must.
                 task.uncancel()
-                await stream.ending.abort(context)
+                await _end(context, stream.ending, None)
             return response
 
         return guarded
 
 
-async def _end(context: Context, ending: Rejection, error: BaseException) -> NoReturn:
-    """End the call with ending, unless the cancellation interrupted an abort already under way."""
-    aborted = _abort_under(error)
+async def _end(context: Context, ending: Rejection, error: BaseException | None) -> NoReturn:
+    """End the call with ending, unless the cancellation interrupted an abort already under way.
+
+    The status follows whatever the stream had already handed to grpc: a message that flow
+    control holds (a slow reader) is delivered first, and the abort waits for it.
+    """
+    aborted = None if error is None else _abort_under(error)
     if aborted is not None:
         # grpc.aio sends the status of the first abort and requires that very exception back.
         raise aborted
-    await ending.abort(context)
+    try:
+        await ending.abort(context)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as failure:
+        if is_batch_error(failure):
+            # The status could not be sent: the peer left before taking what was in flight.
+            raise asyncio.CancelledError from failure
+        raise
