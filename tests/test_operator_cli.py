@@ -156,3 +156,24 @@ async def test_watch_prints_one_event_per_line(app: Application) -> None:
         await process.wait()
     assert [event["user"]["email"] for event in events] == ["w0@example.com", "w1@example.com"]
     assert all(event["type"] == "USER_EVENT_TYPE_CREATED" for event in events)
+
+
+@pytest.mark.asyncio
+async def test_token_file_is_read_for_the_call_and_excludes_token(
+    app: Application, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(bearer(["users.read"]).removeprefix("Bearer ") + "\n")
+    create = ("create", "--email", "ada@example.com", "--display-name", "Ada")
+    # The flag wins over USERSERVICE_CLI_TOKEN (set by users_cli, with every scope).
+    code, _, err = await users_cli(app.port, "--token-file", str(token_file), *create)
+    assert code == 64 + 7, err  # PERMISSION_DENIED: the file's token may only read
+    token_file.write_text(bearer().removeprefix("Bearer ") + "\n")
+    code, out, err = await users_cli(app.port, "--token-file", str(token_file), *create)
+    assert code == 0, err
+    assert lines(out)[0]["email"] == "ada@example.com"
+    code, _, err = await users_cli(
+        app.port, "--token", "x", "--token-file", str(token_file), "get", "id"
+    )
+    assert code == 2
+    assert "not both" in err
