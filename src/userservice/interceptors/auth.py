@@ -201,11 +201,6 @@ class AuthInterceptor(WrappingInterceptor):
         self._streams: set[_OpenStream] = set()
         verifier.keys.on_change(self._keys_changed)
 
-    @property
-    def open_streams(self) -> int:
-        """Return how many streams are open under this interceptor."""
-        return len(self._streams)
-
     def _keys_changed(self) -> None:
         # Rare (a key rotation), so every open stream is re-checked here, on the loop: the
         # verifier's cache, emptied by the change, makes a token shared by streams cost once.
@@ -292,6 +287,10 @@ async def _end(context: Context, ending: Rejection, error: BaseException | None)
         await ending.abort(context)
     except grpc.aio.AbortError:
         raise
+    except grpc.aio.UsageError as failure:
+        # The handler's own abort was still sending its status (waiting for a slow reader)
+        # when the token ended: that status stands, and this task has nothing left to do.
+        raise asyncio.CancelledError from failure
     except Exception as failure:
         if is_batch_error(failure):
             # The status could not be sent: the peer left before taking what was in flight.
