@@ -7,6 +7,7 @@ handler styles (async generator and read()/write()) runs on the interceptor harn
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -312,3 +313,29 @@ async def test_a_stream_ended_by_its_token_is_logged_and_counted(
         "watcher",
     )
     assert handled(method, "Unauthenticated") == counted + 1
+
+
+@pytest.mark.asyncio
+async def test_a_status_still_being_sent_when_the_token_ends_stands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    leeway = 0.5
+    raw = token(ttl=2)
+    deadline = ends_at(raw, leeway)
+    metadata = (("authorization", f"Bearer {raw}"),)
+    async with (
+        serve(settings(auth_leeway_seconds=leeway)) as harness,
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{harness.port}", options=[("grpc.http2.bdp_probe", 0)]
+        ) as channel,
+    ):
+        untyped: Any = channel
+        call = untyped.unary_stream(f"/{SERVICE}/WatchUsers")(b"fill-then-abort", metadata=metadata)
+        # Nothing is read until the token has ended: the handler's NOT_FOUND is then still
+        # waiting behind the message flow control holds.
+        await sleep_until(deadline + 0.3)
+        error, _ = await read_until_error(call, [])
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    assert rich_details(error)["ErrorInfo"].reason == "USER_NOT_FOUND"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
