@@ -164,6 +164,24 @@ async def test_tls_and_mtls_with_call_credentials(
 
 
 @pytest.mark.asyncio
+async def test_a_token_source_rides_as_metadata_over_tls(
+    sqlite_url: str,
+    pki: dict[str, Path | bytes],  # noqa: F811
+) -> None:
+    settings = make_settings(
+        sqlite_url, tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"])
+    )
+    async with (
+        running_app(settings) as app,
+        UserServiceClient(
+            f"localhost:{app.port}", token=lambda: TOKEN, root_certificates=str(pki["ca.pem"])
+        ) as client,
+    ):
+        created = await client.create_user("ada@example.com", "Ada")
+        assert (await client.get_user(created.id)).id == created.id
+
+
+@pytest.mark.asyncio
 async def test_watch_yields_events_in_order(app: Application) -> None:
     async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN) as client:
         events = client.watch_users(after_sequence=0)

@@ -106,6 +106,11 @@ class UserServiceClient:
         self._token = token if isinstance(token, str) else ""
         self._token_source = None if isinstance(token, str) else token
         self._tls = tls or bool(root_certificates or client_certificate)
+        # A fixed token is a call credential on TLS; plaintext channels cannot carry those,
+        # so there it rides as metadata.
+        self._fixed_metadata: Metadata = (
+            (("authorization", f"Bearer {self._token}"),) if self._token and not self._tls else ()
+        )
         self._root_certificates = _read(root_certificates)
         self._client_certificate = _read(client_certificate)
         self._client_key = _read(client_key)
@@ -154,21 +159,16 @@ class UserServiceClient:
             )
         return grpc.aio.secure_channel(self.target, credentials, options=self._options)
 
-    async def _current_token(self) -> str:
-        source = self._token_source
-        if source is None:
-            return self._token
-        token = source()
-        return await token if inspect.isawaitable(token) else token
-
     async def _authorization(self) -> tuple[str, Metadata]:
         """Return the token for the next call and the metadata that carries it."""
-        token = await self._current_token()
-        # A token source, and any token on a plaintext channel (which cannot carry call
-        # credentials), rides as per-call metadata; a fixed token on TLS is a call credential.
-        if token and (self._token_source is not None or not self._tls):
-            return token, (("authorization", f"Bearer {token}"),)
-        return token, ()
+        source = self._token_source
+        if source is None:
+            return self._token, self._fixed_metadata
+        token = source()
+        if inspect.isawaitable(token):
+            token = await token
+        # A source's token always rides as per-call metadata: call credentials are fixed.
+        return token, ((("authorization", f"Bearer {token}"),) if token else ())
 
     async def _metadata(self) -> Metadata:
         return (await self._authorization())[1]
