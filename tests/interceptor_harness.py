@@ -6,7 +6,8 @@ the ``x-test-style`` metadata, both aio styles: async generators / request itera
 ("generator", the default) or ``context.read()`` / ``context.write()`` ("writer"); "plain"
 and "sync" add plain-function behaviours for unary and server-stream methods. The first
 request message is a command: ``raise``, ``abort``, ``raise-after`` (fail after two
-responses), ``set-code-raise``, ``slow``, ``whoami`` (reply with the principal); anything
+responses), ``set-code-raise``, ``slow``, ``whoami`` (reply with the principal),
+``fill-then-abort`` (server streams: write until flow control holds, then abort); anything
 else is echoed. The real grpcio-health-checking aio servicer is served too.
 """
 
@@ -121,6 +122,14 @@ async def _command(message: bytes, context: Context) -> None:
         raise ValueError(LEAK)
     if message == b"slow":
         await asyncio.sleep(60)
+    if message == b"fill-then-abort":
+        # Writes until flow control holds a message (the client reads nothing), then aborts:
+        # the abort's status waits behind that message until the client reads.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                while True:
+                    await context.write(b"x" * 1000)
+        await abort_not_found(context)
     if message == b"batch-error":
         # grpc.aio's own batch failure, raised while the call is alive: not the peer's doing.
         raise cygrpc.ExecuteBatchError('Failed "execute_batch": (<_SendMessage>,)')

@@ -172,3 +172,10 @@ def handled(method: str, code: str) -> float:
         REGISTRY.get_sample_value("grpc_server_handled_total", {"grpc_type": kind, **labels}) or 0.0
         for kind in ("unary", "client_stream", "server_stream", "bidi_stream")
     )
+
+
+def refused(reason: str) -> float:
+    """Return userservice_refusals_total for an ErrorInfo reason in this process."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("userservice_refusals_total", {"reason": reason}) or 0.0

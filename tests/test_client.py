@@ -1,14 +1,16 @@
-"""userservice.client against real servers: typed errors, retries, health checking, TLS."""
+"""userservice.client against real servers: typed errors, retries, health checking, TLS, tokens."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
 import grpc
+import jwt
 import pytest
-from support import bearer, eventually, make_settings, running_app
+from support import bearer, eventually, make_settings, refused, running_app
 from test_tls import pki  # noqa: F401 (the fixture)
 
 from user.v1 import user_pb2
@@ -16,6 +18,7 @@ from userservice.client import (
     AbortedError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
@@ -161,6 +164,24 @@ async def test_tls_and_mtls_with_call_credentials(
 
 
 @pytest.mark.asyncio
+async def test_a_token_source_rides_as_metadata_over_tls(
+    sqlite_url: str,
+    pki: dict[str, Path | bytes],  # noqa: F811
+) -> None:
+    settings = make_settings(
+        sqlite_url, tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"])
+    )
+    async with (
+        running_app(settings) as app,
+        UserServiceClient(
+            f"localhost:{app.port}", token=lambda: TOKEN, root_certificates=str(pki["ca.pem"])
+        ) as client,
+    ):
+        created = await client.create_user("ada@example.com", "Ada")
+        assert (await client.get_user(created.id)).id == created.id
+
+
+@pytest.mark.asyncio
 async def test_watch_yields_events_in_order(app: Application) -> None:
     async with UserServiceClient(f"127.0.0.1:{app.port}", token=TOKEN) as client:
         events = client.watch_users(after_sequence=0)
@@ -177,3 +198,114 @@ async def test_a_dns_target_reaches_the_server(app: Application) -> None:
     async with UserServiceClient(f"dns:///localhost:{app.port}", token=TOKEN) as client:
         created = await client.create_user("ada@example.com", "Ada")
         assert (await client.get_user(created.id)).id == created.id
+
+
+def _write_token(path: Path, header: str) -> None:
+    # Renamed over the old file, as the kubelet updates a projected token.
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(header.removeprefix("Bearer ") + "\n")
+    temporary.replace(path)
+
+
+@pytest.mark.asyncio
+async def test_a_token_file_rewritten_between_calls_is_picked_up(
+    app: Application, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    _write_token(token_file, bearer(["users.read"]))
+    async with UserServiceClient(f"127.0.0.1:{app.port}", token_file=token_file) as client:
+        with pytest.raises(PermissionDeniedError):
+            await client.create_user("ada@example.com", "Ada")
+        _write_token(token_file, bearer(["users.read", "users.write"]))
+        created = await client.create_user("ada@example.com", "Ada")
+        # Briefly absent (a volume swapping it): the token read last is kept.
+        token_file.unlink()
+        assert (await client.get_user(created.id)).id == created.id
+    with pytest.raises(ValueError, match="not both"):
+        UserServiceClient("127.0.0.1:1", token=TOKEN, token_file=token_file)
+
+
+@pytest.mark.asyncio
+async def test_a_token_callable_plain_or_async_is_asked_before_every_call(
+    app: Application,
+) -> None:
+    current = [bearer(["users.read"]).removeprefix("Bearer ")]
+    asked: list[str] = []
+
+    def plain() -> str:
+        asked.append("plain")
+        return current[0]
+
+    async def awaited() -> str:
+        asked.append("async")
+        return current[0]
+
+    for source in (plain, awaited):
+        current[0] = bearer(["users.read"]).removeprefix("Bearer ")
+        async with UserServiceClient(f"127.0.0.1:{app.port}", token=source) as client:
+            with pytest.raises(PermissionDeniedError):
+                await client.create_user(f"{source.__name__}@example.com", "Ada")
+            current[0] = TOKEN
+            created = await client.create_user(f"{source.__name__}@example.com", "Ada")
+            assert [user.id async for user in client.stream_users()][-1] == created.id
+    assert asked == ["plain"] * 3 + ["async"] * 3
+
+
+@pytest.mark.asyncio
+async def test_a_watch_resumes_across_its_tokens_expiry_without_a_gap_or_a_repeat(
+    database_url: str,
+) -> None:
+    short = bearer(ttl=3).removeprefix("Bearer ")
+    current = [short]
+    expired_before = refused("TOKEN_EXPIRED")
+    settings = make_settings(database_url, auth_leeway_seconds=1.0)
+    async with (
+        running_app(settings) as app,
+        UserServiceClient(f"127.0.0.1:{app.port}", token=lambda: current[0]) as client,
+    ):
+        events = client.watch_users(after_sequence=0)
+        sequences: list[int] = []
+
+        async def write_and_read(first: int) -> None:
+            for index in range(first, first + 3):
+                await client.create_user(f"u{index}@example.com", f"U {index}")
+            while len(sequences) < first + 3:
+                event = await asyncio.wait_for(anext(events), 10)
+                if not event.HasField("progress"):
+                    sequences.append(event.sequence)
+
+        await write_and_read(0)
+        # The source refreshes before the token ends, as a kubelet or a token agent does.
+        current[0] = TOKEN
+        claims = jwt.decode(short, options={"verify_signature": False})
+        await asyncio.sleep(max(0.0, claims["exp"] + 1.0 - time.time()) + 0.3)
+        await write_and_read(3)
+        await events.aclose()
+    assert sequences == list(range(1, 7))
+    assert refused("TOKEN_EXPIRED") == expired_before + 1, "the watch did not outlive its token"
+
+
+@pytest.mark.asyncio
+async def test_a_watch_whose_source_keeps_the_expired_token_raises(sqlite_url: str) -> None:
+    short = bearer(ttl=2).removeprefix("Bearer ")
+    asked: list[str] = []
+
+    def same_token() -> str:
+        asked.append(short)
+        return short
+
+    settings = make_settings(sqlite_url, auth_leeway_seconds=0.5)
+    async with (
+        running_app(settings) as app,
+        UserServiceClient(f"127.0.0.1:{app.port}", token=same_token) as client,
+    ):
+
+        async def watch_to_the_end() -> None:
+            async with asyncio.timeout(15):
+                async for _ in client.watch_users(after_sequence=0):
+                    pass
+
+        with pytest.raises(UnauthenticatedError) as ended:
+            await watch_to_the_end()
+    assert ended.value.reason == "TOKEN_EXPIRED"
+    assert len(asked) == 2  # the stream's own token, then once more to see it unchanged

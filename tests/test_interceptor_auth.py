@@ -298,6 +298,9 @@ class _CountingKeys:
     async def refresh_unknown(self) -> bool:
         return False
 
+    def on_change(self, listener: Callable[[], None]) -> None:
+        return None
+
     async def start(self) -> None:
         return None
 

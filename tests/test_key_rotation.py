@@ -18,7 +18,7 @@ import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from interceptor_harness import ALL_SCOPES, AUDIENCE, ISSUER, Harness, serve, settings
+from interceptor_harness import ALL_SCOPES, AUDIENCE, ISSUER, Harness, Result, serve, settings
 from support import make_settings
 
 from userservice.interceptors.keys import cache_seconds, display_url
@@ -294,3 +294,62 @@ async def test_a_broken_jwks_response_keeps_the_keys_in_use(
         assert jwks_server.hits == 2
         assert await code_for(harness, _token(key, "current")) is OK
     assert any("JWKS refetch failed" in record.getMessage() for record in caplog.records)
+
+
+def _open_stream(harness: Harness, raw: str) -> asyncio.Task[Result]:
+    """Open a server stream that stays open (a slow handler) until it is ended."""
+    return asyncio.create_task(harness.call("WatchUsers", b"slow", token=raw, timeout=30))
+
+
+async def _assert_withdrawn(ended: asyncio.Task[Result], lasting: asyncio.Task[Result]) -> None:
+    result = await asyncio.wait_for(ended, 10)
+    assert result.code is UNAUTHENTICATED
+    assert result.reason == "KEY_WITHDRAWN"
+    assert result.details == "bearer token no longer valid"
+    assert result.trailing_metadata["www-authenticate"] == (
+        'Bearer realm="userservice", error="invalid_token"'
+    )
+    await asyncio.sleep(0.3)
+    assert not lasting.done(), "a stream signed with a key still in the set was ended"
+    lasting.cancel()
+    await asyncio.gather(lasting, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_stream_ends_when_the_key_file_no_longer_holds_its_signing_key(
+    tmp_path: Path,
+) -> None:
+    old, new = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "jwks.json"
+    key_file.write_bytes(_jwks(old=old, new=new))
+    config = settings(
+        auth_jwt_secret="", auth_jwt_public_key_file=str(key_file), reload_check_seconds=0.1
+    )
+    async with serve(config) as harness:
+        signed_by_old = _open_stream(harness, _token(old, "old"))
+        signed_by_new = _open_stream(harness, _token(new, "new"))
+        await asyncio.sleep(0.3)
+        # A key added keeps every stream: only a withdrawn key ends its streams.
+        _write_atomically(
+            key_file, _jwks(old=old, new=new, newer=ec.generate_private_key(ec.SECP256R1()))
+        )
+        await asyncio.sleep(0.5)
+        assert not signed_by_old.done()
+        _write_atomically(key_file, _jwks(new=new))
+        await _assert_withdrawn(signed_by_old, signed_by_new)
+
+
+@pytest.mark.asyncio
+async def test_a_stream_ends_when_a_jwks_refresh_withdraws_its_signing_key(
+    jwks_server: JwksServer,
+) -> None:
+    old, new = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    jwks_server.body = _jwks(old=old, new=new)
+    jwks_server.cache_control = "max-age=0"
+    async with serving_jwks(jwks_server.url, auth_jwks_min_cache_seconds=0.2) as harness:
+        signed_by_old = _open_stream(harness, _token(old, "old"))
+        signed_by_new = _open_stream(harness, _token(new, "new"))
+        await asyncio.sleep(0.5)
+        assert not signed_by_old.done()
+        jwks_server.body = _jwks(new=new)
+        await _assert_withdrawn(signed_by_old, signed_by_new)

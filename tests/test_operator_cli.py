@@ -280,3 +280,24 @@ def test_names_survive_a_csv_export_and_import_exactly(names: list[str]) -> None
         writer.write(user_pb2.User(email="x@example.com", display_name=name))
     stream.seek(0)
     assert [user.display_name for user in read_users(stream, "csv")] == names
+
+
+@pytest.mark.asyncio
+async def test_token_file_is_read_for_the_call_and_excludes_token(
+    app: Application, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(bearer(["users.read"]).removeprefix("Bearer ") + "\n")
+    create = ("create", "--email", "ada@example.com", "--display-name", "Ada")
+    # The flag wins over USERSERVICE_CLI_TOKEN (set by users_cli, with every scope).
+    code, _, err = await users_cli(app.port, "--token-file", str(token_file), *create)
+    assert code == 64 + 7, err  # PERMISSION_DENIED: the file's token may only read
+    token_file.write_text(bearer().removeprefix("Bearer ") + "\n")
+    code, out, err = await users_cli(app.port, "--token-file", str(token_file), *create)
+    assert code == 0, err
+    assert lines(out)[0]["email"] == "ada@example.com"
+    code, _, err = await users_cli(
+        app.port, "--token", "x", "--token-file", str(token_file), "get", "id"
+    )
+    assert code == 2
+    assert "not both" in err

@@ -35,6 +35,11 @@ _CONNECTION_FLAGS: dict[str, tuple[str, str]] = {
     # flag: (environment suffix, help)
     "address": ("ADDRESS", "server target: host:port, dns:///name:port (default localhost:50051)"),
     "token": ("TOKEN", "bearer token (mint one with `userservice token`)"),
+    "token_file": (
+        "TOKEN_FILE",
+        "file holding the bearer token, re-read when it changes (e.g. a Kubernetes projected "
+        "service-account token); instead of --token",
+    ),
     "ca_file": ("CA_FILE", "CA bundle to verify the server (enables TLS)"),
     "cert_file": ("CERT_FILE", "client certificate for mTLS (PEM)"),
     "key_file": ("KEY_FILE", "client private key for mTLS (PEM)"),
@@ -105,11 +110,30 @@ def _option(arguments: argparse.Namespace, name: str, default: str = "") -> str:
     return str(value)
 
 
+class _UsageError(Exception):
+    """The command line (or its environment) is inconsistent: exit 2."""
+
+
+def _token_options(arguments: argparse.Namespace) -> tuple[str, str]:
+    """Return (token, token file): flags win over the environment, one of the two at most."""
+    given = (arguments.token or "", arguments.token_file or "")
+    if not any(given):
+        given = (
+            os.environ.get(ENV_PREFIX + "TOKEN", ""),
+            os.environ.get(ENV_PREFIX + "TOKEN_FILE", ""),
+        )
+    if all(given):
+        raise _UsageError("give --token or --token-file, not both")
+    return given
+
+
 def _client(arguments: argparse.Namespace) -> UserServiceClient:
     tls = arguments.tls or os.environ.get(ENV_PREFIX + "TLS", "").lower() in {"1", "true", "yes"}
+    token, token_file = _token_options(arguments)
     return UserServiceClient(
         _option(arguments, "address", "localhost:50051"),
-        token=_option(arguments, "token"),
+        token=token,
+        token_file=token_file or None,
         tls=tls,
         root_certificates=_option(arguments, "ca_file") or None,
         client_certificate=_option(arguments, "cert_file") or None,
@@ -226,5 +250,8 @@ def run_users(arguments: argparse.Namespace) -> int:
     except (UserFileError, OSError) as error:
         print(f"userservice users {arguments.action}: {error}", file=sys.stderr)
         return EXIT_LOCAL_FAILURE
+    except _UsageError as error:
+        print(f"userservice users {arguments.action}: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return GRPC_EXIT_BASE + 1

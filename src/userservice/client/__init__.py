@@ -1,6 +1,6 @@
 """The Python client of user.v1.UserService: `UserServiceClient` and its typed errors."""
 
-from userservice.client.client import UserServiceClient
+from userservice.client.client import TokenFile, TokenSource, UserServiceClient
 from userservice.client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -27,6 +27,8 @@ __all__ = [
     "OutOfRangeError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "TokenFile",
+    "TokenSource",
     "UnauthenticatedError",
     "UnavailableError",
     "UserServiceClient",

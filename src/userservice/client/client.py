@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
 import random
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -22,10 +24,47 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_STREAM_TIMEOUT_SECONDS = 300.0
 _RETRY_BACKOFF_SECONDS = (0.1, 1.0)
+# The server ends a stream with these when its token ends (expiry, a withdrawn signing key):
+# the token was good when the stream opened, so a newer one from the source may resume it.
+_TOKEN_ENDED_REASONS = frozenset({"TOKEN_EXPIRED", "KEY_WITHDRAWN"})
+
+TokenSource: TypeAlias = Callable[[], str | Awaitable[str]]
+"""Returns the bearer token to send now; called before every call, so keep it cheap."""
+Metadata: TypeAlias = tuple[tuple[str, str], ...]
 
 
 def _read(path: str | Path | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
+
+
+class TokenFile:
+    """A bearer token kept in a file and re-read whenever the file changes.
+
+    For a Kubernetes projected service-account token (or any agent that rewrites a token
+    file): each call stats the file, and reads it again only when its inode, size or
+    modification time changed. If the file cannot be read after it once could, the token
+    read last is kept, as a replaced file is briefly absent on some volumes.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        """Read path on the first call, not now."""
+        self.path = Path(path)
+        self._signature: tuple[int, int, int, int] | None = None
+        self._token = ""
+
+    def __call__(self) -> str:
+        """Return the token in the file now (surrounding whitespace removed)."""
+        try:
+            # stat follows symlinks: a Kubernetes volume update swaps the ..data link.
+            status = os.stat(self.path)
+            signature = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+            if signature != self._signature:
+                self._token = self.path.read_text(encoding="utf-8").strip()
+                self._signature = signature
+        except OSError:
+            if self._signature is None:
+                raise
+        return self._token
 
 
 class UserServiceClient:
@@ -34,13 +73,18 @@ class UserServiceClient:
     The channel is created on first use, inside the running event loop, and reused by every
     call until close(). `target` takes any gRPC name: `host:port`, `dns:///svc:50051`
     (every address, balanced round_robin), `ipv4:10.0.0.1:50051,10.0.0.2:50051`.
+
+    `token` is a fixed bearer token, or a token source: a callable (plain or async)
+    returning the current token, asked before every call and every resumed stream.
+    `token_file` names a file holding the token, re-read when it changes (`TokenFile`).
     """
 
     def __init__(
         self,
         target: str,
         *,
-        token: str = "",
+        token: str | TokenSource = "",
+        token_file: str | Path | None = None,
         tls: bool = False,
         root_certificates: str | Path | None = None,
         client_certificate: str | Path | None = None,
@@ -55,8 +99,18 @@ class UserServiceClient:
         self.target = target
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._token = token
+        if token_file is not None:
+            if token:
+                raise ValueError("give token or token_file, not both")
+            token = TokenFile(token_file)
+        self._token = token if isinstance(token, str) else ""
+        self._token_source = None if isinstance(token, str) else token
         self._tls = tls or bool(root_certificates or client_certificate)
+        # A fixed token is a call credential on TLS; plaintext channels cannot carry those,
+        # so there it rides as metadata.
+        self._fixed_metadata: Metadata = (
+            (("authorization", f"Bearer {self._token}"),) if self._token and not self._tls else ()
+        )
         self._root_certificates = _read(root_certificates)
         self._client_certificate = _read(client_certificate)
         self._client_key = _read(client_key)
@@ -105,11 +159,19 @@ class UserServiceClient:
             )
         return grpc.aio.secure_channel(self.target, credentials, options=self._options)
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        # Plaintext channels cannot carry call credentials, so the token rides as metadata.
-        if self._token and not self._tls:
-            return (("authorization", f"Bearer {self._token}"),)
-        return ()
+    async def _authorization(self) -> tuple[str, Metadata]:
+        """Return the token for the next call and the metadata that carries it."""
+        source = self._token_source
+        if source is None:
+            return self._token, self._fixed_metadata
+        token = source()
+        if inspect.isawaitable(token):
+            token = await token
+        # A source's token always rides as per-call metadata: call credentials are fixed.
+        return token, ((("authorization", f"Bearer {token}"),) if token else ())
+
+    async def _metadata(self) -> Metadata:
+        return (await self._authorization())[1]
 
     async def _unary(
         self,
@@ -128,7 +190,8 @@ class UserServiceClient:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             remaining = deadline - time.monotonic()
             try:
-                return await call(request, timeout=remaining, metadata=self._metadata())
+                metadata = await self._metadata()
+                return await call(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
             delay = self._retry_delay(error, attempt, retry_unavailable)
@@ -222,7 +285,7 @@ class UserServiceClient:
         call = self.stub.StreamUsers(
             pb.StreamUsersRequest(filter=filter),
             timeout=self.stream_timeout,
-            metadata=self._metadata(),
+            metadata=await self._metadata(),
         )
         try:
             async for response in call:
@@ -243,9 +306,10 @@ class UserServiceClient:
                 for user in users:
                     yield pb.ImportUsersRequest(user=user)
 
+        metadata = await self._metadata()
         try:
             return await self.stub.ImportUsers(
-                requests(), timeout=self.stream_timeout, metadata=self._metadata()
+                requests(), timeout=self.stream_timeout, metadata=metadata
             )
         except grpc.aio.AioRpcError as rpc_error:
             raise from_rpc_error(rpc_error) from None
@@ -257,16 +321,21 @@ class UserServiceClient:
 
         The stream has no deadline (keepalive finds dead connections). With resume, an
         UNAVAILABLE end (a replica shutting down) reconnects from the last sequence, so no
-        event is missed or repeated; other errors (OUT_OF_RANGE: history gone) are raised.
+        event is missed or repeated. So does the end of the stream's token (the server ends
+        a stream when its token expires or its signing key is withdrawn) once the token
+        source has a different token; with the same token again (a fixed token, or a
+        source not yet refreshed) that UNAUTHENTICATED is raised, as are other errors
+        (OUT_OF_RANGE: history gone).
         """
         last = after_sequence
+        token, metadata = await self._authorization()
         while True:
             request = (
                 pb.WatchUsersRequest()
                 if last is None
                 else pb.WatchUsersRequest(after_sequence=last)
             )
-            call = self.stub.WatchUsers(request, metadata=self._metadata())
+            call = self.stub.WatchUsers(request, metadata=metadata)
             try:
                 async for event in call:
                     last = event.sequence
@@ -274,8 +343,19 @@ class UserServiceClient:
                 return
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
-                if not resume or error.code != grpc.StatusCode.UNAVAILABLE:
+                if not resume:
+                    raise error from None
+                if error.code == grpc.StatusCode.UNAUTHENTICATED:
+                    if error.reason not in _TOKEN_ENDED_REASONS:
+                        raise error from None
+                    used, (token, metadata) = token, await self._authorization()
+                    if token == used:
+                        raise error from None
+                    # The token was good when this stream opened: a fresh one resumes it.
+                    continue
+                if error.code != grpc.StatusCode.UNAVAILABLE:
                     raise error from None
             finally:
                 call.cancel()
             await asyncio.sleep(random.uniform(0.05, 0.25))
+            token, metadata = await self._authorization()

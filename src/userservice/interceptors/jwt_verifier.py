@@ -8,6 +8,8 @@ when configured, the lifetime (``exp - iat``) is bounded, a ``typ`` header must 
 (space separated, RFC 8693) or else ``scp`` (a list, or a space-separated string).
 Successful verifications are cached by token string until the token's ``exp`` (or
 until the key set changes): a repeat token costs a dict lookup instead of ~30 µs of PyJWT.
+Because ``exp`` is required, every accepted token has an end, which is also where the auth
+interceptor ends a stream opened with it (``exp`` plus the leeway).
 Rejection reasons never include the token or claim values the caller chose.
 """
 
@@ -62,6 +64,11 @@ class TokenVerifier:
         self._cache: dict[str, Principal] = {}
         self._generation = keys.generation
 
+    @property
+    def leeway(self) -> float:
+        """The clock skew allowed: a token is accepted until its exp plus this many seconds."""
+        return self._leeway
+
     async def verify(self, token: str) -> Principal:
         """Return the token's principal, or raise jwt.InvalidTokenError."""
         try:
@@ -71,6 +78,18 @@ class TokenVerifier:
             if not await self.keys.refresh_unknown():
                 raise
         return self._verify(token)
+
+    def still_valid(self, token: str) -> bool:
+        """Tell whether a token verified earlier still verifies against the current keys.
+
+        Synchronous and without the refetch verify() makes for an unknown kid: it is asked
+        right after the key set changed, so a kid missing now was withdrawn.
+        """
+        try:
+            self._verify(token)
+        except jwt.InvalidTokenError:
+            return False
+        return True
 
     def _verify(self, token: str) -> Principal:
         if self.keys.generation != self._generation:

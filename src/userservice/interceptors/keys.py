@@ -14,7 +14,9 @@ Nothing here blocks the event loop: file reads and HTTP fetches run in a worker 
 fetches synchronously inside ``get_signing_key``, i.e. on the calling thread of the call
 being verified, and caches for a fixed lifespan regardless of the response's headers.
 A source whose key set changes bumps ``generation``, which tells the verifier to drop its
-cache of verified tokens, so a key taken out of the set stops being accepted at once.
+cache of verified tokens, so a key taken out of the set stops being accepted at once, and
+then calls the listeners given to ``on_change``: the auth interceptor re-checks the tokens
+of its open streams there, so a stream signed with a withdrawn key ends too.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ MAX_JWKS_BYTES: Final = 1024 * 1024
 """A larger JWKS response is refused: no real key set comes near it."""
 
 
+KeysChanged = Callable[[], None]
+"""Called (on the event loop) right after a source's key set changed."""
+
+
 class KeyFetchError(RuntimeError):
     """The JWKS URL could not be fetched or did not hold a usable key set."""
 
@@ -72,6 +78,10 @@ class KeySource(Protocol):
 
     async def refresh_unknown(self) -> bool:
         """Re-read the keys for a token naming an unknown kid; False if not attempted."""
+        ...
+
+    def on_change(self, listener: KeysChanged) -> None:
+        """Call listener after every change of the key set (after generation is bumped)."""
         ...
 
     async def start(self) -> None:
@@ -120,6 +130,9 @@ class StaticKeys:
     async def refresh_unknown(self) -> bool:
         """A fixed key never changes."""
         return False
+
+    def on_change(self, listener: KeysChanged) -> None:
+        """A fixed key never changes: listener is never called."""
 
     async def start(self) -> None:
         """Nothing to start."""
@@ -174,6 +187,15 @@ def parse_jwks(text: str) -> KeySet:
     return KeySet(by_kid, only, keys[0].key_id if only else None)
 
 
+def _notify(listeners: Sequence[KeysChanged]) -> None:
+    for listener in listeners:
+        # A failing listener must neither stop the others nor the refresh that called it.
+        try:
+            listener()
+        except Exception:
+            _log.exception("a key set change listener failed")
+
+
 def _file_signature(path: str) -> tuple[int, int, int, int]:
     # stat follows symlinks: a Kubernetes volume update swaps the ..data link, which
     # changes the inode seen here even when size and mtime happen to match.
@@ -194,11 +216,16 @@ class FileKeys:
         self._checked_at = time.monotonic()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[KeysChanged] = []
 
     @property
     def generation(self) -> int:
         """Bumped on every successful reload of a changed file."""
         return self._generation
+
+    def on_change(self, listener: KeysChanged) -> None:
+        """Call listener after every reload of a changed file."""
+        self._listeners.append(listener)
 
     def resolve(self, token: str) -> KeyEntry:
         """Return the key for token from the file's current key set."""
@@ -230,7 +257,8 @@ class FileKeys:
             self._signature, self._keys = signature, keys
             self._generation += 1
             _log.info("key file reloaded", extra={"path": self._path, "kids": sorted(keys.by_kid)})
-            return True
+        _notify(self._listeners)
+        return True
 
     async def start(self) -> None:
         """Begin checking the file in the background."""
@@ -322,11 +350,16 @@ class JwksUrlKeys:
         self._unknown_refetch_at = -refetch_seconds
         self._inflight: asyncio.Task[bool] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[KeysChanged] = []
 
     @property
     def generation(self) -> int:
         """Bumped whenever a fetch returns a different key set."""
         return self._generation
+
+    def on_change(self, listener: KeysChanged) -> None:
+        """Call listener after every fetch that returned a different key set."""
+        self._listeners.append(listener)
 
     def resolve(self, token: str) -> KeyEntry:
         """Return the key for token from the last fetched key set."""
@@ -382,6 +415,7 @@ class JwksUrlKeys:
         self._keys, self._body = keys, body
         self._generation += 1
         _log.info("JWKS fetched", extra={"url": self._shown_url, "kids": sorted(keys.by_kid)})
+        _notify(self._listeners)
         return True
 
     async def _refresh_loop(self) -> None:
