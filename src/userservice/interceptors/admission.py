@@ -15,7 +15,8 @@ Their streams (health ``Watch``, reflection) have a budget of their own in
 anonymous flood cannot take authenticated callers' stream slots, nor they its. Unary
 public calls (health ``Check``, ``List``) are never refused: a probe must always get an
 answer. grpc's own ``maximum_concurrent_rpcs`` stays only as a much higher backstop,
-because it refuses calls before any interceptor runs (unlogged, uncounted, health too).
+because past it calls wait in grpc's backlog and are cancelled there before any
+interceptor runs (unlogged, uncounted, health too); server.py sizes that backlog like it.
 """
 
 from __future__ import annotations
