@@ -19,13 +19,23 @@ class TcpProxy:
     - pause()/resume(): accept and hold traffic without forwarding it (a black hole),
       which is what makes clients hang unless they have timeouts.
     - latency: each forwarded chunk waits up to this many seconds (order is kept).
+    - source: the loopback address (127.0.0.2, …) it connects to the target from, so the
+      target sees another peer host.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        latency: float = 0.0,
+        source: str | None = None,
+    ) -> None:
         """Prepare a proxy to target_host:target_port; call start() to listen."""
         self.target_host = target_host
         self.target_port = target_port
         self.latency = latency
+        self.source = source
         self.port = 0
         self.client_chunks = 0
         self._server: asyncio.Server | None = None
@@ -112,7 +122,9 @@ class TcpProxy:
         try:
             await self._flowing.wait()
             upstream_reader, upstream_writer = await asyncio.open_connection(
-                self.target_host, self.target_port
+                self.target_host,
+                self.target_port,
+                local_addr=None if self.source is None else (self.source, 0),
             )
             self._writers.add(upstream_writer)
             await asyncio.gather(

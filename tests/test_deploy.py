@@ -228,6 +228,35 @@ def test_probes_use_ports_the_container_opens(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_are_grpc_on_the_plaintext_probe_listener(overlay: str) -> None:
+    docs = rendered(overlay)
+    deployment = one(docs, "Deployment", "userservice")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    probe_port = container_ports(container)["probe"]
+    env = environment(docs, container)
+    # The listener the probes call is the one the server opens, and it is plaintext whatever
+    # TLS the serving port has (kubelet gRPC probes speak no TLS).
+    assert env["USERSERVICE_PROBE_ADDRESS"].rpartition(":")[2] == str(probe_port)
+    services = {}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[kind]
+        assert set(probe) & {"grpc", "tcpSocket", "httpGet", "exec"} == {"grpc"}, kind
+        assert probe["grpc"]["port"] == probe_port, kind
+        services[kind] = probe["grpc"].get("service", "")
+    # Readiness follows the database; start-up and liveness only that the loop answers, so a
+    # database outage or a drain restarts no pod.
+    assert services == {
+        "startupProbe": "liveness",
+        "readinessProbe": "user.v1.UserService",
+        "livenessProbe": "liveness",
+    }
+    # Not published by any Service: only the kubelet calls it.
+    for service in of_kind(docs, "Service"):
+        assert all(port["targetPort"] != "probe" for port in service["spec"]["ports"])
+        assert all(port["port"] != probe_port for port in service["spec"]["ports"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grace_period_covers_drain_and_grace(overlay: str) -> None:
     docs = rendered(overlay)
     (deployment,) = of_kind(docs, "Deployment")

@@ -16,7 +16,7 @@ from interceptor_harness import AccessLog, Harness, serve, settings, token
 from prometheus_client import REGISTRY
 
 from userservice.interceptors.access_log import AccessLogInterceptor
-from userservice.interceptors.admission import AdmissionInterceptor
+from userservice.interceptors.admission import AdmissionInterceptor, PublicStreamAdmission
 from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.chain import build_chain
 from userservice.interceptors.decoding import DecodingInterceptor
@@ -50,6 +50,7 @@ async def test_order_is_recovery_log_auth_admission_ratelimit_decoding() -> None
         AccessLogInterceptor,
         AuthInterceptor,
         AdmissionInterceptor,
+        PublicStreamAdmission,
         RateLimitInterceptor,
         DecodingInterceptor,
     ]

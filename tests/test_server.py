@@ -32,6 +32,7 @@ from support import (
 from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc
 from userservice.config import DEV_JWT_SECRET
+from userservice.health import LIVENESS
 from userservice.server import Application, StartupError
 
 SERVICE = "user.v1.UserService"
@@ -95,7 +96,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proce
 async def test_health_reports_serving_for_server_and_service(app: Application) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, LIVENESS):
             response = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert response.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -105,6 +106,7 @@ async def test_health_reports_serving_for_server_and_service(app: Application) -
         assert {name: listed.statuses[name].status for name in listed.statuses} == {
             "": health_pb2.HealthCheckResponse.SERVING,
             SERVICE: health_pb2.HealthCheckResponse.SERVING,
+            LIVENESS: health_pb2.HealthCheckResponse.SERVING,
         }
 
 

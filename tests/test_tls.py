@@ -246,3 +246,31 @@ async def test_a_renewed_secret_volume_is_served_without_a_restart(
             assert time.monotonic() < deadline, "the renewed Secret was never served"
             await asyncio.sleep(0.05)
             served = await asyncio.to_thread(_served_certificate, app.port, ca_pem)
+
+
+@pytest.mark.asyncio
+async def test_probes_are_answered_in_plaintext_while_the_main_port_has_tls(
+    sqlite_url: str, pki: dict[str, Path | bytes]
+) -> None:
+    settings = make_settings(
+        sqlite_url,
+        tls_cert_file=str(pki["server.pem"]),
+        tls_key_file=str(pki["server.key"]),
+        tls_client_ca_file=str(pki["ca.pem"]),
+        probe_address="127.0.0.1:0",
+    )
+    async with running_app(settings) as app:
+        # A kubelet gRPC probe speaks plaintext and carries no client certificate.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.probe_port}") as probe:
+            health = health_pb2_grpc.HealthStub(probe)
+            for service in ("liveness", "user.v1.UserService"):
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=5
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await health_pb2_grpc.HealthStub(plaintext).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -53,12 +53,21 @@ class Settings:
         "scans in progress at once on this replica (all principals); on PostgreSQL at most "
         "db_pool_max_size - 1, so point reads and watchers keep a connection",
     )
+    max_public_streams: int = _setting(
+        500, "health Watch and reflection streams (no token) open at once on this replica"
+    )
+    max_public_streams_per_peer: int = _setting(
+        20, "health Watch and reflection streams one peer host may hold open"
+    )
     health_failures: int = _setting(
         3, "consecutive failed storage pings before health reports NOT_SERVING"
     )
     health_check_interval_seconds: float = _setting(1.0, "time between storage pings")
     max_message_bytes: int = _setting(4 * 1024 * 1024, "largest request or response message")
     metrics_address: str = _setting("", "host:port for Prometheus /metrics; empty disables")
+    probe_address: str = _setting(
+        "", "host:port of a plaintext listener serving only grpc.health.v1 (probes); empty disables"
+    )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     dev: bool = _setting(False, "development run: allows the built-in development JWT secret")
     uvloop: bool = _setting(True, "run the event loop on uvloop")
@@ -147,6 +156,8 @@ class Settings:
         _check_address("listen_address", self.listen_address)
         if self.metrics_address:
             _check_address("metrics_address", self.metrics_address)
+        if self.probe_address:
+            _check_address("probe_address", self.probe_address)
         if not self.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ConfigError(
                 "USERSERVICE_DATABASE_URL must start with sqlite:/// or postgresql://"
@@ -165,6 +176,8 @@ class Settings:
             "max_streams_per_principal",
             "max_scans_per_principal",
             "max_scans",
+            "max_public_streams",
+            "max_public_streams_per_peer",
             "health_failures",
             "health_check_interval_seconds",
             "max_message_bytes",
@@ -188,6 +201,17 @@ class Settings:
         port = self.listen_address.rpartition(":")[2]
         if self.workers > 1 and (not port.isdigit() or int(port) == 0):
             raise ConfigError("USERSERVICE_WORKERS above 1 needs a fixed port to share")
+        if self.max_public_streams_per_peer > self.max_public_streams:
+            raise ConfigError(
+                "USERSERVICE_MAX_PUBLIC_STREAMS_PER_PEER must not be above "
+                "USERSERVICE_MAX_PUBLIC_STREAMS"
+            )
+        if self.probe_address and self.workers > 1:
+            # Each worker would answer for itself on a shared port: a probe would see only one.
+            raise ConfigError(
+                "USERSERVICE_PROBE_ADDRESS needs USERSERVICE_WORKERS=1 (a probe answered by one "
+                "worker says nothing of the others)"
+            )
         if not 0 <= self.db_pool_min_size <= self.db_pool_max_size:
             raise ConfigError("USERSERVICE_DB_POOL_MIN_SIZE must be between 0 and the max size")
         if self.sqlite_synchronous.upper() not in {"NORMAL", "FULL"}:

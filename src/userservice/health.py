@@ -9,6 +9,12 @@ Readiness follows the database, not the load: ``monitor_storage`` turns the stat
 NOT_SERVING only after several consecutive failed pings, so one slow ping (a busy
 pool, a long scan) does not move this pod's load onto the others, which would then
 saturate too.
+
+Liveness follows neither: the ``liveness`` entry is SERVING whenever a Check is answered at
+all, through a database outage and through the shutdown drain. The answer comes from the
+event loop, so a loop that is stuck (a blocking call, a busy loop) cannot give it, and the
+kubelet's probe times out and restarts the pod; a TCP probe would still pass, since grpc's
+own threads keep accepting connections.
 """
 
 from __future__ import annotations
@@ -27,12 +33,17 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 OVERALL = ""
+LIVENESS: Final = "liveness"
+"""The entry a liveness probe asks for: SERVING whenever the event loop answers."""
 
 _log: Final = logging.getLogger("userservice.health")
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """Serving status per service name ('' is the whole server), with Check, List and Watch."""
+    """Serving status per service name ('' is the whole server), with Check, List and Watch.
+
+    Besides the services given, it answers for LIVENESS, which is always SERVING.
+    """
 
     def __init__(self, services: list[str]) -> None:
         self._statuses: dict[str, int] = dict.fromkeys([OVERALL, *services], NOT_SERVING)
@@ -41,7 +52,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """Return the current status, or NOT_FOUND for an unknown service."""
-        status = self._statuses.get(request.service)
+        status = self._current(request.service)
         if status is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -55,13 +66,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         response = health_pb2.HealthListResponse()
         for service, status in self._statuses.items():
             response.statuses[service].status = status
+        response.statuses[LIVENESS].status = SERVING
         return response
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Send the status now and on every change, until shutdown ends the stream."""
         last_sent: int | None = None
         while True:
-            status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+            status = self._current(request.service, SERVICE_UNKNOWN)
             if status != last_sent:
                 # Written outside the lock: a slow reader must not hold up set().
                 await context.write(health_pb2.HealthCheckResponse(status=status))
@@ -69,9 +81,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             if self._shutting_down:
                 return
             async with self._changed:
-                current = self._statuses.get(request.service, SERVICE_UNKNOWN)
+                current = self._current(request.service, SERVICE_UNKNOWN)
                 if current == last_sent and not self._shutting_down:
                     await self._changed.wait()
+
+    def _current(self, service: str, unknown: int | None = None) -> int | None:
+        if service == LIVENESS:
+            return int(SERVING)
+        return self._statuses.get(service, unknown)
 
     async def set(self, status: int) -> None:
         """Set every service's status (ignored once shutting down)."""
@@ -88,7 +105,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
     @property
     def services(self) -> tuple[str, ...]:
-        """The service names answered for, '' (the whole server) first."""
+        """The service names readiness reports on, '' (the whole server) first (not LIVENESS)."""
         return tuple(self._statuses)
 
     def status_of(self, service: str) -> int:
@@ -96,7 +113,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         return self._statuses[service]
 
     async def shut_down(self) -> None:
-        """Report NOT_SERVING for good and end every Watch stream after it is told."""
+        """Report NOT_SERVING for good (but LIVENESS) and end every Watch stream once told."""
         async with self._changed:
             for service in self._statuses:
                 self._statuses[service] = NOT_SERVING

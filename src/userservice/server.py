@@ -1,8 +1,9 @@
 """Wiring and lifecycle: storage, domain, gRPC server, interceptors, health, metrics, traces.
 
-Shutdown is one fixed sequence (see Application.stop): health NOT_SERVING and
-health Watch streams ended → drain delay → server.stop(grace) while open
-WatchUsers streams are ended → interceptors and storage closed.
+Shutdown is one fixed sequence (see Application.stop): health NOT_SERVING (but the
+liveness entry) and health Watch streams ended → drain delay → server.stop(grace), the
+probe listener's with it, while open WatchUsers streams are ended → interceptors and
+storage closed.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ log = logging.getLogger("userservice.server")
 
 SERVICE_NAME = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 HEALTH_PING_TIMEOUT_SECONDS = 2.0
+# A health request is a service name; a response, a status (List: a few of them).
+PROBE_MESSAGE_BYTES = 64 * 1024
 
 
 class StartupError(RuntimeError):
@@ -81,6 +84,13 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_concurrent_streams", 256),
+        # Calls grpc has taken but grpc.aio has not yet handed to the chain (it asks for one at
+        # a time, and none past the backstop) wait in a backlog, which grpc sheds at random past
+        # 1000 and entirely past 3000 by default: CANCELLED, unlogged, uncounted, health checks
+        # too. Sized like the backstop, a burst (10,000 health Watches) reaches our admission
+        # layers, which refuse it logged and counted.
+        ("grpc.server.max_pending_requests", grpc_backstop(settings)),
+        ("grpc.server.max_pending_requests_hard_limit", grpc_backstop(settings)),
         # Detect dead peers behind NATs and load balancers.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -97,13 +107,25 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
+def probe_channel_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Return the probe listener's channel arguments: the server's, unshared, small messages."""
+    own = {
+        "grpc.so_reuseport": 0,
+        "grpc.max_receive_message_length": PROBE_MESSAGE_BYTES,
+        "grpc.max_send_message_length": PROBE_MESSAGE_BYTES,
+    }
+    return [(name, own.get(name, value)) for name, value in channel_options(settings)]
+
+
 def grpc_backstop(settings: Settings) -> int:
-    """Return grpc's own concurrency limit: far above the admission layer's, a last resort.
+    """Return grpc's own concurrency limit: far above the admission layers', a last resort.
 
     grpc refuses calls over it before any interceptor runs, health checks included, so it
     must never be the limit that bites; it only bounds memory if admission itself is flooded.
+    Every limit of ours counts: unary calls, streams, and public (health, reflection) streams.
     """
-    return 4 * (settings.max_concurrent_rpcs + settings.max_open_streams) + 1000
+    ours = settings.max_concurrent_rpcs + settings.max_open_streams + settings.max_public_streams
+    return 4 * ours + 1000
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -149,10 +171,12 @@ class Application:
         self.health = HealthServicer([SERVICE_NAME])
         self._tracing = tracing
         self.port = 0
+        self.probe_port: int | None = None
         self._repository: UserRepository | None = None
         self._service: UserService | None = None
         self._chain: InterceptorChain | None = None
         self._server: grpc.aio.Server | None = None
+        self._probe_server: grpc.aio.Server | None = None
         self._metrics: MetricsServer | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -223,17 +247,10 @@ class Application:
         if settings.reflection:
             enable_reflection(registrar, [SERVICE_NAME, "grpc.health.v1.Health"])
         credentials = _server_credentials(settings)
-        try:
-            if credentials is None:
-                self.port = server.add_insecure_port(settings.listen_address)
-            else:
-                self.port = server.add_secure_port(settings.listen_address, credentials)
-        except RuntimeError as error:
-            self.port = 0
-            log.debug("bind failed", exc_info=error)
-        if self.port == 0:
-            raise StartupError(f"cannot listen on {settings.listen_address} (in use or invalid)")
+        self.port = _bind(server, settings.listen_address, credentials)
         await server.start()
+        if settings.probe_address:
+            await self._start_probe_server(self._chain)
         if settings.metrics_address:
             try:
                 self._metrics = start_metrics_server(settings.metrics_address)
@@ -262,9 +279,28 @@ class Application:
                 "reflection": settings.reflection,
                 "database": settings.database_url.split(":", 1)[0],
                 "metrics_port": self.metrics_port,
+                "probe_port": self.probe_port,
                 "tracing": self._tracing is not None,
             },
         )
+
+    async def _start_probe_server(self, chain: InterceptorChain) -> None:
+        """Serve health alone, in plaintext, on the probe address: kubelet probes have no TLS.
+
+        It runs on this event loop, like every call, so a stuck loop fails the probe. Under the
+        same chain as the main server, its calls are logged and its streams share the public
+        budget.
+        """
+        settings = self.settings
+        probe = grpc.aio.server(
+            options=probe_channel_options(settings),
+            maximum_concurrent_rpcs=grpc_backstop(settings),
+        )
+        self._probe_server = probe
+        registrar: Any = chain.registrar(probe)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+        self.probe_port = _bind(probe, settings.probe_address, None)
+        await probe.start()
 
     def _serving(self, service: str) -> bool:
         return bool(self.health.status_of(service) == SERVING)
@@ -289,8 +325,12 @@ class Application:
         await self.health.shut_down()
         if settings.shutdown_drain_seconds > 0:
             await asyncio.sleep(settings.shutdown_drain_seconds)
-        if self._server is not None:
-            stopping = asyncio.ensure_future(self._server.stop(settings.shutdown_grace_seconds))
+        servers = [server for server in (self._server, self._probe_server) if server is not None]
+        if servers:
+            # The probe listener stops with the server: liveness is answered until then.
+            stopping = asyncio.gather(
+                *(server.stop(settings.shutdown_grace_seconds) for server in servers)
+            )
             # Watches never finish by themselves: end them so clients resume elsewhere.
             if self._service is not None:
                 await self._service.begin_shutdown()
@@ -301,9 +341,10 @@ class Application:
     async def _close_after_failed_start(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.stop(0)
+        for server in (self._server, self._probe_server):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await server.stop(0)
         await self._close_resources()
 
     async def _close_resources(self) -> None:
@@ -325,6 +366,21 @@ class Application:
                 await close()
             except Exception as error:
                 log.error("closing %s failed: %s: %s", name, type(error).__name__, error)
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind address (with TLS when credentials are given); return the port or raise StartupError."""
+    port = 0
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        log.debug("bind failed", exc_info=error)
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} (in use or invalid)")
+    return port
 
 
 def _db_system(database_url: str) -> str:

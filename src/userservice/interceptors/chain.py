@@ -1,5 +1,5 @@
 """The server interceptor chain, outermost first: recovery, [tracing,] access log, auth, admission,
-rate limit, decoding.
+public stream admission, rate limit, decoding.
 
 - Recovery is outermost so that nothing escapes it: a bug in the access log, in token
   verification or in the limiter becomes INTERNAL with a correlation id, like a bug in
@@ -22,12 +22,18 @@ rate limit, decoding.
   holds its slot: it is open. Being inside the access log, every refusal is logged and
   counted with its code, which grpc's own ``maximum_concurrent_rpcs`` (kept only as a
   much higher backstop) cannot do.
+- Public stream admission sits beside it: the streams of public methods (health Watch,
+  reflection), which carry no token, have a budget of their own per peer host and in total,
+  so an anonymous flood neither takes authenticated callers' stream slots nor reaches grpc's
+  backstop; it is refused here, logged and counted. Public unary calls (health Check) are
+  never refused: a probe must always get an answer.
 - Decoding is innermost: it hands every handler a tolerant request deserializer and turns a
   message that did not parse into INVALID_ARGUMENT (MALFORMED_REQUEST) where the handler would
   have seen it. Inside auth, an unauthenticated caller's garbage is refused before it costs a
   warning; inside admission and the rate limit, a flood of it is limited like any other calls.
 - Health checks and reflection skip auth, admission and the rate limit (probes and tooling carry no
-  token and must not be throttled) but are still logged.
+  token and must not be throttled) but are still logged; only their streams are counted, by
+  public stream admission. Each layer picks its methods with a matcher (PUBLIC_METHODS).
 
 grpc.aio runs ``interceptors=[a, b]`` with ``a`` outermost, and pays for every entry on
 every call (a coroutine and a handler lookup per layer). So, as go-grpc-middleware's
@@ -51,7 +57,12 @@ import grpc
 from userservice.config import Settings
 from userservice.interceptors._handlers import Behaviour, WrappingInterceptor
 from userservice.interceptors.access_log import AccessLogInterceptor
-from userservice.interceptors.admission import AdmissionInterceptor, AdmissionLimits
+from userservice.interceptors.admission import (
+    AdmissionInterceptor,
+    AdmissionLimits,
+    PublicStreamAdmission,
+    PublicStreamLimits,
+)
 from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.decoding import DecodingInterceptor
 from userservice.interceptors.jwt_verifier import verifier_from_settings
@@ -65,7 +76,7 @@ if TYPE_CHECKING:
 
 _log: Final = logging.getLogger("userservice.chain")
 PUBLIC_METHODS: Final = ("grpc.health.v1.Health/*", "grpc.reflection.*")
-"""Methods served without a token, admission limits or a rate limit."""
+"""Methods served without a token or a rate limit; only their streams have a budget (per peer)."""
 UNTRACED_METHODS: Final = ("grpc.health.v1.Health/*",)
 """Methods without a server span: probes every few seconds per pod would bury the real traces."""
 
@@ -142,6 +153,10 @@ async def build_chain(settings: Settings, tracing: Tracing | None = None) -> Int
                 settings.max_open_streams,
                 settings.max_streams_per_principal,
             ),
+            public,
+        ),
+        PublicStreamAdmission(
+            PublicStreamLimits(settings.max_public_streams, settings.max_public_streams_per_peer),
             public,
         ),
     ]
