@@ -66,8 +66,9 @@ VOLUME ["/var/lib/userservice"]
 WORKDIR /var/lib/userservice
 USER 10001:10001
 
-# 50051: gRPC (h2c, or TLS when USERSERVICE_TLS_* is set). 9090: Prometheus /metrics.
-EXPOSE 50051 9090
+# 50051: gRPC (h2c, or TLS when USERSERVICE_TLS_* is set). 50052: the plaintext health-only
+# probe listener (when USERSERVICE_PROBE_ADDRESS is set). 9090: Prometheus /metrics.
+EXPOSE 50051 50052 9090
 
 # PID 1 is dumb-init: it forwards SIGTERM (and every other signal) to the server, which runs
 # its own sequence (NOT_SERVING, drain, graceful stop, exit 0), exits with the server's code,
