@@ -27,7 +27,7 @@ from interceptor_harness import (
 )
 from prometheus_client import REGISTRY
 
-from userservice.interceptors._call import MAX_REQUEST_ID_LENGTH, valid_request_id
+from userservice.rpc_context import MAX_REQUEST_ID_LENGTH, valid_request_id
 
 LOG_ERRORS = "userservice_access_log_errors_total"
 

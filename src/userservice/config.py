@@ -10,6 +10,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from userservice.interceptors import keys
+from userservice.interceptors.keys import KeySet
+from userservice.storage import is_database_url, is_postgres_url
+from userservice.tls import TlsFilesError, check_pem_file
+
 ENV_PREFIX = "USERSERVICE_"
 DEV_JWT_SECRET = "dev-secret-do-not-use-in-production-0123456789"  # noqa: S105
 
@@ -158,7 +163,7 @@ class Settings:
             _check_address("metrics_address", self.metrics_address)
         if self.probe_address:
             _check_address("probe_address", self.probe_address)
-        if not self.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        if not is_database_url(self.database_url):
             raise ConfigError(
                 "USERSERVICE_DATABASE_URL must start with sqlite:/// or postgresql://"
             )
@@ -264,7 +269,7 @@ class Settings:
             require_auth
             and not self.dev
             and not self.page_token_secret
-            and self.database_url.startswith(("postgresql://", "postgres://"))
+            and is_postgres_url(self.database_url)
         ):
             raise ConfigError(
                 "USERSERVICE_PAGE_TOKEN_SECRET is required on PostgreSQL outside development: "
@@ -298,32 +303,30 @@ class Settings:
     def _parse_files(self) -> None:
         """Parse the key, JWKS and TLS files now, so a bad one is a configuration error."""
         if self.auth_jwt_public_key_file:
-            # Imported here: the verifier module imports this one.
-            from userservice.interceptors.keys import load_key_file
-
             load_key_file(self.auth_jwt_public_key_file)
         if not self.tls_cert_file:
             return
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
         pem_files = [
-            ("tls_cert_file", x509.load_pem_x509_certificates),
-            ("tls_key_file", lambda data: serialization.load_pem_private_key(data, None)),
-            ("tls_client_ca_file", x509.load_pem_x509_certificates),
+            ("tls_cert_file", "certificates"),
+            ("tls_key_file", "private key"),
+            ("tls_client_ca_file", "certificates"),
         ]
-        for name, parse in pem_files:
+        for name, kind in pem_files:
             path = getattr(self, name)
             if not path:
                 continue
             try:
-                with open(path, "rb") as file:
-                    parse(file.read())
-            except (OSError, ValueError, TypeError) as error:
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                raise ConfigError(
-                    f"{_env_name(name)}: cannot parse {path!r} as PEM ({reason})"
-                ) from None
+                check_pem_file(path, kind)
+            except TlsFilesError as error:
+                raise ConfigError(f"{_env_name(name)}: {error}") from None
+
+
+def load_key_file(path: str) -> KeySet:
+    """Load the USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE key set, or raise ConfigError naming it."""
+    try:
+        return keys.load_key_file(path)
+    except keys.KeyFileError as error:
+        raise ConfigError(f"{_env_name('auth_jwt_public_key_file')}: {error}") from error
 
 
 def _env_name(field_name: str) -> str:
@@ -356,7 +359,7 @@ def replica_scan_limit(settings: Settings) -> int:
     Scans beyond it would hold every pool connection, and point reads and the change feed
     would wait behind them; with a pool of one there is nothing to keep back.
     """
-    if settings.database_url.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(settings.database_url):
         return max(1, min(settings.max_scans, settings.db_pool_max_size - 1))
     return settings.max_scans
 

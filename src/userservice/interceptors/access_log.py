@@ -22,8 +22,7 @@ from typing import Any, Final, cast
 
 import grpc
 
-from userservice.interceptors._call import PRINCIPAL, REQUEST_ID_KEY, TRACE_LOG_FIELDS, request_id
-from userservice.interceptors._handlers import (
+from userservice.interceptors.handlers import (
     SERVER_STREAM,
     UNARY,
     Behaviour,
@@ -31,9 +30,10 @@ from userservice.interceptors._handlers import (
     WrappingInterceptor,
     with_hook,
 )
-from userservice.interceptors._status import error_reason
 from userservice.interceptors.recovery import final_code
+from userservice.interceptors.status import error_reason
 from userservice.metrics import ACCESS_LOG_ERRORS, MethodMetrics
+from userservice.rpc_context import PRINCIPAL, REQUEST_ID_KEY, TRACE_LOG_FIELDS, request_id
 
 LOGGER_NAME: Final = "userservice.access"
 _log: Final = logging.getLogger(LOGGER_NAME)

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import urllib.parse
 import urllib.request
@@ -40,20 +39,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from userservice.config import ConfigError
+from userservice.file_signature import file_signature
 
 KeyEntry = tuple[Any, Sequence[str]]
 """A verification key and the one algorithm it accepts."""
 
 _log: Final = logging.getLogger("userservice.keys")
 _EC_ALGORITHMS: Final = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_KEY_FILE_SETTING: Final = "USERSERVICE_AUTH_JWT_PUBLIC_KEY_FILE"
 MAX_JWKS_BYTES: Final = 1024 * 1024
 """A larger JWKS response is refused: no real key set comes near it."""
 
 
 KeysChanged = Callable[[], None]
 """Called (on the event loop) right after a source's key set changed."""
+
+
+class KeyFileError(ValueError):
+    """A key file cannot be read, or holds no usable public key or key set."""
 
 
 class KeyFetchError(RuntimeError):
@@ -149,11 +151,11 @@ def parse_key_data(data: bytes) -> KeySet:
 
 
 def load_key_file(path: str) -> KeySet:
-    """Load a key file, or raise ConfigError naming the setting."""
+    """Load a key file, or raise KeyFileError saying why."""
     try:
         return parse_key_data(Path(path).read_bytes())
     except (OSError, ValueError, jwt.PyJWTError) as error:
-        raise ConfigError(f"{_KEY_FILE_SETTING}: cannot load {path!r}: {error}") from error
+        raise KeyFileError(f"cannot load {path!r}: {error}") from error
 
 
 def _pem(data: bytes) -> KeySet:
@@ -196,21 +198,14 @@ def _notify(listeners: Sequence[KeysChanged]) -> None:
             _log.exception("a key set change listener failed")
 
 
-def _file_signature(path: str) -> tuple[int, int, int, int]:
-    # stat follows symlinks: a Kubernetes volume update swaps the ..data link, which
-    # changes the inode seen here even when size and mtime happen to match.
-    status = os.stat(path)
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-
-
 class FileKeys:
     """A PEM or JWKS file, re-read in the background when it changes."""
 
     def __init__(self, path: str, check_seconds: float) -> None:
-        """Load path now (ConfigError if unusable); check it every check_seconds."""
+        """Load path now (KeyFileError if unusable); check it every check_seconds."""
         self._path = path
         self._check_seconds = check_seconds
-        self._signature = _file_signature(path)
+        self._signature = file_signature(path)
         self._keys = load_key_file(path)
         self._generation = 0
         self._checked_at = time.monotonic()
@@ -242,7 +237,7 @@ class FileKeys:
         async with self._lock:
             self._checked_at = time.monotonic()
             try:
-                signature = await asyncio.to_thread(_file_signature, self._path)
+                signature = await asyncio.to_thread(file_signature, self._path)
                 if signature == self._signature:
                     return False
                 data = await asyncio.to_thread(Path(self._path).read_bytes)

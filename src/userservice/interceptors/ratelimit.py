@@ -27,8 +27,7 @@ from google.rpc import error_details_pb2
 
 from userservice.domain.errors import InvalidArgumentError
 from userservice.domain.filtering import parse_filter
-from userservice.interceptors._call import PRINCIPAL
-from userservice.interceptors._handlers import (
+from userservice.interceptors.handlers import (
     BIDI_STREAM,
     CLIENT_STREAM,
     Behaviour,
@@ -36,8 +35,9 @@ from userservice.interceptors._handlers import (
     WrappingInterceptor,
     with_hook,
 )
-from userservice.interceptors._status import Rejection, rejection
 from userservice.interceptors.matcher import MethodMatcher
+from userservice.interceptors.status import Rejection, rejection
+from userservice.rpc_context import PRINCIPAL
 
 _SERVICE: Final = "/user.v1.UserService/"
 METHOD_COSTS: Final[Mapping[str, float]] = {

@@ -17,8 +17,8 @@ from userservice.domain.errors import DomainError, ShuttingDownError, StorageUna
 from userservice.domain.model import Caller
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
-from userservice.interceptors._call import PRINCIPAL, SCOPES
 from userservice.interceptors.auth import ADMIN
+from userservice.rpc_context import PRINCIPAL, SCOPES
 from userservice.transport.errors import abort_with_domain_error, status_proto
 from userservice.transport.mapping import event_to_proto, fill_user, user_input
 

@@ -16,7 +16,6 @@ from typing import Final, TypeVar
 
 import asyncpg
 
-from userservice.config import Settings
 from userservice.domain.errors import (
     CommitOutcomeUnknownError,
     ConcurrentConflictError,
@@ -35,6 +34,7 @@ from userservice.domain.model import (
     email_key,
 )
 from userservice.storage.maintenance import ExpirySchedule
+from userservice.storage.options import StoreOptions
 from userservice.storage.postgres import queries, reads, writes
 from userservice.storage.postgres.connection import (
     UNAVAILABLE_ERRORS,
@@ -56,21 +56,20 @@ _CLOSE_TIMEOUT_SECONDS: Final = 5.0
 _log = logging.getLogger(__name__)
 
 
-async def open_postgres(url: str, *, settings: Settings | None = None) -> PostgresUserRepository:
+async def open_postgres(url: str, settings: StoreOptions) -> PostgresUserRepository:
     """Connect a pool (migrating first if settings say so) and start the event listener."""
-    settings = settings or Settings()
     if settings.migrate_on_start:
         await migrate_postgres(
             url,
-            connect_timeout=settings.db_connect_timeout_seconds,
+            connect_timeout=settings.connect_timeout_seconds,
             lock_timeout=settings.migration_lock_timeout_seconds,
         )
-    options = ConnectOptions.from_settings(settings)
+    options = ConnectOptions(settings.connect_timeout_seconds, settings.statement_timeout_seconds)
     try:
         pool = await asyncpg.create_pool(
             url,
-            min_size=settings.db_pool_min_size,
-            max_size=settings.db_pool_max_size,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
             max_inactive_connection_lifetime=300.0,
             **options.connect_kwargs("userservice"),
         )
