@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import grpc
 
@@ -70,14 +70,9 @@ from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitI
 from userservice.interceptors.recovery import RecoveryInterceptor
 from userservice.interceptors.registration import InterceptedRegistrar
 
-if TYPE_CHECKING:
-    from userservice.observability.otel import Tracing
-
 _log: Final = logging.getLogger("userservice.chain")
 PUBLIC_METHODS: Final = ("grpc.health.v1.Health/*", "grpc.reflection.*")
 """Methods served without a token or a rate limit; only their streams have a budget (per peer)."""
-UNTRACED_METHODS: Final = ("grpc.health.v1.Health/*",)
-"""Methods without a server span: probes every few seconds per pod would bury the real traces."""
 
 
 class ComposedInterceptor(WrappingInterceptor):
@@ -156,14 +151,17 @@ class ChainOptions:
 
 
 async def build_chain(
-    verifier: TokenVerifier, options: ChainOptions, tracing: Tracing | None = None
+    verifier: TokenVerifier, options: ChainOptions, tracing: WrappingInterceptor | None = None
 ) -> InterceptorChain:
-    """Build the chain verifying tokens with verifier; start its keys (KeyFetchError if none)."""
+    """Build the chain verifying tokens with verifier; start its keys (KeyFetchError if none).
+
+    tracing is the server-span layer (observability/otel.py), when tracing is on.
+    """
     public = MethodMatcher(PUBLIC_METHODS)
     access_log = AccessLogInterceptor()
     layers: list[WrappingInterceptor] = [RecoveryInterceptor()]
     if tracing is not None:
-        layers.append(tracing.interceptor(MethodMatcher(UNTRACED_METHODS)))
+        layers.append(tracing)
     layers += [
         access_log,
         AuthInterceptor(verifier, public),

@@ -7,7 +7,7 @@ values they were built to take.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from userservice.config import ConfigError, Settings, previous_secrets, replica_scan_limit
 from userservice.domain.pagination import PageTokenCodec, page_token_codec
@@ -22,6 +22,7 @@ from userservice.interceptors.chain import (
 from userservice.interceptors.chain import build_chain as assemble_chain
 from userservice.interceptors.jwt_verifier import TokenVerifier
 from userservice.interceptors.keys import FileKeys, JwksUrlKeys, KeySource, StaticKeys
+from userservice.interceptors.matcher import MethodMatcher
 from userservice.storage import migrate as migrate_store
 from userservice.storage import open_repository as open_store
 from userservice.storage.options import StoreOptions
@@ -29,6 +30,9 @@ from userservice.storage.sqlite.shared import SharedCommits
 
 if TYPE_CHECKING:
     from userservice.observability.otel import Tracing
+
+UNTRACED_METHODS: Final = ("grpc.health.v1.Health/*",)
+"""Methods without a server span: probes every few seconds per pod would bury the real traces."""
 
 
 def store_options(settings: Settings) -> StoreOptions:
@@ -128,4 +132,5 @@ def chain_options(settings: Settings) -> ChainOptions:
 
 async def build_chain(settings: Settings, tracing: Tracing | None = None) -> InterceptorChain:
     """Build the interceptor chain settings describe, its keys started (KeyFetchError if none)."""
-    return await assemble_chain(verifier_from_settings(settings), chain_options(settings), tracing)
+    layer = None if tracing is None else tracing.interceptor(MethodMatcher(UNTRACED_METHODS))
+    return await assemble_chain(verifier_from_settings(settings), chain_options(settings), layer)
