@@ -39,8 +39,8 @@ from interceptor_harness import (
 
 from userservice.config import ConfigError, load_key_file
 from userservice.interceptors.auth import METHOD_SCOPES, current_principal, mint_token
-from userservice.interceptors.jwt_verifier import TokenVerifier
-from userservice.interceptors.keys import KeyEntry
+from userservice.interceptors.auth.keys import KeyEntry
+from userservice.interceptors.auth.verifier import TokenVerifier
 from userservice.server.wiring import verifier_from_settings
 
 CHALLENGE = 'Bearer realm="userservice"'

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from userservice.interceptors import keys
-from userservice.interceptors.keys import KeySet
+from userservice.interceptors.auth import keys
+from userservice.interceptors.auth.keys import KeySet
 from userservice.storage import is_database_url, is_postgres_url
 from userservice.tls import TlsFilesError, check_pem_file
 

@@ -82,3 +82,11 @@ def with_request_id(
     if current is None:
         return tuple(trailing_metadata)
     return ((REQUEST_ID_KEY, current), *trailing_metadata)
+
+
+def peer_host(peer: str) -> str:
+    """Return the host part of a gRPC peer string (ipv4:1.2.3.4:5, ipv6:[::1]:5, unix:...)."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rpartition(":")[0].strip("[]")
+    return peer

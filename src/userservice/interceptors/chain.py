@@ -54,7 +54,6 @@ from typing import Any, Final
 
 import grpc
 
-from userservice.interceptors.access_log import AccessLogInterceptor
 from userservice.interceptors.admission import (
     AdmissionInterceptor,
     AdmissionLimits,
@@ -62,11 +61,14 @@ from userservice.interceptors.admission import (
     PublicStreamLimits,
 )
 from userservice.interceptors.auth import AuthInterceptor
+from userservice.interceptors.auth.verifier import TokenVerifier
 from userservice.interceptors.decoding import DecodingInterceptor
 from userservice.interceptors.handlers import Behaviour, WrappingInterceptor
-from userservice.interceptors.jwt_verifier import TokenVerifier
+from userservice.interceptors.logging import AccessLogInterceptor
 from userservice.interceptors.matcher import MethodMatcher
-from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitInterceptor
+from userservice.interceptors.ratelimit.interceptor import RateLimitInterceptor
+from userservice.interceptors.ratelimit.limiter import Limiter
+from userservice.interceptors.ratelimit.local import LocalLimiter
 from userservice.interceptors.recovery import RecoveryInterceptor
 from userservice.interceptors.registration import InterceptedRegistrar
 
@@ -175,7 +177,7 @@ async def build_chain(
         if rate.redis_url:
             # Imported only when used: redis-py imports the OpenTelemetry SDK if it is installed,
             # which a service not using Redis (or not tracing) should not pay for.
-            from userservice.interceptors.ratelimit_redis import RedisLimiter
+            from userservice.interceptors.ratelimit.redis import RedisLimiter
 
             shared = RedisLimiter.from_url(
                 rate.redis_url,

@@ -26,8 +26,8 @@ from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.repository import UserRepository
 from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
+from userservice.interceptors.auth.keys import KeyFetchError
 from userservice.interceptors.chain import InterceptorChain
-from userservice.interceptors.keys import KeyFetchError
 from userservice.logs import quiet_library_logs
 from userservice.metrics import (
     MetricsServer,

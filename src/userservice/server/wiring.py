@@ -14,14 +14,14 @@ from userservice.domain.pagination import PageTokenCodec, page_token_codec
 from userservice.domain.repository import UserRepository
 from userservice.domain.scans import ScanGate
 from userservice.interceptors.admission import AdmissionLimits, PublicStreamLimits
+from userservice.interceptors.auth.keys import FileKeys, JwksUrlKeys, KeySource, StaticKeys
+from userservice.interceptors.auth.verifier import TokenVerifier
 from userservice.interceptors.chain import (
     ChainOptions,
     InterceptorChain,
     RateLimitOptions,
 )
 from userservice.interceptors.chain import build_chain as assemble_chain
-from userservice.interceptors.jwt_verifier import TokenVerifier
-from userservice.interceptors.keys import FileKeys, JwksUrlKeys, KeySource, StaticKeys
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.storage import migrate as migrate_store
 from userservice.storage import open_repository as open_store

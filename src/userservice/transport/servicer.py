@@ -189,8 +189,8 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         """Replay events after a sequence, then follow live ones, with progress when idle."""
         after = request.after_sequence if request.HasField("after_sequence") else None
         # No event may come for a long time: the client still sees the watch
-        # established at once because the access-log interceptor sends initial
-        # metadata (x-request-id) when every call starts.
+        # established at once because the request-id layer sends every stream's initial
+        # metadata (x-request-id) when it starts; unary calls get it in the trailers only.
         async with DomainErrors(context):
             async for event in self._service.watch_users(after):
                 yield event_to_proto(event)

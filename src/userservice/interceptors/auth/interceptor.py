@@ -27,6 +27,7 @@ from typing import Any, Final, NoReturn, TypeAlias
 import grpc
 import jwt
 
+from userservice.interceptors.auth.verifier import Principal, TokenVerifier
 from userservice.interceptors.handlers import (
     UNARY,
     Behaviour,
@@ -34,7 +35,6 @@ from userservice.interceptors.handlers import (
     WrappingInterceptor,
     is_batch_error,
 )
-from userservice.interceptors.jwt_verifier import Principal, TokenVerifier
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.status import Rejection, rejection
 from userservice.rpc_context import PRINCIPAL, SCOPES, invocation_metadata, metadata_value

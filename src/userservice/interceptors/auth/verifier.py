@@ -20,7 +20,7 @@ from typing import Any, Final, NamedTuple
 
 import jwt
 
-from userservice.interceptors.keys import (
+from userservice.interceptors.auth.keys import (
     KeySource,
     UnknownKeyError,
 )
