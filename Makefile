@@ -71,9 +71,10 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	  $(BUF) breaking --against '.git#ref=HEAD~1' && echo "buf breaking: no breaking change against HEAD~1"; \
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
-lint: $(STAMP) ## ruff lint and format check.
+lint: $(STAMP) ## ruff lint and format check; the import contracts (pyproject.toml).
 	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
 	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
 	$(VENV)/bin/ruff check --fix src tests bench

@@ -33,7 +33,8 @@ from grpc_status import rpc_status
 
 from userservice.config import Settings
 from userservice.interceptors.auth import METHOD_SCOPES, current_principal, mint_token
-from userservice.interceptors.chain import InterceptorChain, build_chain
+from userservice.interceptors.chain import InterceptorChain
+from userservice.server.wiring import build_chain
 
 SECRET = "interceptor-test-secret-0123456789abcdef"
 ISSUER = "https://issuer.test"

@@ -29,7 +29,7 @@ from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import Role, User, UserChanges, UserFilter, email_key, search_key
 from userservice.domain.repository import UserRepository
 from userservice.domain.validation import check_display_name, check_email
-from userservice.storage import open_repository
+from userservice.server.wiring import open_repository
 from userservice.storage.migrations import backend_migrations
 from userservice.storage.postgres.migrations import apply_migrations as apply_postgres
 from userservice.storage.rows import BACKFILL_BATCH

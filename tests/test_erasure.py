@@ -25,7 +25,7 @@ from user.v1 import user_service_pb2 as pb
 from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import EventType, UserEvent
 from userservice.server import Application
-from userservice.storage import open_repository
+from userservice.server.wiring import open_repository
 from userservice.storage.migrations import backend_migrations
 from userservice.storage.postgres.migrations import apply_migrations as apply_postgres
 from userservice.storage.sqlite.connection import connect as sqlite_connect

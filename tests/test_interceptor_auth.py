@@ -37,10 +37,11 @@ from interceptor_harness import (
     token,
 )
 
-from userservice.config import ConfigError
+from userservice.config import ConfigError, load_key_file
 from userservice.interceptors.auth import METHOD_SCOPES, current_principal, mint_token
-from userservice.interceptors.jwt_verifier import TokenVerifier, verifier_from_settings
-from userservice.interceptors.keys import KeyEntry, load_key_file
+from userservice.interceptors.auth.keys import KeyEntry
+from userservice.interceptors.auth.verifier import TokenVerifier
+from userservice.server.wiring import verifier_from_settings
 
 CHALLENGE = 'Bearer realm="userservice"'
 INVALID_CHALLENGE = CHALLENGE + ', error="invalid_token"'

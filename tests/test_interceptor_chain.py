@@ -15,15 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from interceptor_harness import AccessLog, Harness, serve, settings, token
 from prometheus_client import REGISTRY
 
-from userservice.interceptors.access_log import AccessLogInterceptor
 from userservice.interceptors.admission import AdmissionInterceptor, PublicStreamAdmission
 from userservice.interceptors.auth import AuthInterceptor
-from userservice.interceptors.chain import build_chain
+from userservice.interceptors.auth.verifier import TokenVerifier
 from userservice.interceptors.decoding import DecodingInterceptor
-from userservice.interceptors.jwt_verifier import TokenVerifier
+from userservice.interceptors.logging import AccessLogInterceptor
 from userservice.interceptors.ratelimit import RateLimitInterceptor
 from userservice.interceptors.recovery import RecoveryInterceptor
 from userservice.metrics import start_metrics_server
+from userservice.server.wiring import build_chain
 
 HEALTH = health_pb2.HealthCheckResponse
 

@@ -27,7 +27,7 @@ from interceptor_harness import (
 )
 from prometheus_client import REGISTRY
 
-from userservice.interceptors._call import MAX_REQUEST_ID_LENGTH, valid_request_id
+from userservice.rpc_context import MAX_REQUEST_ID_LENGTH, valid_request_id
 
 LOG_ERRORS = "userservice_access_log_errors_total"
 
@@ -233,7 +233,7 @@ async def test_level_above_info_silences_the_access_log(
 
 
 def test_line_shape_matches_the_json_formatter() -> None:
-    from userservice.interceptors.access_log import _line
+    from userservice.interceptors.logging.line import access_line as _line
     from userservice.logs import JsonFormatter
 
     line = json.loads(_line("/p.S/M", "unary", "OK", 0.0012345, "ipv4:1.2.3.4:5", "r", ""))

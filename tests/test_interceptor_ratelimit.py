@@ -27,9 +27,9 @@ from userservice.interceptors.ratelimit import (
     SCAN_COSTS,
     Decision,
     LocalLimiter,
-    peer_host,
 )
-from userservice.interceptors.ratelimit_redis import RedisLimiter
+from userservice.interceptors.ratelimit.redis import RedisLimiter
+from userservice.rpc_context import peer_host
 
 LIST_USERS = "/user.v1.UserService/ListUsers"
 

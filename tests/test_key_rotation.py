@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from interceptor_harness import ALL_SCOPES, AUDIENCE, ISSUER, Harness, Result, serve, settings
 from support import make_settings
 
-from userservice.interceptors.keys import cache_seconds, display_url
+from userservice.interceptors.auth.keys import cache_seconds, display_url
 from userservice.server import Application, StartupError
 
 Key = ec.EllipticCurvePrivateKey

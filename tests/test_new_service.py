@@ -81,7 +81,7 @@ def test_generated_service_is_renamed_throughout_and_its_suite_passes(tmp_path: 
     assert leftovers(dest) == []
     assert (dest / "proto/orders/v1/order_service.proto").is_file()
     assert (dest / "src/orders/v1/order_service_pb2_grpc.py").is_file()
-    assert (dest / "src/orders/server.py").is_file()
+    assert (dest / "src/orders/server/__init__.py").is_file()
     assert not (dest / "src/userservice").exists()
     log = subprocess.run(
         ["git", "log", "--oneline"], cwd=dest, capture_output=True, text=True, check=True

@@ -29,11 +29,11 @@ from userservice.domain.errors import (
 )
 from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import Role, SyncOutcome, User, UserChanges, UserFilter
+from userservice.server.wiring import open_repository as open_postgres
 from userservice.storage.postgres import (
     PostgresUserRepository,
     SchemaNotReadyError,
     migrate_postgres,
-    open_postgres,
 )
 
 pytestmark = pytest.mark.postgres

@@ -31,7 +31,8 @@ from userservice.domain.filtering import (
 )
 from userservice.domain.model import Role, UserFilter
 from userservice.domain.pagination import PagePosition, PageTokenCodec
-from userservice.domain.service import MUTABLE_FIELDS, _changes_from_mask
+from userservice.domain.updates import MUTABLE_FIELDS
+from userservice.domain.updates import changes_from_mask as _changes_from_mask
 from userservice.domain.validation import (
     MAX_DISPLAY_NAME_LENGTH,
     MAX_EMAIL_LENGTH,

@@ -35,7 +35,8 @@ from userservice.domain.model import (
     UserFilter,
     search_key,
 )
-from userservice.storage import open_repository, parse_sqlite_path
+from userservice.server.wiring import open_repository
+from userservice.storage import parse_sqlite_path
 from userservice.storage.migrations import Migration, backend_migrations
 from userservice.storage.sqlite import (
     SqliteLockedError,

@@ -30,7 +30,8 @@ from userservice.domain.model import (
     UserFilter,
 )
 from userservice.domain.repository import UserRepository
-from userservice.storage import open_repository, parse_sqlite_path
+from userservice.server.wiring import open_repository
+from userservice.storage import parse_sqlite_path
 
 REQUEST_ID = "0190a7c2-8f4e-7b3a-9c1d-2e3f4a5b6c7d"
 # Short enough for real sleeps, long enough that a key just claimed stays live for the test.

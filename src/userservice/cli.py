@@ -53,7 +53,8 @@ def _settings(arguments: argparse.Namespace) -> Settings:
 
 
 def _run_migrate(settings: Settings) -> int:
-    from userservice.storage import migrate, storage_failure
+    from userservice.server.wiring import migrate
+    from userservice.storage import storage_failure
 
     try:
         applied = migrate(settings)

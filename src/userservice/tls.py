@@ -12,15 +12,17 @@ open keep the certificate they were set up with; new handshakes get the new one.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from userservice.file_signature import FileSignature, file_signature
 
 _log: Final = logging.getLogger("userservice.tls")
 
@@ -29,12 +31,26 @@ class TlsFilesError(ValueError):
     """The TLS files cannot be used together (unparsable, or the key does not fit)."""
 
 
-def _signature(paths: list[str]) -> tuple[tuple[int, int, int, int], ...]:
-    signatures = []
-    for path in paths:
-        status = os.stat(path)
-        signatures.append((status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
-    return tuple(signatures)
+_PEM_PARSERS: Final[dict[str, Callable[[bytes], Any]]] = {
+    "certificates": x509.load_pem_x509_certificates,
+    "private key": lambda data: serialization.load_pem_private_key(data, None),
+}
+
+
+def check_pem_file(path: str, kind: str) -> None:
+    """Parse path as PEM of kind ("certificates" or "private key"); raise TlsFilesError if not."""
+    try:
+        _PEM_PARSERS[kind](Path(path).read_bytes())
+    except (OSError, ValueError, TypeError) as error:
+        raise TlsFilesError(f"cannot parse {path!r} as PEM ({_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _signature(paths: list[str]) -> tuple[FileSignature, ...]:
+    return tuple(file_signature(path) for path in paths)
 
 
 class ReloadingServerCredentials:
@@ -70,13 +86,12 @@ class ReloadingServerCredentials:
             chain = Path(self._cert_file).read_bytes()
             key_pem = Path(self._key_file).read_bytes()
             client_ca = Path(self._ca_file).read_bytes() if self._ca_file else None
-            leaf = x509.load_pem_x509_certificates(chain)[0]
-            key = serialization.load_pem_private_key(key_pem, None)
+            leaf = _PEM_PARSERS["certificates"](chain)[0]
+            key = _PEM_PARSERS["private key"](key_pem)
             if client_ca is not None:
-                x509.load_pem_x509_certificates(client_ca)
+                _PEM_PARSERS["certificates"](client_ca)
         except (OSError, ValueError, TypeError, IndexError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise TlsFilesError(f"cannot load the TLS files: {reason}") from error
+            raise TlsFilesError(f"cannot load the TLS files: {_reason(error)}") from error
         public = serialization.PublicFormat.SubjectPublicKeyInfo
         encoding = serialization.Encoding.DER
         if leaf.public_key().public_bytes(encoding, public) != key.public_key().public_bytes(

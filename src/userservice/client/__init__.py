@@ -1,6 +1,6 @@
 """The Python client of user.v1.UserService: `UserServiceClient` and its typed errors."""
 
-from userservice.client.client import TokenFile, TokenSource, UserServiceClient
+from userservice.client.client import UserServiceClient
 from userservice.client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -16,6 +16,7 @@ from userservice.client.errors import (
     UserServiceError,
     from_rpc_error,
 )
+from userservice.client.tokens import TokenFile, TokenSource
 
 __all__ = [
     "AbortedError",

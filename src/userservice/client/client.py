@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import random
 import time
 import uuid
@@ -17,54 +16,19 @@ from google.protobuf import field_mask_pb2
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
-from userservice.client.errors import UserServiceError, from_rpc_error
+from userservice.client.errors import from_rpc_error
+from userservice.client.retries import retry_delay
 from userservice.client.service_config import MAX_ATTEMPTS, channel_options
+from userservice.client.tokens import TOKEN_ENDED_REASONS, TokenFile, TokenSource
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_STREAM_TIMEOUT_SECONDS = 300.0
-_RETRY_BACKOFF_SECONDS = (0.1, 1.0)
-# The server ends a stream with these when its token ends (expiry, a withdrawn signing key):
-# the token was good when the stream opened, so a newer one from the source may resume it.
-_TOKEN_ENDED_REASONS = frozenset({"TOKEN_EXPIRED", "KEY_WITHDRAWN"})
-
-TokenSource: TypeAlias = Callable[[], str | Awaitable[str]]
-"""Returns the bearer token to send now; called before every call, so keep it cheap."""
 Metadata: TypeAlias = tuple[tuple[str, str], ...]
 
 
 def _read(path: str | Path | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
-
-
-class TokenFile:
-    """A bearer token kept in a file and re-read whenever the file changes.
-
-    For a Kubernetes projected service-account token (or any agent that rewrites a token
-    file): each call stats the file, and reads it again only when its inode, size or
-    modification time changed. If the file cannot be read after it once could, the token
-    read last is kept, as a replaced file is briefly absent on some volumes.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        """Read path on the first call, not now."""
-        self.path = Path(path)
-        self._signature: tuple[int, int, int, int] | None = None
-        self._token = ""
-
-    def __call__(self) -> str:
-        """Return the token in the file now (surrounding whitespace removed)."""
-        try:
-            # stat follows symlinks: a Kubernetes volume update swaps the ..data link.
-            status = os.stat(self.path)
-            signature = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-            if signature != self._signature:
-                self._token = self.path.read_text(encoding="utf-8").strip()
-                self._signature = signature
-        except OSError:
-            if self._signature is None:
-                raise
-        return self._token
 
 
 class UserServiceClient:
@@ -194,22 +158,11 @@ class UserServiceClient:
                 return await call(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
-            delay = self._retry_delay(error, attempt, retry_unavailable)
+            delay = retry_delay(error, attempt, retry_unavailable)
             if delay is None or attempt == MAX_ATTEMPTS or time.monotonic() + delay >= deadline:
                 raise error
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _retry_delay(
-        error: UserServiceError, attempt: int, retry_unavailable: bool
-    ) -> float | None:
-        if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is not None:
-            return error.retry_delay
-        if error.code == grpc.StatusCode.UNAVAILABLE and retry_unavailable:
-            low, high = _RETRY_BACKOFF_SECONDS
-            return random.uniform(0, min(high, low * 2 ** (attempt - 1)))
-        return None
 
     async def create_user(
         self,
@@ -346,7 +299,7 @@ class UserServiceClient:
                 if not resume:
                     raise error from None
                 if error.code == grpc.StatusCode.UNAUTHENTICATED:
-                    if error.reason not in _TOKEN_ENDED_REASONS:
+                    if error.reason not in TOKEN_ENDED_REASONS:
                         raise error from None
                     used, (token, metadata) = token, await self._authorization()
                     if token == used:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
+
+ERROR_DOMAIN: Final = "userservice"
+"""The domain of every google.rpc.ErrorInfo this service sends: reasons are unique within it."""
 
 
 class Reason(enum.StrEnum):

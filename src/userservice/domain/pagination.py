@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,3 +123,18 @@ def _mac(key: bytes, data: bytes) -> bytes:
 
 def _filter_digest(filter_text: str) -> str:
     return hashlib.sha256(filter_text.encode()).hexdigest()[:16]
+
+
+def random_page_token_secret() -> str:
+    """Return a fresh page-token secret, for a process (or a group of workers) given none.
+
+    Tokens signed with it do not survive a restart and no other replica accepts them, which
+    is why configuration requires a shared secret on PostgreSQL outside development.
+    """
+    return secrets.token_urlsafe(32)
+
+
+def page_token_codec(secret: str, previous: Sequence[str] = ()) -> PageTokenCodec:
+    """Return the codec signing with secret (a random one if empty), accepting previous too."""
+    current = secret or random_page_token_secret()
+    return PageTokenCodec(current.encode(), [item.encode() for item in previous])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from userservice.domain.errors import (
     DomainError,
@@ -19,26 +18,23 @@ from userservice.domain.errors import (
 from userservice.domain.feed import DEFAULT_BUFFER_SIZE, ChangeFeed
 from userservice.domain.filtering import canonical_filter, parse_filter
 from userservice.domain.ids import is_valid_id, new_user_id, now_us
+from userservice.domain.imports import ImportResult
 from userservice.domain.model import (
     Caller,
     NewUser,
     SyncOutcome,
     User,
-    UserChanges,
     UserEvent,
     WatchProgress,
 )
 from userservice.domain.pagination import PageTokenCodec, effective_page_size
 from userservice.domain.repository import UserRepository
 from userservice.domain.scans import ScanGate
+from userservice.domain.updates import changes_from_mask
 from userservice.domain.validation import (
     NOT_A_USER_ID,
     UserInput,
-    check_display_name,
-    check_email,
     check_request_id,
-    check_role,
-    check_subject,
     check_user_id,
     fingerprint,
     validate_new_user,
@@ -46,11 +42,8 @@ from userservice.domain.validation import (
 
 MAX_BATCH_GET = 100
 IMPORT_BATCH_SIZE = 500
-MAX_REPORTED_REJECTIONS = 1000
 STREAM_BATCH_SIZE = 256
 DEFAULT_WATCH_PROGRESS_SECONDS = 15.0
-MUTABLE_FIELDS = ("email", "display_name", "role", "subject")
-IMMUTABLE_FIELDS = frozenset({"id", "create_time", "update_time", "etag"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,34 +53,6 @@ class ListResult:
     users: list[User]
     next_page_token: str
     total_size: int
-
-
-@dataclass(slots=True)
-class ImportResult:
-    """Outcome of a bulk import: counts and the lowest-index rejections with their stream index.
-
-    Validation rejects a row when it arrives, the store only when its batch flushes, so
-    rejections do not come in index order: a max-heap keeps the MAX_REPORTED_REJECTIONS
-    lowest indices (O(log n) per rejection, bounded memory).
-    """
-
-    created_count: int = 0
-    rejected_count: int = 0
-    _kept: list[tuple[int, int, DomainError]] = field(default_factory=list)
-
-    def reject(self, index: int, error: DomainError) -> None:
-        """Count a rejected row, keeping its details if it is among the lowest indices."""
-        self.rejected_count += 1
-        entry = (-index, self.rejected_count, error)
-        if len(self._kept) < MAX_REPORTED_REJECTIONS:
-            heapq.heappush(self._kept, entry)
-        elif index < -self._kept[0][0]:
-            heapq.heapreplace(self._kept, entry)
-
-    @property
-    def rejections(self) -> list[tuple[int, DomainError]]:
-        """Return the kept rejections, lowest index first."""
-        return [(-negated, error) for negated, _, error in sorted(self._kept, reverse=True)]
 
 
 class UserService:
@@ -227,7 +192,7 @@ class UserService:
         The store asks caller.writable() inside its transaction whether this caller may.
         """
         check_user_id(user_id, "user.id")
-        changes = _changes_from_mask(user, mask_paths)
+        changes = changes_from_mask(user, mask_paths)
         return await self._repository.update(
             user_id, changes, etag or None, self._clock(), caller=caller
         )
@@ -321,45 +286,3 @@ def _outcome_dropped(task: asyncio.Task[None]) -> None:
     # Retrieved so that asyncio does not log a failure nobody could have handled.
     if not task.cancelled():
         task.exception()
-
-
-def _changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChanges:
-    paths = list(mask_paths)
-    if paths == ["*"]:
-        paths = list(MUTABLE_FIELDS)
-    elif not paths:
-        paths = [
-            name
-            for name, is_set in (
-                ("email", bool(user.email)),
-                ("display_name", bool(user.display_name)),
-                ("role", user.role != 0),
-                ("subject", bool(user.subject)),
-            )
-            if is_set
-        ]
-        if not paths:
-            raise InvalidArgumentError.single("update_mask", "names no field to update")
-    violations: list[FieldViolation] = []
-    for path in paths:
-        if path in IMMUTABLE_FIELDS:
-            violations.append(
-                FieldViolation("update_mask", f"'{path}' is output only or immutable")
-            )
-        elif path not in MUTABLE_FIELDS:
-            violations.append(FieldViolation("update_mask", f"unknown field path '{path}'"))
-    if violations:
-        raise InvalidArgumentError(violations)
-    email = check_email(user.email, "user.email", violations) if "email" in paths else None
-    display_name = (
-        check_display_name(user.display_name, "user.display_name", violations)
-        if "display_name" in paths
-        else None
-    )
-    role = check_role(user.role, "user.role", violations, default=None) if "role" in paths else None
-    subject = (
-        check_subject(user.subject, "user.subject", violations) if "subject" in paths else None
-    )
-    if violations:
-        raise InvalidArgumentError(violations)
-    return UserChanges(email=email, display_name=display_name, role=role, subject=subject)

@@ -26,7 +26,7 @@ NOT_A_USER_ID = "must be a user id (a lower-case UUID)"
 # The plain form almost every address has: an ASCII dot-atom, one "@", then two or more
 # RFC 1123 labels of at most 63 characters. For these email-validator's rules reduce to the
 # checks in plain_email(), which give its verdict and normalisation without its
-# per-character Unicode work (~10 µs an address); anything else is left to it.
+# per-character Unicode work; anything else is left to it.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _PLAIN_EMAIL = re.compile(
     rf"(?P<local>[{ATEXT}]+(?:\.[{ATEXT}]+)*)@(?P<domain>{_LABEL}(?:\.{_LABEL})+)", re.ASCII

@@ -50,13 +50,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import grpc
 
-from userservice.config import Settings
-from userservice.interceptors._handlers import Behaviour, WrappingInterceptor
-from userservice.interceptors.access_log import AccessLogInterceptor
 from userservice.interceptors.admission import (
     AdmissionInterceptor,
     AdmissionLimits,
@@ -64,21 +61,20 @@ from userservice.interceptors.admission import (
     PublicStreamLimits,
 )
 from userservice.interceptors.auth import AuthInterceptor
+from userservice.interceptors.auth.verifier import TokenVerifier
 from userservice.interceptors.decoding import DecodingInterceptor
-from userservice.interceptors.jwt_verifier import verifier_from_settings
+from userservice.interceptors.handlers import Behaviour, WrappingInterceptor
+from userservice.interceptors.logging import AccessLogInterceptor
 from userservice.interceptors.matcher import MethodMatcher
-from userservice.interceptors.ratelimit import Limiter, LocalLimiter, RateLimitInterceptor
+from userservice.interceptors.ratelimit.interceptor import RateLimitInterceptor
+from userservice.interceptors.ratelimit.limiter import Limiter
+from userservice.interceptors.ratelimit.local import LocalLimiter
 from userservice.interceptors.recovery import RecoveryInterceptor
 from userservice.interceptors.registration import InterceptedRegistrar
-
-if TYPE_CHECKING:
-    from userservice.observability.otel import Tracing
 
 _log: Final = logging.getLogger("userservice.chain")
 PUBLIC_METHODS: Final = ("grpc.health.v1.Health/*", "grpc.reflection.*")
 """Methods served without a token or a rate limit; only their streams have a budget (per peer)."""
-UNTRACED_METHODS: Final = ("grpc.health.v1.Health/*",)
-"""Methods without a server span: probes every few seconds per pod would bury the real traces."""
 
 
 class ComposedInterceptor(WrappingInterceptor):
@@ -136,52 +132,67 @@ class InterceptorChain:
                 _log.error("closing an interceptor failed: %s: %s", type(error).__name__, error)
 
 
-async def build_chain(settings: Settings, tracing: Tracing | None = None) -> InterceptorChain:
-    """Build the chain for settings; a rate_limit_rps of 0 leaves the limiter out."""
+@dataclass(frozen=True, slots=True)
+class RateLimitOptions:
+    """The per-principal token bucket, and where it lives (this process, or a shared Redis)."""
+
+    rps: float
+    burst: int
+    redis_url: str = ""
+    fail_open: bool = True
+    redis_timeout_seconds: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class ChainOptions:
+    """What the layers of the chain are configured with; rate_limit None leaves it out."""
+
+    admission: AdmissionLimits
+    public_streams: PublicStreamLimits
+    rate_limit: RateLimitOptions | None
+
+
+async def build_chain(
+    verifier: TokenVerifier, options: ChainOptions, tracing: WrappingInterceptor | None = None
+) -> InterceptorChain:
+    """Build the chain verifying tokens with verifier; start its keys (KeyFetchError if none).
+
+    tracing is the server-span layer (observability/otel.py), when tracing is on.
+    """
     public = MethodMatcher(PUBLIC_METHODS)
     access_log = AccessLogInterceptor()
-    verifier = verifier_from_settings(settings)
     layers: list[WrappingInterceptor] = [RecoveryInterceptor()]
     if tracing is not None:
-        layers.append(tracing.interceptor(MethodMatcher(UNTRACED_METHODS)))
+        layers.append(tracing)
     layers += [
         access_log,
         AuthInterceptor(verifier, public),
-        AdmissionInterceptor(
-            AdmissionLimits(
-                settings.max_concurrent_rpcs,
-                settings.max_open_streams,
-                settings.max_streams_per_principal,
-            ),
-            public,
-        ),
-        PublicStreamAdmission(
-            PublicStreamLimits(settings.max_public_streams, settings.max_public_streams_per_peer),
-            public,
-        ),
+        AdmissionInterceptor(options.admission, public),
+        PublicStreamAdmission(options.public_streams, public),
     ]
     closers = [_flusher(access_log.stderr.flush)]
-    if settings.rate_limit_rps > 0:
+    rate = options.rate_limit
+    if rate is not None:
         limiter: Limiter
-        if settings.rate_limit_redis_url:
+        if rate.redis_url:
             # Imported only when used: redis-py imports the OpenTelemetry SDK if it is installed,
             # which a service not using Redis (or not tracing) should not pay for.
-            from userservice.interceptors.ratelimit_redis import RedisLimiter
+            from userservice.interceptors.ratelimit.redis import RedisLimiter
 
             shared = RedisLimiter.from_url(
-                settings.rate_limit_redis_url,
-                settings.rate_limit_rps,
-                settings.rate_limit_burst,
-                fail_open=settings.rate_limit_fail_open,
-                timeout=settings.rate_limit_redis_timeout_seconds,
+                rate.redis_url,
+                rate.rps,
+                rate.burst,
+                fail_open=rate.fail_open,
+                timeout=rate.redis_timeout_seconds,
             )
             closers.append(shared.aclose)
             # Surfaces an unreachable Redis in the startup log rather than at the first call.
             await shared.check()
             limiter = shared
         else:
-            limiter = LocalLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-        layers.append(RateLimitInterceptor(limiter, public, burst=settings.rate_limit_burst))
+            limiter = LocalLimiter(rate.rps, rate.burst)
+        layers.append(RateLimitInterceptor(limiter, public, burst=rate.burst))
     layers.append(DecodingInterceptor())
     chain = InterceptorChain(layers, closers)
     try:

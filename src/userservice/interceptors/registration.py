@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from userservice.interceptors._handlers import Handler, WrappingInterceptor
+from userservice.interceptors.handlers import Handler, WrappingInterceptor
 
 
 class InterceptedRegistrar:

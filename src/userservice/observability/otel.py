@@ -39,12 +39,12 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from userservice.domain.errors import DomainError
-from userservice.interceptors._call import TRACE_LOG_FIELDS, invocation_metadata
-from userservice.interceptors._handlers import Behaviour, Context, WrappingInterceptor
+from userservice.interceptors.handlers import Behaviour, Context, WrappingInterceptor
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.recovery import final_code
+from userservice.observability.errors import TracingUnavailableError
 from userservice.observability.storage import SpanFactory
-from userservice.observability.tracing import TracingUnavailableError
+from userservice.rpc_context import TRACE_LOG_FIELDS, invocation_metadata
 
 DEFAULT_SERVICE_NAME: Final = "userservice"
 _OK: Final = grpc.StatusCode.OK

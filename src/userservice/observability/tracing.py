@@ -10,12 +10,10 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from userservice.observability.errors import TracingUnavailableError as TracingUnavailableError
+
 if TYPE_CHECKING:
     from userservice.observability.otel import Tracing
-
-
-class TracingUnavailableError(RuntimeError):
-    """Traces were asked for, but the extra is missing or the OTEL_* settings are invalid."""
 
 
 def tracing_requested(environ: Mapping[str, str]) -> bool:

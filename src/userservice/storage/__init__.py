@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from userservice.config import Settings
 from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.repository import UserRepository
 from userservice.storage.migrations import MigrationError, SchemaNotReadyError
+from userservice.storage.options import StoreOptions
 from userservice.storage.sqlite import SqliteLockedError, open_sqlite
 from userservice.storage.sqlite.shared import SharedCommits
 
@@ -17,7 +17,7 @@ _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
 async def open_repository(
-    url: str, *, settings: Settings | None = None, shared: SharedCommits | None = None
+    url: str, options: StoreOptions, *, shared: SharedCommits | None = None
 ) -> UserRepository:
     """Open the store the URL names: sqlite:///relative.db, sqlite:////absolute.db or postgresql://.
 
@@ -27,22 +27,31 @@ async def open_repository(
         # Imported here so a SQLite deployment never loads the PostgreSQL driver.
         from userservice.storage.postgres import open_postgres
 
-        return await open_postgres(url, settings=settings)
-    settings = settings or Settings()
+        return await open_postgres(url, options)
     return await open_sqlite(
         parse_sqlite_path(url),
-        event_retention=settings.event_retention,
-        migrate=settings.migrate_on_start,
-        request_id_retention_seconds=settings.request_id_retention_seconds,
+        event_retention=options.event_retention,
+        migrate=options.migrate_on_start,
+        request_id_retention_seconds=options.request_id_retention_seconds,
         shared=shared,
-        statement_timeout=settings.db_statement_timeout_seconds,
-        synchronous=settings.sqlite_synchronous.upper(),
+        statement_timeout=options.statement_timeout_seconds,
+        synchronous=options.sqlite_synchronous.upper(),
     )
 
 
 def is_postgres_url(url: str) -> bool:
     """Tell whether the URL names a PostgreSQL database (otherwise it must be SQLite)."""
     return url.startswith(_POSTGRES_PREFIXES)
+
+
+def is_database_url(url: str) -> bool:
+    """Tell whether the URL names a store this service can open (by its scheme alone)."""
+    return url.startswith(_SQLITE_PREFIX) or is_postgres_url(url)
+
+
+def db_system(url: str) -> str:
+    """Return the OpenTelemetry db.system.name of the store a database URL opens."""
+    return "postgresql" if is_postgres_url(url) else "sqlite"
 
 
 def parse_sqlite_path(url: str) -> Path:
@@ -76,9 +85,8 @@ def storage_failure(error: BaseException) -> str | None:
     return None
 
 
-def migrate(settings: Settings) -> list[str]:
-    """Apply pending migrations to the configured store (blocking); return the names applied."""
-    url = settings.database_url
+def migrate(url: str, options: StoreOptions) -> list[str]:
+    """Apply pending migrations to the store url names (blocking); return the names applied."""
     if is_postgres_url(url):
         import asyncio
 
@@ -87,8 +95,8 @@ def migrate(settings: Settings) -> list[str]:
         return asyncio.run(
             migrate_postgres(
                 url,
-                connect_timeout=settings.db_connect_timeout_seconds,
-                lock_timeout=settings.migration_lock_timeout_seconds,
+                connect_timeout=options.connect_timeout_seconds,
+                lock_timeout=options.migration_lock_timeout_seconds,
             )
         )
     from userservice.storage.sqlite import migrate_sqlite

@@ -8,7 +8,7 @@ from typing import Final
 from userservice.domain.ids import now_us
 
 # A sweep runs at most once per interval (or per retention, if shorter), deleting at most
-# a batch: about 3 ms on SQLite, so no request pays for a long delete. A full batch means a
+# a batch, so no request pays for a long delete. A full batch means a
 # backlog (a lowered retention, a table from before keys expired), worked off one batch per
 # pause.
 EXPIRE_INTERVAL_SECONDS: Final = 60.0

@@ -12,6 +12,7 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_status import rpc_status
 
 from userservice.domain.errors import (
+    ERROR_DOMAIN,
     AdminOnlyFieldError,
     CommitOutcomeUnknownError,
     ConcurrentConflictError,
@@ -33,9 +34,8 @@ from userservice.domain.errors import (
     UserNotFoundError,
     WatcherTooSlowError,
 )
-from userservice.interceptors._call import with_request_id
+from userservice.rpc_context import with_request_id
 
-ERROR_DOMAIN = "userservice"
 USER_RESOURCE_TYPE = "user.v1.User"
 _RETRY_AFTER_UNAVAILABLE = duration_pb2.Duration(seconds=1)
 # A scan ends within the statement budget; most within well under a second.

@@ -17,8 +17,8 @@ from userservice.domain.errors import DomainError, ShuttingDownError, StorageUna
 from userservice.domain.model import Caller
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
-from userservice.interceptors._call import PRINCIPAL, SCOPES
 from userservice.interceptors.auth import ADMIN
+from userservice.rpc_context import PRINCIPAL, SCOPES
 from userservice.transport.errors import abort_with_domain_error, status_proto
 from userservice.transport.mapping import event_to_proto, fill_user, user_input
 
@@ -189,8 +189,8 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         """Replay events after a sequence, then follow live ones, with progress when idle."""
         after = request.after_sequence if request.HasField("after_sequence") else None
         # No event may come for a long time: the client still sees the watch
-        # established at once because the access-log interceptor sends initial
-        # metadata (x-request-id) when every call starts.
+        # established at once because the request-id layer sends every stream's initial
+        # metadata (x-request-id) when it starts; unary calls get it in the trailers only.
         async with DomainErrors(context):
             async for event in self._service.watch_users(after):
                 yield event_to_proto(event)

@@ -9,7 +9,6 @@ from typing import Any, Final
 
 import asyncpg
 
-from userservice.config import Settings
 from userservice.domain.deadlines import time_remaining
 from userservice.domain.errors import (
     StorageBusyError,
@@ -37,11 +36,6 @@ class ConnectOptions:
 
     connect_timeout: float
     statement_timeout: float
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectOptions:
-        """Take the timeouts from the service settings."""
-        return cls(settings.db_connect_timeout_seconds, settings.db_statement_timeout_seconds)
 
     def connect_kwargs(self, application_name: str) -> dict[str, Any]:
         """Return asyncpg.connect / create_pool keyword arguments."""

@@ -16,7 +16,6 @@ from typing import Final, TypeVar
 
 import asyncpg
 
-from userservice.config import Settings
 from userservice.domain.errors import (
     CommitOutcomeUnknownError,
     ConcurrentConflictError,
@@ -44,7 +43,7 @@ from userservice.storage.postgres.connection import (
     translated_errors,
 )
 from userservice.storage.postgres.listener import EventListener
-from userservice.storage.postgres.migrations import migrate_postgres, require_migrated
+from userservice.storage.postgres.migrations import require_migrated
 from userservice.storage.postgres.retention import Housekeeping
 
 _T = TypeVar("_T")
@@ -54,41 +53,6 @@ _PING_TIMEOUT_SECONDS: Final = 2.0
 _CLOSE_TIMEOUT_SECONDS: Final = 5.0
 
 _log = logging.getLogger(__name__)
-
-
-async def open_postgres(url: str, *, settings: Settings | None = None) -> PostgresUserRepository:
-    """Connect a pool (migrating first if settings say so) and start the event listener."""
-    settings = settings or Settings()
-    if settings.migrate_on_start:
-        await migrate_postgres(
-            url,
-            connect_timeout=settings.db_connect_timeout_seconds,
-            lock_timeout=settings.migration_lock_timeout_seconds,
-        )
-    options = ConnectOptions.from_settings(settings)
-    try:
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=settings.db_pool_min_size,
-            max_size=settings.db_pool_max_size,
-            max_inactive_connection_lifetime=300.0,
-            **options.connect_kwargs("userservice"),
-        )
-    except UNAVAILABLE_ERRORS as error:
-        raise StorageUnavailableError(f"cannot reach PostgreSQL: {error}") from error
-    repository = PostgresUserRepository(
-        pool,
-        url=url,
-        options=options,
-        event_retention=settings.event_retention,
-        expiry=ExpirySchedule(settings.request_id_retention_seconds),
-    )
-    try:
-        await repository._start()
-    except BaseException:
-        await repository.close()
-        raise
-    return repository
 
 
 class PostgresUserRepository:

@@ -2,6 +2,7 @@
 
 from userservice.storage.sqlite.connection import SqliteLockedError
 from userservice.storage.sqlite.migrations import migrate_sqlite
-from userservice.storage.sqlite.repository import SqliteUserRepository, open_sqlite
+from userservice.storage.sqlite.opening import open_sqlite
+from userservice.storage.sqlite.repository import SqliteUserRepository
 
 __all__ = ["SqliteLockedError", "SqliteUserRepository", "migrate_sqlite", "open_sqlite"]

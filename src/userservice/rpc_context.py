@@ -1,4 +1,7 @@
-"""Per-call state the interceptors share: request id, principal and scopes, invocation metadata.
+"""Per-call state: request id, principal and scopes, invocation metadata.
+
+Set by the interceptors, read by them, by the transport (who is calling), by health and by
+tracing; public so that none of those reaches into an interceptor's module.
 
 grpc.aio runs the interceptors and the handler of one RPC in one task with its own
 contextvars.Context, so a value set by an inner wrapper is visible to the outer ones
@@ -10,9 +13,12 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
-from userservice.interceptors._handlers import Context
+import grpc
+
+# A string, because grpc's runtime classes are not all subscriptable (only the stubs are).
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 REQUEST_ID_KEY: Final = "x-request-id"
 MAX_REQUEST_ID_LENGTH: Final = 128
@@ -27,7 +33,7 @@ _METADATA: Final[ContextVar[Any]] = ContextVar("userservice_metadata", default=N
 
 
 def invocation_metadata(context: Context) -> Any:
-    """Return the call's invocation metadata, fetched from grpc once per call (~1 µs each)."""
+    """Return the call's invocation metadata, fetched from grpc once per call."""
     metadata = _METADATA.get()
     if metadata is None:
         metadata = context.invocation_metadata() or ()
@@ -76,3 +82,11 @@ def with_request_id(
     if current is None:
         return tuple(trailing_metadata)
     return ((REQUEST_ID_KEY, current), *trailing_metadata)
+
+
+def peer_host(peer: str) -> str:
+    """Return the host part of a gRPC peer string (ipv4:1.2.3.4:5, ipv6:[::1]:5, unix:...)."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rpartition(":")[0].strip("[]")
+    return peer

@@ -27,17 +27,17 @@ from typing import Any, Final, NoReturn, TypeAlias
 import grpc
 import jwt
 
-from userservice.interceptors._call import PRINCIPAL, SCOPES, invocation_metadata, metadata_value
-from userservice.interceptors._handlers import (
+from userservice.interceptors.auth.verifier import Principal, TokenVerifier
+from userservice.interceptors.handlers import (
     UNARY,
     Behaviour,
     Context,
     WrappingInterceptor,
     is_batch_error,
 )
-from userservice.interceptors._status import Rejection, rejection
-from userservice.interceptors.jwt_verifier import Principal, TokenVerifier
 from userservice.interceptors.matcher import MethodMatcher
+from userservice.interceptors.status import Rejection, rejection
+from userservice.rpc_context import PRINCIPAL, SCOPES, invocation_metadata, metadata_value
 
 READ: Final = "users.read"
 WRITE: Final = "users.write"

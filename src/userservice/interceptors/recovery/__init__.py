@@ -17,8 +17,7 @@ from typing import Any, Final, NoReturn
 
 import grpc
 
-from userservice.interceptors._call import request_id, with_request_id
-from userservice.interceptors._handlers import (
+from userservice.interceptors.handlers import (
     Behaviour,
     Context,
     WrappingInterceptor,
@@ -26,6 +25,7 @@ from userservice.interceptors._handlers import (
     is_batch_error,
     peer_ended,
 )
+from userservice.rpc_context import request_id, with_request_id
 
 _log: Final = logging.getLogger("userservice.recovery")
 

@@ -9,17 +9,15 @@ back, so HTTP/2 flow control pushes back on the client, and the call's deadline 
 ends the wait. A limiter that cannot decide (Redis down, failing closed) ends the call
 UNAVAILABLE with reason RATE_LIMITER_UNAVAILABLE: the caller is not over any limit.
 Buckets live in-process (``LocalLimiter``) or in Redis, shared by every replica
-(``ratelimit_redis.RedisLimiter``); both implement ``Limiter``.
+(``ratelimit.redis.RedisLimiter``); both implement ``Limiter`` (limiter.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -27,8 +25,7 @@ from google.rpc import error_details_pb2
 
 from userservice.domain.errors import InvalidArgumentError
 from userservice.domain.filtering import parse_filter
-from userservice.interceptors._call import PRINCIPAL
-from userservice.interceptors._handlers import (
+from userservice.interceptors.handlers import (
     BIDI_STREAM,
     CLIENT_STREAM,
     Behaviour,
@@ -36,8 +33,10 @@ from userservice.interceptors._handlers import (
     WrappingInterceptor,
     with_hook,
 )
-from userservice.interceptors._status import Rejection, rejection
 from userservice.interceptors.matcher import MethodMatcher
+from userservice.interceptors.ratelimit.limiter import Decision, Limiter
+from userservice.interceptors.status import Rejection, rejection
+from userservice.rpc_context import PRINCIPAL, peer_host
 
 _SERVICE: Final = "/user.v1.UserService/"
 METHOD_COSTS: Final[Mapping[str, float]] = {
@@ -61,83 +60,6 @@ MESSAGE_COSTS: Final[Mapping[str, float]] = {
 MAX_PACE_SECONDS: Final = 1.0
 
 
-class Decision(NamedTuple):
-    """A limiter's answer: allowed, or denied with the seconds until a retry can succeed.
-
-    undecided says the limiter could not reach its state (Redis down, failing closed):
-    the call is refused without being over any limit.
-    """
-
-    allowed: bool
-    retry_after: float
-    undecided: bool = False
-
-
-ALLOWED: Final = Decision(True, 0.0)
-
-
-class Limiter(Protocol):
-    """Takes cost tokens from key's bucket, or says how long until it could."""
-
-    async def limit(self, key: str, cost: float) -> Decision:
-        """Return whether a call costing cost may proceed for key."""
-        ...
-
-
-class LocalLimiter:
-    """In-process token buckets: O(1) per call, memory bounded by max_keys."""
-
-    def __init__(
-        self,
-        rate: float,
-        burst: float,
-        *,
-        max_keys: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        """Refill rate tokens per second into buckets holding at most burst."""
-        self._rate = rate
-        self._burst = burst
-        self._max_keys = max_keys
-        self._clock = clock
-        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, updated_at]
-
-    def __len__(self) -> int:
-        """Return the number of buckets held."""
-        return len(self._buckets)
-
-    async def limit(self, key: str, cost: float) -> Decision:
-        """Take cost tokens from key's bucket if it holds them."""
-        now = self._clock()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self._max_keys:
-                self._evict(now)
-            bucket = self._buckets[key] = [self._burst, now]
-        else:
-            bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
-            bucket[1] = now
-        if bucket[0] >= cost:
-            bucket[0] -= cost
-            return ALLOWED
-        return Decision(False, (cost - bucket[0]) / self._rate)
-
-    def _evict(self, now: float) -> None:
-        # A full bucket carries no state: dropping it changes nothing for its key.
-        full = [
-            key
-            for key, (tokens, updated_at) in self._buckets.items()
-            if tokens + (now - updated_at) * self._rate >= self._burst
-        ]
-        for key in full:
-            del self._buckets[key]
-        # Keep a tenth free so sweeps stay rare (amortised O(1)) even when every bucket is
-        # busy; the oldest buckets then go, at worst handing their keys a fresh burst.
-        excess = len(self._buckets) - int(self._max_keys * 0.9)
-        for key in list(itertools.islice(self._buckets, max(0, excess))):
-            del self._buckets[key]
-
-
 def is_scan_request(request: Any) -> bool:
     """Tell whether a request's filter is a scan, by the domain's rule (False if it has none).
 
@@ -150,14 +72,6 @@ def is_scan_request(request: Any) -> bool:
         return parse_filter(text).is_scan
     except InvalidArgumentError:
         return False
-
-
-def peer_host(peer: str) -> str:
-    """Return the host part of a gRPC peer string (ipv4:1.2.3.4:5, ipv6:[::1]:5, unix:...)."""
-    kind, _, address = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return address.rpartition(":")[0].strip("[]")
-    return peer
 
 
 def _exhausted(retry_after: float) -> Rejection:

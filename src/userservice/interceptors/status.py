@@ -11,11 +11,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter
 
-from userservice.interceptors._call import with_request_id
-from userservice.interceptors._handlers import Context
+from userservice.domain.errors import ERROR_DOMAIN
+from userservice.interceptors.handlers import Context
 from userservice.metrics import REFUSALS
+from userservice.rpc_context import with_request_id
 
-DOMAIN: Final = "userservice"
 DETAILS_KEY: Final = "grpc-status-details-bin"
 
 Metadata: TypeAlias = tuple[tuple[str, str | bytes], ...]
@@ -52,7 +52,7 @@ def rejection(
     """
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(
-        error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=info or {})
+        error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=info or {})
     )
     for detail in details:
         status.details.add().Pack(detail)

@@ -17,8 +17,9 @@ from typing import Any, Final, TypeAlias
 
 import grpc
 
+from userservice.rpc_context import Context as Context
+
 # Strings, because grpc's runtime classes are not all subscriptable (only the stubs are).
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Behaviour: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 MessageHook: TypeAlias = "Callable[[Any], Awaitable[None] | None]"

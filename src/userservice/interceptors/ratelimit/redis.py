@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from userservice.interceptors.ratelimit import ALLOWED, Decision
+from userservice.interceptors.ratelimit.limiter import ALLOWED, Decision
 
 _log: Final = logging.getLogger("userservice.ratelimit")
 _REMIND_EVERY_SECONDS: Final = 60.0

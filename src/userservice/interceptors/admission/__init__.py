@@ -30,11 +30,10 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2
 
-from userservice.interceptors._call import PRINCIPAL
-from userservice.interceptors._handlers import UNARY, Behaviour, Context, WrappingInterceptor
-from userservice.interceptors._status import Rejection, rejection
+from userservice.interceptors.handlers import UNARY, Behaviour, Context, WrappingInterceptor
 from userservice.interceptors.matcher import MethodMatcher
-from userservice.interceptors.ratelimit import peer_host
+from userservice.interceptors.status import Rejection, rejection
+from userservice.rpc_context import PRINCIPAL, peer_host
 
 # A unary slot frees within milliseconds; a stream slot only when some stream ends.
 _UNARY_RETRY: Final = Duration(nanos=100_000_000)

@@ -23,8 +23,7 @@ from typing import Any, Final, NoReturn, cast
 
 import grpc
 
-from userservice.interceptors._call import request_id
-from userservice.interceptors._handlers import (
+from userservice.interceptors.handlers import (
     BIDI_STREAM,
     CLIENT_STREAM,
     Behaviour,
@@ -33,8 +32,9 @@ from userservice.interceptors._handlers import (
     is_batch_error,
     with_hook,
 )
-from userservice.interceptors._status import rejection
+from userservice.interceptors.status import rejection
 from userservice.metrics import MALFORMED_REQUESTS
+from userservice.rpc_context import request_id
 
 MALFORMED_REQUEST: Final = "MALFORMED_REQUEST"
 _log: Final = logging.getLogger("userservice.decoding")

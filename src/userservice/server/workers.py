@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from typing import Final
 
 from userservice.config import Settings
+from userservice.domain.pagination import random_page_token_secret
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def prepare(settings: Settings) -> Settings:
     host, _, port = settings.listen_address.rpartition(":")
     _require_free_port(host.strip("[]"), int(port))
     # One key for all, or a page token from one worker would be refused by the others.
-    secret = settings.page_token_secret or secrets.token_urlsafe(32)
+    secret = settings.page_token_secret or random_page_token_secret()
     return dataclasses.replace(settings, page_token_secret=secret, migrate_on_start=False)
 
 
