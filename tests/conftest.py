@@ -1,4 +1,4 @@
-"""Shared fixtures: a fresh database per test (SQLite file or PostgreSQL database)."""
+"""Shared fixtures: a fresh database per test, the app and a client, TLS files, the access log."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from helpers.databases import fresh_postgres_database
+from helpers.interceptor_harness import AccessLog
 from helpers.pki import write_pki
 
 
@@ -57,3 +58,9 @@ async def client(app: Any) -> AsyncIterator[Any]:
 def pki(tmp_path: Path) -> dict[str, Path | bytes]:
     """Write a CA, a server certificate for localhost and a client certificate."""
     return write_pki(tmp_path)
+
+
+@pytest.fixture
+def log(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> AccessLog:
+    """The access lines written to stderr during the test."""
+    return AccessLog(capsys, caplog)

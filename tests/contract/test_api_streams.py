@@ -10,21 +10,13 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import code_pb2
-from helpers.servers import Client, eventually, handled, rich_details
+from helpers.servers import Client, eventually, handled, next_event, rich_details
 from helpers.tokens import bearer
-from helpers.users import new_user
+from helpers.users import create, new_user
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
 from userservice.server import Application
-
-
-async def create(client: Client, email: str, **kwargs: object) -> user_pb2.User:
-    response = await client.stub.CreateUser(
-        pb.CreateUserRequest(user=new_user(email, **kwargs)),  # type: ignore[arg-type]
-        metadata=client.metadata,
-    )
-    return response.user
 
 
 @pytest.mark.asyncio
@@ -106,12 +98,6 @@ async def test_import_commits_valid_rows_and_reports_each_rejection(client: Clie
         "fresh2@example.com",
         "fresh3@example.com",
     ]
-
-
-async def next_event(call: grpc.aio.UnaryStreamCall, timeout: float = 5.0) -> pb.WatchUsersResponse:  # type: ignore[type-arg]
-    event = await asyncio.wait_for(call.read(), timeout)
-    assert event is not grpc.aio.EOF
-    return event  # type: ignore[return-value]
 
 
 @pytest.mark.asyncio

@@ -9,18 +9,10 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from helpers.servers import Client, rich_details, violated_fields
-from helpers.users import new_user
+from helpers.users import create, new_user
 
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
-
-
-async def create(client: Client, email: str, **kwargs: object) -> user_pb2.User:
-    response = await client.stub.CreateUser(
-        pb.CreateUserRequest(user=new_user(email, **kwargs)),
-        metadata=client.metadata,  # type: ignore[arg-type]
-    )
-    return response.user
 
 
 @pytest.mark.asyncio

@@ -23,7 +23,7 @@ from helpers.tokens import (
     bearer,
 )
 
-from user.v1 import user_service_pb2_grpc
+from user.v1 import user_service_pb2, user_service_pb2_grpc
 from userservice.config import Settings
 from userservice.server import Application
 
@@ -168,3 +168,13 @@ def refused(reason: str) -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value("userservice_refusals_total", {"reason": reason}) or 0.0
+
+
+async def next_event(
+    call: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
+    timeout: float = 5.0,
+) -> user_service_pb2.WatchUsersResponse:
+    """Read the next event of a watch within timeout seconds."""
+    event = await asyncio.wait_for(call.read(), timeout)
+    assert event is not grpc.aio.EOF, "the watch ended"
+    return event  # type: ignore[return-value]

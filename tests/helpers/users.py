@@ -1,8 +1,11 @@
-"""Users to create: a domain User for the stores, a User message for the API."""
+"""Users to create: a domain User for the stores, a User message for the API, a created one."""
 
 from __future__ import annotations
 
+from helpers.servers import Client
+
 from user.v1 import user_pb2
+from user.v1 import user_service_pb2 as pb
 from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import Role, User
 
@@ -21,3 +24,15 @@ def make_user(
 def new_user(email: str, display_name: str = "Ada Lovelace", role: int = 0) -> user_pb2.User:
     """Return a User message to create."""
     return user_pb2.User(email=email, display_name=display_name, role=role)  # type: ignore[arg-type]
+
+
+async def create(
+    client: Client, email: str, display_name: str = "Ada Lovelace", role: int = 0
+) -> user_pb2.User:
+    """Create a user through the API and return it as stored."""
+    response = await client.stub.CreateUser(
+        pb.CreateUserRequest(user=new_user(email, display_name, role)),
+        metadata=client.metadata,
+        timeout=10,
+    )
+    return response.user

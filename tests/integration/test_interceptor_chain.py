@@ -29,12 +29,6 @@ from userservice.metrics import start_metrics_server
 HEALTH = health_pb2.HealthCheckResponse
 
 
-@pytest.fixture
-def log(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> AccessLog:
-    """The access lines written to stderr during the test."""
-    return AccessLog(capsys, caplog)
-
-
 @pytest_asyncio.fixture
 async def limited() -> AsyncIterator[Harness]:
     """A server under the full chain with a small rate limit."""

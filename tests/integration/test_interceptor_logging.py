@@ -47,12 +47,6 @@ async def harness() -> AsyncIterator[Harness]:
         yield running
 
 
-@pytest.fixture
-def log(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> AccessLog:
-    """The access lines written to stderr during the test."""
-    return AccessLog(capsys, caplog)
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("style", ["generator", "writer"])
 @pytest.mark.parametrize("kind", [UNARY, SERVER_STREAM, CLIENT_STREAM, BIDI_STREAM])

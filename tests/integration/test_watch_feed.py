@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers.servers import Client, connect, make_settings, rich_details, running_app
-from helpers.users import new_user
+from helpers.servers import connect, make_settings, rich_details, running_app
+from helpers.users import create, new_user
 
 from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc as pb_grpc
@@ -21,12 +21,6 @@ from userservice.server import Application
 async def serving(database_url: str, **overrides: object) -> AsyncIterator[Application]:
     async with running_app(make_settings(database_url, **overrides)) as app:
         yield app
-
-
-async def create(client: Client, email: str) -> None:
-    await client.stub.CreateUser(
-        pb.CreateUserRequest(user=new_user(email)), metadata=client.metadata
-    )
 
 
 @pytest.mark.asyncio

@@ -32,12 +32,13 @@ from helpers.servers import (
     Client,
     connect,
     make_settings,
+    next_event,
     rich_details,
     run_userservice,
     running_app,
 )
 from helpers.tcp_proxy import TcpProxy
-from helpers.users import new_user
+from helpers.users import create, new_user
 
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
@@ -102,16 +103,6 @@ async def two_replicas(postgres_url: str, tmp_path: Path) -> AsyncIterator[tuple
 # -- calls --------------------------------------------------------------------
 
 
-async def create(client: Client, email: str, display_name: str = "Ada Lovelace") -> user_pb2.User:
-    """Create a user and return it as stored."""
-    response = await client.stub.CreateUser(
-        pb.CreateUserRequest(user=new_user(email, display_name)),
-        metadata=client.metadata,
-        timeout=10,
-    )
-    return response.user
-
-
 async def rename(client: Client, user_id: str, display_name: str, etag: str = "") -> user_pb2.User:
     """Change a user's display name, under an etag precondition if one is given."""
     response = await client.stub.UpdateUser(
@@ -130,16 +121,6 @@ async def delete(client: Client, user_id: str) -> None:
     await client.stub.DeleteUser(
         pb.DeleteUserRequest(id=user_id), metadata=client.metadata, timeout=10
     )
-
-
-async def next_event(
-    call: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
-    timeout: float = 5.0,
-) -> pb.WatchUsersResponse:
-    """Read the next event of a watch within timeout seconds."""
-    event = await asyncio.wait_for(call.read(), timeout)
-    assert event is not grpc.aio.EOF, "the watch ended"
-    return event  # type: ignore[return-value]
 
 
 def reason(error: grpc.aio.AioRpcError) -> str:
