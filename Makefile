@@ -93,13 +93,13 @@ fuzz: $(STAMP) ## Wire-fuzz a real server: make fuzz FUZZ_REQUESTS=20000 [FUZZ_S
 	@seed=$(or $(FUZZ_SEED),$$RANDOM); \
 	  echo "make fuzz: $(FUZZ_REQUESTS) requests per storage backend, seed $$seed"; \
 	  USERSERVICE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) USERSERVICE_FUZZ_SEED=$$seed \
-	  $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider
+	  $(PY) -m pytest tests/system/test_fuzz.py -q -p no:cacheprovider
 
 SOAK_MINUTES ?= 3
 
 # Needs the PostgreSQL and Redis of `make test`; starts and stops everything else itself.
 soak: $(STAMP) ## Mixed load, the fuzzer, PostgreSQL and Redis cuts, SIGTERM restarts: make soak SOAK_MINUTES=3
-	$(PY) tests/soak.py --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+	PYTHONPATH=tests $(PY) tests/system/soak.py --minutes $(SOAK_MINUTES) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 deploy-check: $(STAMP) $(CHECKOV) ## Render every overlay, validate it offline, run checkov on production, lint the Dockerfile.
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
@@ -110,7 +110,7 @@ deploy-check: $(STAMP) $(CHECKOV) ## Render every overlay, validate it offline, 
 	done
 	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/overlays/production/secret.example.yaml
 	$(CHECKOV) --quiet --compact --skip-download --framework kubernetes --file $(RENDERED)/production.yaml
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/contract/test_deploy.py
 	$(VENV)/bin/hadolint Dockerfile
 
 # Root only, as CI runs: podman (with the runc runtime), mmdebstrap for the stand-in base image.

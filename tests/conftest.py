@@ -1,58 +1,16 @@
-"""Shared fixtures: a fresh database per test (SQLite file or PostgreSQL database)."""
+"""Shared fixtures: a fresh database per test, the app and a client, TLS files, the access log."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-
-POSTGRES_ADMIN_URL = os.environ.get(
-    "USERSERVICE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("USERSERVICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-REQUIRE_SERVICES = os.environ.get("USERSERVICE_REQUIRE_SERVICES", "").lower() in {"1", "true"}
-
-
-def _unavailable(what: str, error: BaseException) -> None:
-    message = f"{what} is not reachable ({error.__class__.__name__}: {error})"
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{message}; USERSERVICE_REQUIRE_SERVICES=1 makes this a failure")
-    pytest.skip(message)
-
-
-def _with_database(url: str, database: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{database}"
-
-
-@contextlib.asynccontextmanager
-async def fresh_postgres_database() -> AsyncIterator[str]:
-    """Create a PostgreSQL database for one test and drop it afterwards."""
-    import asyncpg
-
-    database = f"userservice_test_{uuid.uuid4().hex[:16]}"
-    try:
-        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as error:
-        _unavailable(f"PostgreSQL at {POSTGRES_ADMIN_URL}", error)
-    try:
-        await admin.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await admin.close()
-    try:
-        yield _with_database(POSTGRES_ADMIN_URL, database)
-    finally:
-        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            await admin.close()
+from helpers.databases import fresh_postgres_database
+from helpers.interceptor_harness import AccessLog
+from helpers.pki import write_pki
 
 
 @pytest_asyncio.fixture
@@ -81,7 +39,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 @pytest_asyncio.fixture
 async def app(database_url: str) -> AsyncIterator[Any]:
     """Run the real server on an ephemeral loopback port over a fresh database."""
-    from support import make_settings, running_app
+    from helpers.servers import make_settings, running_app
 
     async with running_app(make_settings(database_url)) as application:
         yield application
@@ -90,7 +48,19 @@ async def app(database_url: str) -> AsyncIterator[Any]:
 @pytest_asyncio.fixture
 async def client(app: Any) -> AsyncIterator[Any]:
     """Return a client with every scope, connected to the app fixture's server."""
-    from support import connect
+    from helpers.servers import connect
 
     async with connect(app.port) as connected:
         yield connected
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path | bytes]:
+    """Write a CA, a server certificate for localhost and a client certificate."""
+    return write_pki(tmp_path)
+
+
+@pytest.fixture
+def log(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> AccessLog:
+    """The access lines written to stderr during the test."""
+    return AccessLog(capsys, caplog)

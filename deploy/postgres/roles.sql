@@ -9,7 +9,7 @@
 -- (new, empty) database, then give both roles passwords:
 --   psql "postgresql://ADMIN@HOST:5432/userservice" -v ON_ERROR_STOP=1 -f deploy/postgres/roles.sql
 --   psql ... -c "ALTER ROLE userservice_migrator PASSWORD '...'"   (and userservice_app)
--- tests/test_deploy_start.py runs this file (with its own role names) before it migrates as
+-- tests/system/test_deploy_start.py runs this file (with its own role names) before it migrates as
 -- the migrator and serves as the application role.
 
 CREATE ROLE userservice_migrator LOGIN;

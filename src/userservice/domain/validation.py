@@ -39,7 +39,7 @@ def plain_email(email: str) -> str | None:
 
     None means only "not decided here": the address may still be valid. A string returned
     is exactly what ``validate_email(email, check_deliverability=False).normalized`` gives
-    (tests/test_properties.py checks the two agree).
+    (tests/unit/test_properties.py checks the two agree).
     """
     if len(email) > MAX_EMAIL_LENGTH:
         return None

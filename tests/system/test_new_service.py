@@ -1,0 +1,120 @@
+"""`make new-service`: the renaming rules, and a generated service whose own suite passes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from new_service import leftovers, renamer  # noqa: E402
+
+RENAME = renamer("orders", "Order", "Orders")
+ADD_AN_RPC = sorted((ROOT / "docs" / "adding-an-rpc").glob("*.patch"))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("from user.v1 import user_pb2, user_service_pb2_grpc",
+         "from orders.v1 import order_pb2, order_service_pb2_grpc"),
+        ("proto/user/v1/user_service.proto", "proto/orders/v1/order_service.proto"),
+        ("src/user/__init__.py", "src/orders/__init__.py"),
+        ("src/userservice/storage/postgres/repository.py",
+         "src/orders/storage/postgres/repository.py"),
+        ("USERSERVICE_DATABASE_URL", "ORDERS_DATABASE_URL"),
+        ("/user.v1.UserService/CreateUser", "/orders.v1.OrderService/CreateOrder"),
+        ("ListUsersRequest BatchGetUsers", "ListOrdersRequest BatchGetOrders"),
+        ("USER_ROLE_ADMIN _COUNT_USERS NOT_A_USER_ID",
+         "ORDER_ROLE_ADMIN _COUNT_ORDERS NOT_A_ORDER_ID"),
+        ("users.read user_id users_email_key", "orders.read order_id orders_email_key"),
+        ('ERROR_DOMAIN = "userservice"', 'ERROR_DOMAIN = "orders"'),
+        ('prefix: str = "userservice:ratelimit:"', 'prefix: str = "orders:ratelimit:"'),
+        ("userservice_rpc_total app.kubernetes.io/name: userservice",
+         "orders_rpc_total app.kubernetes.io/name: orders"),
+        ("alert: UserserviceErrorRatioHigh", "alert: OrdersErrorRatioHigh"),
+        # The migration advisory lock: a different 64-bit key per service.
+        ("0x7573_6572_7376_6331  # usersvc1", "0x6f72_6465_7273_5f31  # orders_1"),
+        # Words that only contain the resource name stay.
+        ("USER 10001:10001 useradd runAsUser: 10001 userinfo postgresql://USER:PASSWORD@",
+         "USER 10001:10001 useradd runAsUser: 10001 userinfo postgresql://USER:PASSWORD@"),
+    ],
+)  # fmt: skip
+def test_rename_rules(old: str, new: str) -> None:
+    assert RENAME(old) == new
+
+
+def test_a_name_containing_the_old_one_is_renamed_once() -> None:
+    users = renamer("users", "Account", "Accounts")
+    assert users("userservice UserService user.v1 User") == "users AccountService users.v1 Account"
+
+
+def test_the_adding_an_rpc_patches_apply_to_this_tree() -> None:
+    assert len(ADD_AN_RPC) >= 5
+    checked = subprocess.run(
+        ["git", "apply", "--check", *map(str, ADD_AN_RPC)],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.slow
+# Setup, its suite and its CI steps each have their own subprocess timeout (3,000 s together).
+@pytest.mark.timeout(3100)
+def test_generated_service_is_renamed_throughout_and_its_suite_passes(tmp_path: Path) -> None:
+    dest = tmp_path / "orders"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("USERSERVICE_")}
+    # Services the parent run must reach, the child must reach too (and fail, never skip).
+    if os.environ.get("USERSERVICE_REQUIRE_SERVICES"):
+        env["ORDERS_REQUIRE_SERVICES"] = os.environ["USERSERVICE_REQUIRE_SERVICES"]
+    generated = subprocess.run(
+        ["make", "--no-print-directory", "new-service", "NAME=orders", "RESOURCE=Order",
+         f"DEST={dest}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert generated.returncode == 0, generated.stdout[-4000:] + generated.stderr[-4000:]
+    assert leftovers(dest) == []
+    assert (dest / "proto/orders/v1/order_service.proto").is_file()
+    assert (dest / "src/orders/v1/order_service_pb2_grpc.py").is_file()
+    assert (dest / "src/orders/server/__init__.py").is_file()
+    assert not (dest / "src/userservice").exists()
+    log = subprocess.run(
+        ["git", "log", "--oneline"], cwd=dest, capture_output=True, text=True, check=True
+    )
+    assert len(log.stdout.splitlines()) == 1
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=dest, capture_output=True,
+                          text=True, check=True).stdout == ""  # fmt: skip
+    # Its own checks and suite (this slow test excluded there: it would generate again).
+    child_env = {**env, "PYTEST_ADDOPTS": "-m 'not slow' -q -p no:cacheprovider"}
+    child = _make(dest, child_env, "ci")  # lint, mypy, buf, stale stubs, deploy checks, tests
+    assert " passed" in child
+    # docs/adding-an-rpc.md, renamed with the rest, applied to the new service.
+    patches = sorted(str(path) for path in (dest / "docs" / "adding-an-rpc").glob("*.patch"))
+    applied = subprocess.run(["git", "apply", *patches], cwd=dest, capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    _make(dest, {**env, "PYTEST_ADDOPTS": "-q -p no:cacheprovider"}, "generate", "lint",
+          "typecheck", "buf-lint")  # fmt: skip
+    added = subprocess.run(
+        [str(dest / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/contract/test_api_get_by_email.py", "tests/contract/test_docs.py",
+         "tests/integration/test_interceptor_auth.py", "tests/integration/test_client.py"],
+        cwd=dest, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stdout[-6000:]
+    assert "GetOrderByEmail" in (dest / "proto/orders/v1/order_service.proto").read_text()
+
+
+def _make(cwd: Path, env: dict[str, str], *targets: str) -> str:
+    """Run make targets in cwd (25 min at most); return stdout, failing with its tail."""
+    done = subprocess.run(
+        ["make", "--no-print-directory", *targets],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    return done.stdout
