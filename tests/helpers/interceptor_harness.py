@@ -30,8 +30,8 @@ from grpc._cython import cygrpc  # type: ignore[attr-defined]  # the class under
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_status import rpc_status
-from helpers.tokens import TEST_AUDIENCE, TEST_ISSUER, TEST_JWT_SECRET
 
+from helpers.tokens import TEST_AUDIENCE, TEST_ISSUER, TEST_JWT_SECRET
 from userservice.config import Settings
 from userservice.interceptors.auth import METHOD_SCOPES, current_principal
 from userservice.interceptors.chain import InterceptorChain

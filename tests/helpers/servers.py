@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from helpers.tokens import (
     ALL_SCOPES,
     TEST_AUDIENCE,
@@ -22,7 +23,6 @@ from helpers.tokens import (
     TEST_PAGE_TOKEN_SECRET,
     bearer,
 )
-
 from user.v1 import user_service_pb2, user_service_pb2_grpc
 from userservice.config import Settings
 from userservice.server import Application

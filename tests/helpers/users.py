@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from helpers.servers import Client
-
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
 from userservice.domain.ids import new_user_id, now_us
