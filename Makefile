@@ -72,12 +72,12 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
 lint: $(STAMP) ## ruff lint and format check.
-	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
-	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
+	$(VENV)/bin/ruff check src tests benchmarks examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
+	$(VENV)/bin/ruff format --check src tests benchmarks examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
-	$(VENV)/bin/ruff check --fix src tests bench
-	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
 typecheck: $(STAMP) ## mypy --strict on src/.
 	$(VENV)/bin/mypy --strict
@@ -131,11 +131,11 @@ new-service: ## Write a renamed copy: make new-service NAME=orders RESOURCE=Orde
 	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders]" >&2; exit 2; }
 	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)")
 
-bench: $(STAMP) ## Every scenario vs the bare floor, interleaved (ARGS="--quick", "--only list,import", ...).
-	$(PY) -m bench $(ARGS)
+bench: $(STAMP) ## Every scenario vs the bare floor and benchmarks/targets.toml; results in .bench/ (ARGS="--quick", ...).
+	$(PY) -m benchmarks $(ARGS)
 
 profile: $(STAMP) ## py-spy on the server under one bench scenario: make profile ARGS="import".
-	$(PY) -m bench.profile $(ARGS)
+	$(PY) -m benchmarks.profile $(ARGS)
 
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 
