@@ -16,9 +16,11 @@ OVERLAYS := development production
 # Only the versioned package is generated: src/user/__init__.py is committed, so a service whose
 # Python package shares the proto package's name (see `make new-service`) keeps its own.
 GENERATED_DIR := src/user/v1
+# What ruff checks; wildcard, as a generated service may lack some (see tools/template.toml).
+PYTHON_PATHS := $(wildcard src tests benchmarks examples tools/protoc-gen-grpc_python tools/*.py)
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench profile ci clean token
+.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service update-from-template buf-lint buf-breaking deploy-check image-test bench profile ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -72,12 +74,12 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
 lint: $(STAMP) ## ruff lint and format check.
-	$(VENV)/bin/ruff check src tests benchmarks examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
-	$(VENV)/bin/ruff format --check src tests benchmarks examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
+	$(VENV)/bin/ruff check $(PYTHON_PATHS)
+	$(VENV)/bin/ruff format --check $(PYTHON_PATHS)
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix $(PYTHON_PATHS)
+	$(VENV)/bin/ruff format $(PYTHON_PATHS)
 
 typecheck: $(STAMP) ## mypy --strict on src/.
 	$(VENV)/bin/mypy --strict
@@ -127,9 +129,14 @@ run: $(STAMP) ## Serve on :50051 with the SQLite store (development auth secret)
 token: $(STAMP) ## Mint a development token: make token SCOPES="users.read users.write".
 	@$(DEV_ENV) $(VENV)/bin/userservice token --subject dev --scopes "$${SCOPES:-users.read users.write users.admin}" --ttl 1h
 
-new-service: ## Write a renamed copy: make new-service NAME=orders RESOURCE=Order [DEST=../orders]
-	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders]" >&2; exit 2; }
-	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)")
+new-service: ## Write a renamed copy (tools/template.toml): make new-service NAME=orders RESOURCE=Order [DEST=../orders] [MINIMAL=1]
+	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders] [MINIMAL=1]" >&2; exit 2; }
+	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)") $(if $(MINIMAL),--minimal)
+
+# In a generated service: merge what the template changed since .template.json's commit.
+update-from-template: $(STAMP) ## Merge the template's changes since this service's commit: [TEMPLATE=url] [REF=main]
+	$(PY) tools/update_from_template.py $(if $(TEMPLATE),--template "$(TEMPLATE)") $(if $(REF),--to "$(REF)")
+	$(MAKE) --no-print-directory generate
 
 bench: $(STAMP) ## Every scenario vs the bare floor and benchmarks/targets.toml; results in .bench/ (ARGS="--quick", ...).
 	$(PY) -m benchmarks $(ARGS)

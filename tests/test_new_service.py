@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from new_service import leftovers, renamer  # noqa: E402
+from new_service import leftovers, renamer, source_files  # noqa: E402
 
 RENAME = renamer("orders", "Order", "Orders")
 ADD_AN_RPC = sorted((ROOT / "docs" / "adding-an-rpc").glob("*.patch"))
@@ -61,6 +63,95 @@ def test_the_adding_an_rpc_patches_apply_to_this_tree() -> None:
         cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert checked.returncode == 0, checked.stderr
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
+        cwd=cwd, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def _template_repository(dest: Path) -> str:
+    """Commit this tree's files (as the generator would copy them) to a new repository."""
+    for relative in source_files(ROOT):
+        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / relative, dest / relative)
+    _git(dest, "init", "--quiet", "--initial-branch=main")
+    _git(dest, "add", "--all")
+    _git(dest, "commit", "--quiet", "-m", "template")
+    return _git(dest, "rev-parse", "HEAD")
+
+
+def _generate(template: Path, dest: Path, *extra: str) -> None:
+    argv = [sys.executable, str(template / "tools/new_service.py"), "--name", "orders"]
+    argv += ["--resource", "Order", "--dest", str(dest), "--skip-generate", *extra]
+    argv += ["--ruff", str(Path(sys.executable).parent / "ruff")]
+    done = subprocess.run(argv, cwd=template, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_a_new_service_gets_the_manifest_with_one_migration_per_store(tmp_path: Path) -> None:
+    dest = tmp_path / "orders"
+    _generate(ROOT, dest, "--no-git")
+    answers = json.loads((dest / ".template.json").read_text())
+    assert answers["commit"] == _git(ROOT, "rev-parse", "HEAD")
+    assert [answers[key] for key in ("name", "resource", "plural")] == ["orders", "Order", "Orders"]
+    for store in ("sqlite", "postgres"):
+        sql = sorted(path.name for path in (dest / f"src/orders/storage/{store}/sql").iterdir())
+        assert sql == ["0001_init.sql"], store
+        assert (
+            "ALTER TABLE orders ADD COLUMN subject"
+            in (dest / f"src/orders/storage/{store}/sql/0001_init.sql").read_text()
+        )
+    assert not list(dest.rglob("test_new_service.py"))
+    assert not (dest / "tools/new_service.py").exists()
+    assert (dest / "tools/update_from_template.py").is_file()
+    assert list(dest.rglob("test_fuzz.py"))
+    minimal = tmp_path / "minimal"
+    _generate(ROOT, minimal, "--no-git", "--minimal")
+    assert not list(minimal.rglob("*fuzz*"))
+    assert not list(minimal.rglob("*soak*"))
+    assert not (minimal / "benchmarks").exists()
+    assert "test_soak.py" not in (minimal / "docs/reliability.md").read_text()
+    assert json.loads((minimal / ".template.json").read_text())["minimal"] is True
+
+
+def test_update_from_template_keeps_the_services_edits_and_gains_the_templates(
+    tmp_path: Path,
+) -> None:
+    template, service = tmp_path / "template", tmp_path / "orders"
+    template.mkdir()
+    first = _template_repository(template)
+    _generate(template, service)
+    assert json.loads((service / ".template.json").read_text())["commit"] == first
+    # The service's own edit, at the top of a file the template then changes at the bottom.
+    ignore = (service / ".gitignore").read_text()
+    (service / ".gitignore").write_text("service-notes/\n" + ignore)
+    _git(service, "commit", "--quiet", "--all", "-m", "own edit")
+    with (template / ".gitignore").open("a") as file:
+        file.write("template-scratch/\n")
+    (template / "docs" / "new-page.md").write_text("# A page the User template added\n")
+    _git(template, "add", "--all")
+    _git(template, "commit", "--quiet", "-m", "template change")
+    second = _git(template, "rev-parse", "HEAD")
+    updated = subprocess.run(
+        [sys.executable, "tools/update_from_template.py"],
+        cwd=service, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert updated.returncode == 0, updated.stdout + updated.stderr
+    merged = (service / ".gitignore").read_text()
+    assert merged.startswith("service-notes/\n")
+    assert merged.endswith("template-scratch/\n")
+    assert (service / "docs/new-page.md").read_text() == "# A page the Order template added\n"
+    assert json.loads((service / ".template.json").read_text())["commit"] == second
+    changed = _git(service, "status", "--porcelain").splitlines()
+    assert sorted(line.split()[-1] for line in changed) == [
+        ".gitignore",
+        ".template.json",
+        "docs/new-page.md",
+    ]
 
 
 @pytest.mark.slow
