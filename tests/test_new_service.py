@@ -17,7 +17,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 from new_service import leftovers, renamer, source_files  # noqa: E402
 
 RENAME = renamer("orders", "Order", "Orders")
-ADD_AN_RPC = sorted((ROOT / "docs" / "adding-an-rpc").glob("*.patch"))
 
 
 @pytest.mark.parametrize(
@@ -56,10 +55,12 @@ def test_a_name_containing_the_old_one_is_renamed_once() -> None:
     assert users("userservice UserService user.v1 User") == "users AccountService users.v1 Account"
 
 
-def test_the_adding_an_rpc_patches_apply_to_this_tree() -> None:
-    assert len(ADD_AN_RPC) >= 5
+@pytest.mark.parametrize("walkthrough", ["adding-an-rpc", "adding-a-field"])
+def test_the_walkthrough_patches_apply_to_this_tree(walkthrough: str) -> None:
+    patches = sorted((ROOT / "docs" / walkthrough).glob("*.patch"))
+    assert len(patches) >= 5
     checked = subprocess.run(
-        ["git", "apply", "--check", *map(str, ADD_AN_RPC)],
+        ["git", "apply", "--check", *map(str, patches)],
         cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert checked.returncode == 0, checked.stderr
