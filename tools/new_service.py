@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     if remaining:
         print("old names remain:\n" + "\n".join(remaining), file=sys.stderr)
         return 1
+    if _git(source, "status", "--porcelain"):
+        # The copy has them, the recorded commit does not: an update would miss them.
+        print("warning: the template has uncommitted changes; .template.json records HEAD",
+              file=sys.stderr)  # fmt: skip
     answers = {
         "template": arguments.template_source or _git(source, "remote", "get-url", "origin")
         or str(source),
