@@ -130,6 +130,7 @@ token: $(STAMP) ## Mint a development token: make token SCOPES="users.read users
 	@$(DEV_ENV) $(VENV)/bin/userservice token --subject dev --scopes "$${SCOPES:-users.read users.write users.admin}" --ttl 1h
 
 new-service: ## Write a renamed copy (tools/template.toml): make new-service NAME=orders RESOURCE=Order [DEST=../orders] [MINIMAL=1]
+	@test -f tools/new_service.py || { echo "make new-service: a generated service has no generator; run it in the template" >&2; exit 2; }
 	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders] [MINIMAL=1]" >&2; exit 2; }
 	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)") $(if $(MINIMAL),--minimal)
 
