@@ -117,6 +117,12 @@ def test_a_new_service_gets_the_manifest_with_one_migration_per_store(tmp_path: 
     assert not (minimal / "benchmarks").exists()
     assert "test_soak.py" not in (minimal / "docs/reliability.md").read_text()
     assert json.loads((minimal / ".template.json").read_text())["minimal"] is True
+    makefile = (minimal / "Makefile").read_text()
+    assert "\nfuzz:" not in makefile
+    assert "\nbench:" not in makefile
+    assert "SOAK_MINUTES" not in makefile
+    assert "\nci:" in makefile
+    assert "\nbench:" in (dest / "Makefile").read_text()
 
 
 def test_update_from_template_keeps_the_services_edits_and_gains_the_templates(

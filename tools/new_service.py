@@ -116,6 +116,7 @@ class Manifest:
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     minimal_exclude: tuple[str, ...]
+    minimal_make_targets: tuple[str, ...]
     squash_migrations: str
 
     @classmethod
@@ -126,6 +127,7 @@ class Manifest:
             tuple(data["include"]),
             tuple(data["exclude"]),
             tuple(data["minimal_exclude"]),
+            tuple(data["minimal_make_targets"]),
             data["squash_migrations"],
         )
 
@@ -165,6 +167,33 @@ def without_rows_naming(text: str, dropped: list[Path]) -> str:
         line
         for line in text.splitlines(keepends=True)
         if not (line.startswith("|") and any(name in line for name in names))
+    )
+
+
+def without_make_targets(makefile: str, targets: tuple[str, ...]) -> str:
+    """Drop the paragraphs defining targets, the variables only they used, and their .PHONY."""
+    paragraphs = makefile.split("\n\n")
+    kept = [p for p in paragraphs if not any(p.startswith(f"{t}:") or f"\n{t}:" in p
+                                             for t in targets)]  # fmt: skip
+    assignment = re.compile(r"^([A-Z_]+) \??:?=", re.MULTILINE)
+
+    def unused(paragraph: str) -> bool:
+        names = assignment.findall(paragraph)
+        rest = "\n\n".join(other for other in kept if other is not paragraph)
+        lines = [line for line in paragraph.splitlines() if not line.startswith("#")]
+        return (
+            bool(names)
+            and len(names) == len(lines)
+            and all(f"$({name})" not in rest for name in names)
+        )
+
+    kept = [paragraph for paragraph in kept if not unused(paragraph)]
+    text = "\n\n".join(kept)
+    return re.sub(
+        r"^(\.PHONY:.*)$",
+        lambda m: " ".join(w for w in m.group(1).split(" ") if w not in targets),
+        text,
+        flags=re.MULTILINE,
     )
 
 
@@ -252,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     for relative, data in contents.items():
         if relative.suffix == ".md":
             contents[relative] = without_rows_naming(data.decode(), dropped).encode()
+    if arguments.minimal and Path("Makefile") in contents:
+        makefile = contents[Path("Makefile")].decode()
+        contents[Path("Makefile")] = without_make_targets(
+            makefile, manifest.minimal_make_targets
+        ).encode()
     rename = renamer(arguments.name, arguments.resource, plural)
     written = copy_renamed(source, dest, contents, rename)
     print(f"wrote {len(written)} files to {dest}", file=sys.stderr)
