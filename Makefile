@@ -16,9 +16,11 @@ OVERLAYS := development production
 # Only the versioned package is generated: src/user/__init__.py is committed, so a service whose
 # Python package shares the proto package's name (see `make new-service`) keeps its own.
 GENERATED_DIR := src/user/v1
+# What ruff checks; wildcard, as a generated service may lack some (see tools/template.toml).
+PYTHON_PATHS := $(wildcard src tests benchmarks examples tools/protoc-gen-grpc_python tools/*.py)
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service buf-lint buf-breaking deploy-check image-test bench profile ci clean token
+.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service update-from-template buf-lint buf-breaking deploy-check image-test bench profile ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -72,13 +74,13 @@ buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	else echo "buf breaking: HEAD~1 has no proto/ to compare against, nothing to check"; fi
 
 lint: $(STAMP) ## ruff lint and format check; the import contracts (pyproject.toml).
-	$(VENV)/bin/ruff check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
-	$(VENV)/bin/ruff format --check src tests bench examples tools/protoc-gen-grpc_python tools/new_service.py tools/image_test.py
+	$(VENV)/bin/ruff check $(PYTHON_PATHS)
+	$(VENV)/bin/ruff format --check $(PYTHON_PATHS)
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP) ## Apply ruff formatting and fixes.
-	$(VENV)/bin/ruff check --fix src tests bench
-	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix $(PYTHON_PATHS)
+	$(VENV)/bin/ruff format $(PYTHON_PATHS)
 
 typecheck: $(STAMP) ## mypy --strict on src/.
 	$(VENV)/bin/mypy --strict
@@ -128,15 +130,21 @@ run: $(STAMP) ## Serve on :50051 with the SQLite store (development auth secret)
 token: $(STAMP) ## Mint a development token: make token SCOPES="users.read users.write".
 	@$(DEV_ENV) $(VENV)/bin/userservice token --subject dev --scopes "$${SCOPES:-users.read users.write users.admin}" --ttl 1h
 
-new-service: ## Write a renamed copy: make new-service NAME=orders RESOURCE=Order [DEST=../orders]
-	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders]" >&2; exit 2; }
-	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)")
+new-service: ## Write a renamed copy (tools/template.toml): make new-service NAME=orders RESOURCE=Order [DEST=../orders] [MINIMAL=1]
+	@test -f tools/new_service.py || { echo "make new-service: a generated service has no generator; run it in the template" >&2; exit 2; }
+	@test -n "$(NAME)" -a -n "$(RESOURCE)" || { echo "usage: make new-service NAME=orders RESOURCE=Order [DEST=../orders] [PLURAL=Orders] [MINIMAL=1]" >&2; exit 2; }
+	$(PYTHON) tools/new_service.py --name "$(NAME)" --resource "$(RESOURCE)" $(if $(PLURAL),--plural "$(PLURAL)") $(if $(DEST),--dest "$(DEST)") $(if $(MINIMAL),--minimal)
 
-bench: $(STAMP) ## Every scenario vs the bare floor, interleaved (ARGS="--quick", "--only list,import", ...).
-	$(PY) -m bench $(ARGS)
+# In a generated service: merge what the template changed since .template.json's commit.
+update-from-template: $(STAMP) ## Merge the template's changes since this service's commit: [TEMPLATE=url] [REF=main]
+	$(PY) tools/update_from_template.py $(if $(TEMPLATE),--template "$(TEMPLATE)") $(if $(REF),--to "$(REF)")
+	$(MAKE) --no-print-directory generate
+
+bench: $(STAMP) ## Every scenario vs the bare floor and benchmarks/targets.toml; results in .bench/ (ARGS="--quick", ...).
+	$(PY) -m benchmarks $(ARGS)
 
 profile: $(STAMP) ## py-spy on the server under one bench scenario: make profile ARGS="import".
-	$(PY) -m bench.profile $(ARGS)
+	$(PY) -m benchmarks.profile $(ARGS)
 
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
 

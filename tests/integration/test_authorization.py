@@ -471,6 +471,7 @@ async def store_a_user_before_subjects(database_url: str) -> str:
 
 
 @pytest.mark.asyncio
+@pytest.mark.upgrades_across("0003_user_subject")
 async def test_users_from_before_subjects_belong_to_no_one_until_an_admin_says(
     database_url: str,
 ) -> None:

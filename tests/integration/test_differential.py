@@ -243,6 +243,7 @@ async def _store_with_pre_0002_rows(url: str, users: list[User]) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.upgrades_across("0002_display_name_key")
 async def test_rows_from_before_the_key_column_are_keyed_at_open(database_url: str) -> None:
     """Open migrates to 0002 and keys old rows (several batches): filters then match them."""
     names = ["ΟΔΟΣ", "Straße", "İstanbul", "Ångström", "e\u0301te", "50%_off\\", "plain"]

@@ -417,6 +417,7 @@ async def store_before_0004(database_url: str, kept_id: str, gone_id: str) -> No
 
 
 @pytest.mark.asyncio
+@pytest.mark.upgrades_across("0004_erasure")
 async def test_migration_0004_erases_the_users_deleted_before_it(database_url: str) -> None:
     kept_id, gone_id = new_user_id(), new_user_id()
     await store_before_0004(database_url, kept_id, gone_id)

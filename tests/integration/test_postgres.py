@@ -31,6 +31,7 @@ from userservice.domain.errors import (
 from userservice.domain.ids import new_user_id, now_us
 from userservice.domain.model import SyncOutcome, User, UserChanges, UserFilter
 from userservice.server.wiring import open_repository as open_postgres
+from userservice.storage.migrations import backend_migrations
 from userservice.storage.postgres import (
     PostgresUserRepository,
     SchemaNotReadyError,
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.postgres
 
 OpenRepository = Callable[..., Awaitable[PostgresUserRepository]]
 
-ALL_MIGRATIONS = ["0001_init", "0002_display_name_key", "0003_user_subject", "0004_erasure"]
+ALL_MIGRATIONS = [migration.name for migration in backend_migrations("postgres")]
 MIGRATION_LOCK_KEY = 0x7573_6572_7376_6331
 
 

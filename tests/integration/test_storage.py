@@ -89,22 +89,20 @@ async def stored_request_ids(database_url: str) -> set[str]:
 async def insert_expired_request_ids(database_url: str, count: int) -> None:
     """Store count keys first used at the epoch, as a table from before keys expired would."""
     rows = [(f"old-{n}", "fp", new_user_id(), "e", "n", 1, 1, 1, 1, 1, None) for n in range(count)]
-    # Both schemas order the columns alike: request_id, fingerprint, the snapshot, created_us,
-    # then the subject that came later.
+    # Columns named: a field added later gets its column's default.
+    insert = (
+        "INSERT INTO create_requests (request_id, fingerprint, user_id, email, display_name,"
+        " role, create_time_us, update_time_us, revision, created_us, subject) VALUES ({})"
+    )
     if database_url.startswith("sqlite:"):
         with contextlib.closing(sqlite3.connect(parse_sqlite_path(database_url))) as conn, conn:
-            conn.executemany(
-                "INSERT INTO create_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
-            )
+            conn.executemany(insert.format(", ".join("?" * 11)), rows)
         return
     import asyncpg
 
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
-        await conn.executemany(
-            "INSERT INTO create_requests VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            rows,
-        )
+        await conn.executemany(insert.format(", ".join(f"${n}" for n in range(1, 12))), rows)
     finally:
         await conn.close()
 

@@ -16,6 +16,16 @@ SNAPSHOT_COLUMNS: Final = f"user_id, {USER_DATA}"
 # The users table's insert columns: USER_COLUMNS plus the two keys the domain computes
 # (the unique email key, the display-name search key), last.
 INSERT_COLUMNS: Final = f"{USER_COLUMNS}, email_normalized, display_name_key"
+
+
+def placeholders(columns: str, style: str = "?", first: int = 1) -> str:
+    """Return one bound-parameter mark per column: `?, ?` for SQLite, `$1, $2` for PostgreSQL."""
+    count = len(columns.split(","))
+    if style == "?":
+        return ", ".join("?" * count)
+    return ", ".join(f"${number}" for number in range(first, first + count))
+
+
 # Rows whose missing display_name_key one backfill transaction computes (see backfill_keys).
 BACKFILL_BATCH: Final = 1_000
 

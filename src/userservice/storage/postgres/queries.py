@@ -4,50 +4,53 @@ from __future__ import annotations
 
 from typing import Final
 
-SELECT_USER: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
+from userservice.storage.rows import INSERT_COLUMNS, SNAPSHOT_COLUMNS, USER_COLUMNS, placeholders
+
+# Column lists come from storage/rows.py (hence the S608 waivers): a user column is named
+# there once. Every value is a bound parameter.
+
+SELECT_USER: Final = f"""
+SELECT {USER_COLUMNS}
 FROM users WHERE id = $1
-"""
+"""  # noqa: S608
 
-SELECT_USERS: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
+SELECT_USERS: Final = f"""
+SELECT {USER_COLUMNS}
 FROM users WHERE id = ANY($1::text[])
-"""
+"""  # noqa: S608
 
-SELECT_USER_BY_EMAIL: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
+SELECT_USER_BY_EMAIL: Final = f"""
+SELECT {USER_COLUMNS}
 FROM users WHERE email_normalized = $1
-"""
+"""  # noqa: S608
 
-LOCK_USER: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
+LOCK_USER: Final = f"""
+SELECT {USER_COLUMNS}
 FROM users WHERE id = $1 FOR UPDATE
-"""
+"""  # noqa: S608
 
 # The subjects among $1 that already have a user, with the email of that user.
 SELECT_SUBJECT_OWNERS: Final = """
 SELECT subject, email_normalized FROM users WHERE subject = ANY($1::text[])
 """
 
-LOCK_USER_BY_EMAIL: Final = """
-SELECT id, email, display_name, role, create_time_us, update_time_us, revision, subject
+LOCK_USER_BY_EMAIL: Final = f"""
+SELECT {USER_COLUMNS}
 FROM users WHERE email_normalized = $1 FOR UPDATE
-"""
+"""  # noqa: S608
 
 
-INSERT_USER: Final = """
-INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
-                   subject, email_normalized, display_name_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-"""
+INSERT_USER: Final = f"""
+INSERT INTO users ({INSERT_COLUMNS})
+VALUES ({placeholders(INSERT_COLUMNS, "$")})
+"""  # noqa: S608
 
-UPSERT_INSERT: Final = """
-INSERT INTO users (id, email, display_name, role, create_time_us, update_time_us, revision,
-                   subject, email_normalized, display_name_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+UPSERT_INSERT: Final = f"""
+INSERT INTO users ({INSERT_COLUMNS})
+VALUES ({placeholders(INSERT_COLUMNS, "$")})
 ON CONFLICT (email_normalized) DO NOTHING
 RETURNING id
-"""
+"""  # noqa: S608
 
 INSERT_MANY: Final = """
 INSERT INTO users (id, email, email_normalized, display_name, role,
@@ -76,11 +79,10 @@ WHERE create_requests.created_us < $12
 RETURNING request_id
 """
 
-SELECT_REQUEST: Final = """
-SELECT user_id, email, display_name, role, create_time_us, update_time_us, revision,
-       subject, fingerprint
+SELECT_REQUEST: Final = f"""
+SELECT {SNAPSHOT_COLUMNS}, fingerprint
 FROM create_requests WHERE request_id = $1
-"""
+"""  # noqa: S608
 
 # A delete's erasure of the user's earlier events and idempotency records: the values are the
 # domain's erased fields; the user_id indexes of migration 0004 find the rows.
@@ -168,11 +170,10 @@ WHERE request_id = ANY(ARRAY(
 ))
 """
 
-SELECT_EVENTS: Final = """
-SELECT user_id, email, display_name, role, create_time_us, update_time_us, revision,
-       subject, sequence, type, event_time_us
+SELECT_EVENTS: Final = f"""
+SELECT {SNAPSHOT_COLUMNS}, sequence, type, event_time_us
 FROM user_events WHERE sequence > $1 ORDER BY sequence LIMIT $2
-"""
+"""  # noqa: S608
 
 DELETE_USER: Final = "DELETE FROM users WHERE id = $1"
 SELECT_LATEST_SEQUENCE: Final = "SELECT value FROM event_sequence"

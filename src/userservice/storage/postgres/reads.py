@@ -68,8 +68,10 @@ async def select_page(
 async def select_events(conn: asyncpg.Connection, sequence: int, limit: int) -> list[UserEvent]:
     """Return up to limit events after sequence, ascending."""
     rows = await conn.fetch(queries.SELECT_EVENTS, sequence, limit)
+    # Counted from the end: the snapshot columns before them may grow.
     return [
-        UserEvent(int(row[8]), EventType(row[9]), user_from_row(row), int(row[10])) for row in rows
+        UserEvent(int(row[-3]), EventType(row[-2]), user_from_row(row), int(row[-1]))
+        for row in rows
     ]
 
 

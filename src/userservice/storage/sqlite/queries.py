@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from userservice.storage.rows import INSERT_COLUMNS, SNAPSHOT_COLUMNS, USER_COLUMNS
+from userservice.storage.rows import INSERT_COLUMNS, SNAPSHOT_COLUMNS, USER_COLUMNS, placeholders
 
 # Assembled only from the constant column lists (hence the S608 waivers); every value is a
 # bound parameter.
@@ -25,7 +25,7 @@ SELECT_TAKEN_SUBJECTS: Final = (
 SELECT_PAGE: Final = f"SELECT {USER_COLUMNS} FROM users{{where}} ORDER BY id LIMIT ?"  # noqa: S608
 COUNT_USERS: Final = "SELECT count(*) FROM users{where}"
 INSERT_USER: Final = (
-    f"INSERT INTO users ({INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    f"INSERT INTO users ({INSERT_COLUMNS}) VALUES ({placeholders(INSERT_COLUMNS)})"  # noqa: S608
     " ON CONFLICT (email_normalized) DO NOTHING"
 )
 UPDATE_USER: Final = (
@@ -45,12 +45,12 @@ SET_KEY: Final = (
 DELETE_USER: Final = "DELETE FROM users WHERE id = ?"
 INSERT_EVENT: Final = (
     f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING sequence"
+    f" VALUES (?, ?, {placeholders(SNAPSHOT_COLUMNS)}) RETURNING sequence"
 )
 # A batch's events, by executemany (which returns no rows); the last sequence is then read.
 INSERT_EVENTS: Final = (
     f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f" VALUES (?, ?, {placeholders(SNAPSHOT_COLUMNS)})"
 )
 # A delete's erasure of the user's earlier events and idempotency records: the values are the
 # domain's erased fields; the user_id indexes of migration 0004 find the rows.
@@ -83,7 +83,7 @@ SELECT_REQUEST: Final = (
 INSERT_REQUEST: Final = (
     "INSERT OR REPLACE INTO create_requests"  # noqa: S608
     f" ({SNAPSHOT_COLUMNS}, request_id, fingerprint, created_us)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f" VALUES ({placeholders(SNAPSHOT_COLUMNS)}, ?, ?, ?)"
 )
 # SQLite has no DELETE ... LIMIT by default; the oldest keys come off the created_us index.
 EXPIRE_REQUESTS: Final = (

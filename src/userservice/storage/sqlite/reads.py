@@ -57,7 +57,8 @@ def select_page(
 def select_events(conn: sqlite3.Connection, sequence: int, limit: int) -> list[UserEvent]:
     """Return up to limit events after sequence, ascending."""
     rows = conn.execute(queries.SELECT_EVENTS, (sequence, max(limit, 0)))
-    return [UserEvent(row[8], EventType(row[9]), user_from_row(row), row[10]) for row in rows]
+    # Counted from the end: the snapshot columns before them may grow.
+    return [UserEvent(row[-3], EventType(row[-2]), user_from_row(row), row[-1]) for row in rows]
 
 
 def event_bounds(conn: sqlite3.Connection) -> tuple[int, int]:

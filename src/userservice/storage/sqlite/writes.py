@@ -111,7 +111,7 @@ def create(
         request = (request_id, now - retention_us)
         row = writes.conn.execute(queries.SELECT_REQUEST, request).fetchone()
         if row is not None:
-            return retried_create(user_from_row(row), row[8], fingerprint)
+            return retried_create(user_from_row(row), row[-1], fingerprint)
     if not writes.insert(user):
         raise EmailAlreadyExistsError()
     if request_id is not None:

@@ -6,7 +6,7 @@ until the client stops reading, ImportUsers receives and counts the messages. He
 answers SERVING once the server has started, so start-up is timed the same way as the full
 service's.
 
-Run as `python -m bench.bare_server --port N [--uvloop]`; prints `LISTENING <port>` once
+Run as `python -m benchmarks.bare_server --port N [--uvloop]`; prints `LISTENING <port>` once
 it accepts calls (port 0 picks a free port) and stops on SIGTERM or SIGINT.
 """
 
@@ -120,7 +120,7 @@ async def serve(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the server on the chosen event loop."""
-    parser = argparse.ArgumentParser(prog="python -m bench.bare_server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bare_server", description=__doc__)
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Profile one server of the bench under one scenario's load with py-spy; print where it goes.
 
-`python -m bench.profile import` starts the service's configuration of that scenario
+`python -m benchmarks.profile import` starts the service's configuration of that scenario
 (`full-write` for import, `full-1m` for export, `full` for the GetUser ones; `--config bare`
 for the floor itself), records it with `py-spy record --format raw` while the bench's
 own load generator runs the scenario once, and prints the share of samples per function:
@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.__main__ import Bench, parse_args
-from bench._proc import thread_cpu_seconds
-from bench.procs import REPO, BenchError, stop
-from bench.scenarios import SCENARIOS
+from benchmarks.__main__ import Bench, parse_args
+from benchmarks._proc import thread_cpu_seconds
+from benchmarks.procs import REPO, BenchError, stop
+from benchmarks.scenarios import SCENARIOS
 
 # py-spy raw frames read "function (path/to/file.py:line)"; the line is dropped when totals
 # are made per function.
@@ -48,7 +48,7 @@ def _function(frame: str) -> str:
         return frame
     path = match["file"]
     # Shortest readable location: from the package directory on.
-    for marker in ("site-packages/", "/src/", "/bench/"):
+    for marker in ("site-packages/", "/src/", "/benchmarks/"):
         if marker in path:
             path = path.rpartition(marker)[2]
             break
@@ -99,7 +99,7 @@ def thread_table(threads: dict[str, float], elapsed: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
     keys = [s.key for s in SCENARIOS if s.kind != "startup"]
     parser.add_argument("scenario", choices=keys, help="the load to profile under")
     parser.add_argument("--config", default="", help="which server (default: the one measured)")
@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m bench.profile`."""
+    """Entry point of `python -m benchmarks.profile`."""
     options = _parser().parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():

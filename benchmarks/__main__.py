@@ -25,9 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench._proc import listening_sockets, memory_kib, tree_memory_kib
-from bench.procs import (
+from benchmarks import report
+from benchmarks._proc import listening_sockets, memory_kib, tree_memory_kib
+from benchmarks.procs import (
     REPO,
     BenchError,
     Server,
@@ -41,8 +41,8 @@ from bench.procs import (
     tail,
     token_env,
 )
-from bench.scenarios import GROUPS, Scenario, select
-from bench.seed import copy_seeded, seeded_file, user_ids
+from benchmarks.scenarios import GROUPS, Scenario, select
+from benchmarks.seed import copy_seeded, seeded_file, user_ids
 from userservice.domain.filtering import canonical_filter, parse_filter
 from userservice.domain.pagination import PageTokenCodec
 
@@ -196,7 +196,8 @@ class Bench:
         if server.process.poll() is not None:
             raise BenchError(f"{config} server exited {server.process.returncode}")
         log_before = server.log_path.stat().st_size if server.log_path else 0
-        argv = [sys.executable, "-m", "bench.loadgen", scenario.kind, "--target", server.target]
+        argv = [sys.executable, "-m", "benchmarks.loadgen", scenario.kind]
+        argv += ["--target", server.target]
         argv += ["--server-pid", str(server.process.pid)]
         prefix = f"{scenario.key}-{self.run_id}-{round_index}-{config}"
         if scenario.kind == "load":
@@ -224,7 +225,7 @@ class Bench:
         """Spawn a fresh server and time it from spawn to health SERVING."""
         port = free_port()
         poller = spawn(
-            [sys.executable, "-m", "bench.loadgen", "startup", "--target", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "benchmarks.loadgen", "startup", f"--target=127.0.0.1:{port}"],
             None,
             subprocess.PIPE,
             None,
@@ -234,7 +235,7 @@ class Bench:
             if read_line(poller, 30.0) != "READY":
                 raise BenchError("startup poller did not start")
             if config == "bare":
-                argv = [sys.executable, "-m", "bench.bare_server", "--port", str(port)]
+                argv = [sys.executable, "-m", "benchmarks.bare_server", "--port", str(port)]
                 env = None
             else:
                 database = self.workdir / "startup.db"
@@ -316,7 +317,7 @@ class Bench:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed window (default 2)")
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up (default 0.5)")
@@ -341,7 +342,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="",
         help="comma-separated scenarios or groups: " + ", ".join(GROUPS),
     )
-    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    parser.add_argument("--output", type=Path, default=REPO / ".bench" / "results.json")
     parser.add_argument(
         "--cache-dir", type=Path, default=REPO / ".bench", help="seeded stores (.bench/)"
     )
@@ -425,7 +426,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m bench`; exit status 1 if nothing was measured."""
+    """Entry point of `python -m benchmarks`; exit status 1 if nothing was measured."""
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import BEARER_ENV
+from benchmarks.loadgen import BEARER_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base interpreter's
@@ -147,8 +147,8 @@ def run_json(
 
 
 def start_bare(name: str, uvloop: bool) -> Server:
-    """Start `python -m bench.bare_server` and wait until it listens."""
-    argv = [sys.executable, "-m", "bench.bare_server", "--port", "0"]
+    """Start `python -m benchmarks.bare_server` and wait until it listens."""
+    argv = [sys.executable, "-m", "benchmarks.bare_server", "--port", "0"]
     if uvloop:
         argv.append("--uvloop")
     started = time.monotonic()

@@ -34,7 +34,7 @@ import grpc
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench._proc import machine_busy_seconds, process_tree, tree_cpu_seconds
+from benchmarks._proc import machine_busy_seconds, process_tree, tree_cpu_seconds
 from user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
@@ -282,7 +282,7 @@ async def startup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     load_cmd = commands.add_parser("load", help="timed unary load")
     load_cmd.add_argument("--method", choices=("get", "create", "list"), default="get")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     # Read from the environment so the token never shows in the process list.
     args.token = os.environ.get(BEARER_ENV, "")
     if not args.target.startswith("127.0.0.1:"):
-        sys.exit("bench.loadgen only targets 127.0.0.1")
+        sys.exit("benchmarks.loadgen only targets 127.0.0.1")
     try:
         result = uvloop.run(_COMMANDS[args.command](args))
     except grpc.aio.AioRpcError as error:

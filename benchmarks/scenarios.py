@@ -2,7 +2,7 @@
 
 Configurations (long-lived servers unless noted):
 
-- `bare`: the floor, bench/bare_server.py on the default asyncio loop, answering from memory;
+- `bare`: the floor, benchmarks/bare_server.py on the default asyncio loop, answering from memory;
 - `bare+uvloop`: the same on uvloop (GetUser only: the loop's own share of the gap);
 - `full`: `userservice serve` on a SQLite file of `--small-rows` users (10k);
 - `full-1m`: the same on `--big-rows` users (1M);
@@ -24,7 +24,7 @@ class Scenario:
 
     key: str
     label: str
-    kind: str  # a bench.loadgen command (load, export, import) or "startup"
+    kind: str  # a benchmarks.loadgen command (load, export, import) or "startup"
     configs: tuple[str, ...]
     group: str
     method: str = "get"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import statistics
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from bench.scenarios import FLOOR, Scenario
+from benchmarks.scenarios import FLOOR, Scenario
 
 Rows = dict[str, dict[str, list[dict[str, Any]]]]  # scenario key -> config -> rounds
 
@@ -26,9 +28,12 @@ _KEYS = (
 )
 
 
+TARGETS_FILE = Path(__file__).with_name("targets.toml")
+
+
 @dataclass(frozen=True)
 class Headline:
-    """One of the issue's targets: a paired comparison of two cells of the table."""
+    """One target of targets.toml: a paired comparison of two cells of the table."""
 
     name: str
     a: tuple[str, str]  # (scenario, config)
@@ -38,26 +43,24 @@ class Headline:
     target: str
 
 
-HEADLINES = (
-    Headline("GetUser c16 throughput, full / bare", ("get-c16", "full"), ("get-c16", FLOOR),
-             "per_s", False, ">= 0.9x"),
-    Headline("GetUser c16 p99, full / bare", ("get-c16", "full"), ("get-c16", FLOOR),
-             "latency_p99_ms", False, "<= 1.2x"),
-    Headline("GetUser c16 server CPU added, full - bare+uvloop", ("get-c16", "full"),
-             ("get-c16", "bare+uvloop"), "server_cpu_us_per_op", True, "<= 25 us"),
-    Headline("StreamUsers export users/s, full-1m / bare", ("export", "full-1m"),
-             ("export", FLOOR), "per_s", False, ">= 0.9x"),
-    Headline("ImportUsers users/s, full-write / bare", ("import", "full-write"),
-             ("import", FLOOR), "per_s", False, ">= 0.6x"),
-    Headline("ListUsers page server CPU, 1M / 10k", ("list-1m", "full-1m"),
-             ("list-10k", "full"), "server_cpu_us_per_op", False, "<= 1.5x"),
-    Headline("ListUsers page p50, 1M / 10k", ("list-1m", "full-1m"), ("list-10k", "full"),
-             "latency_p50_ms", False, "<= 1.5x"),
-    Headline("--workers 2 / 1, GetUser c64 over 8 connections", ("workers-c64", "full-2w"),
-             ("workers-c64", "full"), "per_s", False, ">= 1.7x"),
-    Headline("start-up to SERVING, full / bare", ("startup", "full"), ("startup", FLOOR),
-             "startup_ms", False, "-"),
-)  # fmt: skip
+def load_targets(path: Path = TARGETS_FILE) -> tuple[Headline, ...]:
+    """Read the targets the report compares against from a targets.toml."""
+    entries = tomllib.loads(path.read_text())["target"]
+    headlines = []
+    for entry in entries:
+        if entry["compare"] not in ("ratio", "difference") or entry["metric"] not in _KEYS:
+            raise ValueError(f"{path}: {entry['name']}: unknown compare or metric")
+        headlines.append(
+            Headline(
+                name=entry["name"],
+                a=(entry["measure"][0], entry["measure"][1]),
+                b=(entry["against"][0], entry["against"][1]),
+                key=entry["metric"],
+                difference=entry["compare"] == "difference",
+                target=entry["target"],
+            )
+        )
+    return tuple(headlines)
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -119,7 +122,7 @@ def summarize(
     memory: dict[str, dict[str, float | None]],
     failed: dict[str, str],
 ) -> dict[str, Any]:
-    """Medians per cell, paired ratios to the floor, memory, and the issue's targets."""
+    """Medians per cell, paired ratios to the floor, memory, and the targets of targets.toml."""
     summary: dict[str, Any] = {"scenarios": {}, "memory": memory, "failed": failed}
     for scenario in scenarios:
         cells = rows.get(scenario.key, {})
@@ -138,7 +141,7 @@ def summarize(
             ratio = value / base if base and value is not None else None
             values[key.replace("_mib", "_vs_floor")] = ratio
     headlines = []
-    for headline in HEADLINES:
+    for headline in load_targets():
         a = rows.get(headline.a[0], {}).get(headline.a[1], [])
         b = rows.get(headline.b[0], {}).get(headline.b[1], [])
         value = _paired(a, b, headline.key, _minus if headline.difference else _ratio)
@@ -213,7 +216,7 @@ def _scenario_lines(entry: dict[str, Any]) -> list[str]:
 
 
 def render(summary: dict[str, Any]) -> str:
-    """The human-readable report: one table, then the issue's targets."""
+    """The human-readable report: one table, then the targets."""
     settings = summary["settings"]
     lines = [
         f"{summary['command']}: {settings['rounds']} interleaved rounds "
@@ -237,7 +240,7 @@ def render(summary: dict[str, Any]) -> str:
     for name, reason in summary["failed"].items():
         lines.append(f"{name} not started: {reason.splitlines()[0]}")
     if summary["headlines"]:
-        lines += ["", f"{'target (issue 10)':<52} {'measured':>10} {'target':>10}"]
+        lines += ["", f"{'target (benchmarks/targets.toml)':<52} {'measured':>10} {'target':>10}"]
     for headline in summary["headlines"]:
         spec = "+.1f" if headline["unit"] == "us" else ".2f"
         value = format(headline["value"], spec) + ("" if headline["unit"] == "us" else "x")
