@@ -21,7 +21,6 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 import userservice
-from user.v1 import user_service_pb2
 from userservice import workers
 from userservice.config import Settings, previous_secrets, replica_scan_limit
 from userservice.domain.errors import StorageUnavailableError
@@ -41,6 +40,7 @@ from userservice.metrics import (
 )
 from userservice.observability.storage import instrument
 from userservice.observability.tracing import TracingUnavailableError, start_tracing
+from userservice.policy import SERVICE_NAME
 from userservice.reflection import enable_reflection
 from userservice.storage import (
     is_postgres_url,
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userservice.server")
 
-SERVICE_NAME = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 HEALTH_PING_TIMEOUT_SECONDS = 2.0
 # A health request is a service name; a response, a status (List: a few of them).
 PROBE_MESSAGE_BYTES = 64 * 1024
