@@ -83,4 +83,4 @@ class MethodPolicy(message.Message):
 
 METHOD_POLICY_FIELD_NUMBER: builtins.int
 method_policy: extension_dict._ExtensionFieldDescriptor[descriptor_pb2.MethodOptions, MethodPolicy]
-"""The policy of a user.v1 method; see MethodPolicy."""
+"""The policy of one method of this package; see MethodPolicy."""
