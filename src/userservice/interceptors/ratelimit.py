@@ -9,9 +9,8 @@ streams are *paced* rather than cut when the bucket is empty: the next message i
 read until the tokens are back, so HTTP/2 flow control pushes back on the client, and the
 call's deadline still ends the wait. A limiter that cannot decide (Redis down, failing
 closed) ends the call UNAVAILABLE with reason RATE_LIMITER_UNAVAILABLE: the caller is not
-over any limit.
-Buckets live in-process (``LocalLimiter``) or in Redis, shared by every replica
-(``ratelimit_redis.RedisLimiter``); both implement ``Limiter``.
+over any limit. Buckets live in-process (``LocalLimiter``) or in Redis, shared by every
+replica (``ratelimit_redis.RedisLimiter``); both implement ``Limiter``.
 """
 
 from __future__ import annotations
