@@ -115,9 +115,8 @@ async def raw_rows(database_url: str) -> list[str]:
 
 async def personal_fields(database_url: str, user_id: str) -> list[tuple[str, ...]]:
     """Return (email, display_name, subject) of user_id's events and its records' fields."""
-    events = (
-        "SELECT email, display_name, subject FROM user_events WHERE user_id = {} ORDER BY sequence"
-    )
+    events = """SELECT email, display_name, subject FROM user_events
+        WHERE user_id = {} ORDER BY sequence"""
     records = (
         "SELECT email, display_name, fingerprint, subject FROM create_requests WHERE user_id = {}"
     )

@@ -1,11 +1,12 @@
 """Per-method policy, declared once in the proto and read here from the generated descriptors.
 
-Every UserService method carries a ``(user.v1.method_policy)`` option (proto/user/v1/options.proto):
-the scope its token needs, whether it is public, what it costs against the rate limit, and the
-request field that makes a replay safe. Auth, the rate limiter, the client's retry policy and the
-tests all read ``METHODS``; none keeps a table of its own, so adding an rpc edits only the proto.
-A method without the option is absent from ``METHODS``, and the auth interceptor refuses it (fail
-closed). A policy that contradicts itself stops the import, and with it the server's start.
+Every UserService method carries a ``(user.v1.method_policy)`` option
+(proto/user/v1/options.proto): the scope its token needs, whether it is public, what it
+costs against the rate limit, and the request field that makes a replay safe. Auth, the
+rate limiter, the client's retry policy and the tests all read ``METHODS``; none keeps a
+table of its own, so adding an rpc edits only the proto. A method without the option is
+absent from ``METHODS``, and the auth interceptor refuses it (fail closed). A policy that
+contradicts itself stops the import, and with it the server's start.
 """
 
 from __future__ import annotations
