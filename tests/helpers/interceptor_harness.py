@@ -1,14 +1,15 @@
 """A real grpc.aio server under the real interceptor chain, for the interceptor tests.
 
-The test-only service answers on the user.v1.UserService method names (so METHOD_SCOPES
-applies) with raw bytes instead of protobuf messages, in all four RPC kinds and, chosen by
-the ``x-test-style`` metadata, both aio styles: async generators / request iterators
-("generator", the default) or ``context.read()`` / ``context.write()`` ("writer"); "plain"
-and "sync" add plain-function behaviours for unary and server-stream methods. The first
-request message is a command: ``raise``, ``abort``, ``raise-after`` (fail after two
-responses), ``set-code-raise``, ``slow``, ``whoami`` (reply with the principal),
-``fill-then-abort`` (server streams: write until flow control holds, then abort); anything
-else is echoed. The real grpcio-health-checking aio servicer is served too.
+The test-only service answers on the UserService method names, in the kinds their
+descriptors declare (so each method's proto policy applies), with raw bytes instead of
+protobuf messages and, chosen by the ``x-test-style`` metadata, in both aio styles: async
+generators / request iterators ("generator", the default) or ``context.read()`` /
+``context.write()`` ("writer"); "plain" and "sync" add plain-function behaviours for unary
+and server-stream methods. The first request message is a command: ``raise``, ``abort``,
+``raise-after`` (fail after two responses), ``set-code-raise``, ``slow``, ``whoami`` (reply
+with the principal), ``fill-then-abort`` (server streams: write until flow control holds,
+then abort); anything else is echoed. The real grpcio-health-checking aio servicer is served
+too.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_status import rpc_status
 
 from helpers.tokens import TEST_AUDIENCE, TEST_ISSUER, TEST_JWT_SECRET
+from userservice import policy
 from userservice.config import Settings
-from userservice.interceptors.auth import METHOD_SCOPES, current_principal
+from userservice.interceptors.auth import current_principal
 from userservice.interceptors.chain import InterceptorChain
 from userservice.server.wiring import build_chain
 
-SERVICE = "user.v1.UserService"
+SERVICE = policy.SERVICE_NAME
 STYLE_KEY = "x-test-style"
 UNLISTED = "PurgeUsers"
 LEAK = "boom: alice@example.com tried SELECT * FROM users"
@@ -48,19 +50,18 @@ UNARY, SERVER_STREAM, CLIENT_STREAM, BIDI_STREAM = (
     "client_stream",
     "bidi_stream",
 )
-KINDS: dict[str, str] = {
-    "GetUser": UNARY,
-    "BatchGetUsers": UNARY,
-    "ListUsers": UNARY,
-    "CreateUser": UNARY,
-    "UpdateUser": UNARY,
-    "DeleteUser": UNARY,
-    "StreamUsers": SERVER_STREAM,
-    "WatchUsers": SERVER_STREAM,
-    "ImportUsers": CLIENT_STREAM,
-    "SyncUsers": BIDI_STREAM,
-    UNLISTED: UNARY,
+_KIND_OF = {
+    (False, False): UNARY,
+    (False, True): SERVER_STREAM,
+    (True, False): CLIENT_STREAM,
+    (True, True): BIDI_STREAM,
 }
+# Every method of the service, by the kind its descriptor declares, and one it does not have.
+KINDS: dict[str, str] = {
+    method.name: _KIND_OF[method.client_streaming, method.server_streaming]
+    for method in policy.SERVICE.methods
+}
+KINDS[UNLISTED] = UNARY
 # One method per kind, for tests that cover "all four kinds".
 BY_KIND = {
     UNARY: "GetUser",
@@ -68,7 +69,7 @@ BY_KIND = {
     CLIENT_STREAM: "ImportUsers",
     BIDI_STREAM: "SyncUsers",
 }
-assert {f"/{SERVICE}/{name}" for name in KINDS} - set(METHOD_SCOPES) == {f"/{SERVICE}/{UNLISTED}"}
+assert {f"/{SERVICE}/{name}" for name in KINDS} - set(policy.METHODS) == {f"/{SERVICE}/{UNLISTED}"}
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -26,15 +26,14 @@ from redis.asyncio import Redis
 from user.v1 import user_service_pb2 as pb
 from userservice.interceptors.ratelimit import (
     ALLOWED,
-    METHOD_COSTS,
-    SCAN_COSTS,
     Decision,
     LocalLimiter,
 )
 from userservice.interceptors.ratelimit.redis import RedisLimiter
+from userservice.policy import METHODS, SERVICE_NAME
 from userservice.rpc_context import peer_host
 
-LIST_USERS = "/user.v1.UserService/ListUsers"
+LIST_USERS = METHODS[f"/{SERVICE_NAME}/ListUsers"]
 
 
 def _retry_delay(result: Result) -> float:
@@ -77,7 +76,7 @@ async def test_tokens_come_back_at_the_configured_rate() -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("style", ["generator", "writer"])
 async def test_a_bulk_stream_pays_per_message_and_is_paced_not_cut(style: str) -> None:
-    cost = METHOD_COSTS["/user.v1.UserService/SyncUsers"]
+    cost = METHODS[f"/{SERVICE_NAME}/SyncUsers"].cost
     burst = int(cost) + 2
     rps = 20
     async with serve(settings(rate_limit_rps=rps, rate_limit_burst=burst)) as harness:
@@ -116,7 +115,7 @@ async def test_cost_above_the_burst_is_capped_so_the_call_can_pass() -> None:
 
 @pytest.mark.asyncio
 async def test_a_scan_filter_pays_more_than_a_plain_read(sqlite_url: str) -> None:
-    scan_cost = METHOD_COSTS.get(LIST_USERS, 1.0) + SCAN_COSTS[LIST_USERS]
+    scan_cost = LIST_USERS.cost + LIST_USERS.scan_cost
     config = make_settings(sqlite_url, rate_limit_rps=0.01, rate_limit_burst=int(scan_cost) + 2)
     async with running_app(config) as app, connect(app.port) as client:
         scan = pb.ListUsersRequest(filter='display_name : "ada"')

@@ -40,7 +40,10 @@ class UserServiceStub:
     neither set role nor subject. A refusal is PERMISSION_DENIED with reason
     NOT_OWNER (the user is not the caller's, or does not exist: the same status,
     message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
-    (metadata "field" names it).
+    (metadata "field" names it); that rule is the domain's
+    (userservice.domain.model.Caller). Which scope each method needs, and what
+    it costs against the rate limit, is its (user.v1.method_policy) option
+    (user/v1/options.proto); a method without one is refused to every caller.
     """
 
     @typing.overload
@@ -88,7 +91,10 @@ class UserServiceAsyncStub(UserServiceStub):
     neither set role nor subject. A refusal is PERMISSION_DENIED with reason
     NOT_OWNER (the user is not the caller's, or does not exist: the same status,
     message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
-    (metadata "field" names it).
+    (metadata "field" names it); that rule is the domain's
+    (userservice.domain.model.Caller). Which scope each method needs, and what
+    it costs against the rate limit, is its (user.v1.method_policy) option
+    (user/v1/options.proto); a method without one is refused to every caller.
     """
 
     def __init__(self, channel: aio.Channel) -> None: ...
@@ -132,7 +138,10 @@ class UserServiceServicer(metaclass=abc_1.ABCMeta):
     neither set role nor subject. A refusal is PERMISSION_DENIED with reason
     NOT_OWNER (the user is not the caller's, or does not exist: the same status,
     message and reason for both, so ids cannot be probed) or ADMIN_ONLY_FIELD
-    (metadata "field" names it).
+    (metadata "field" names it); that rule is the domain's
+    (userservice.domain.model.Caller). Which scope each method needs, and what
+    it costs against the rate limit, is its (user.v1.method_policy) option
+    (user/v1/options.proto); a method without one is refused to every caller.
     """
 
     @abc_1.abstractmethod

@@ -1,12 +1,14 @@
 """The channel's gRPC service config and arguments: balancing, health, retries, keepalive.
 
 Retries live in the service config so grpc core runs them (with its backoff, jitter and
-retry throttling) per method: the reads and CreateUser (the client always sends a
-request_id, which makes a replayed create return the first result) retry UNAVAILABLE.
-UpdateUser and DeleteUser have no retry policy here: a service config cannot look into the
-request, and a write is safe to replay only with an etag, so the client retries those itself
-when they carry one. RESOURCE_EXHAUSTED is never retried by grpc core (it does not read
-google.rpc.RetryInfo); the client waits the RetryInfo delay itself.
+retry throttling) per method. Which methods retry UNAVAILABLE is read from the proto
+(``userservice.policy``): those whose ``idempotency_level`` is NO_SIDE_EFFECTS or
+IDEMPOTENT, and those whose ``method_policy`` names an ``idempotency_key`` this client
+always fills (CreateUser's request_id, which makes a replayed create return the first
+result). UpdateUser and DeleteUser have no retry policy here: a service config cannot look
+into the request, and a write is safe to replay only with an etag, so the client retries
+those itself when they carry one. RESOURCE_EXHAUSTED is never retried by grpc core (it does
+not read google.rpc.RetryInfo); the client waits the RetryInfo delay itself.
 """
 
 from __future__ import annotations
@@ -14,16 +16,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-SERVICE = "user.v1.UserService"
-RETRIED_METHODS = (
-    "CreateUser",
-    "GetUser",
-    "BatchGetUsers",
-    "ListUsers",
-    "StreamUsers",
-    "WatchUsers",
-)
-NOT_RETRIED_METHODS = ("UpdateUser", "DeleteUser", "ImportUsers", "SyncUsers")
+from userservice.policy import METHODS, SERVICE_NAME
+
+SERVICE = SERVICE_NAME
+RETRIED_METHODS = tuple(policy.name for policy in METHODS.values() if policy.retryable)
+NOT_RETRIED_METHODS = tuple(policy.name for policy in METHODS.values() if not policy.retryable)
 # grpc core caps maxAttempts at 5.
 MAX_ATTEMPTS = 5
 

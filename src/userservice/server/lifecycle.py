@@ -20,7 +20,6 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 import userservice
-from user.v1 import user_service_pb2
 from userservice.config import Settings
 from userservice.domain.errors import StorageUnavailableError
 from userservice.domain.repository import UserRepository
@@ -37,6 +36,7 @@ from userservice.metrics import (
 )
 from userservice.observability.storage import instrument
 from userservice.observability.tracing import TracingUnavailableError, start_tracing
+from userservice.policy import SERVICE_NAME
 from userservice.reflection import enable_reflection
 from userservice.server import wiring
 from userservice.server.channel import (
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userservice.server")
 
-SERVICE_NAME = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 HEALTH_PING_TIMEOUT_SECONDS = 2.0
 
 

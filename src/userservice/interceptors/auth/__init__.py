@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from userservice.interceptors.auth.interceptor import (
     ADMIN,
-    METHOD_SCOPES,
     READ,
     WRITE,
     AuthInterceptor,
@@ -19,7 +18,6 @@ from userservice.interceptors.auth.verifier import Principal, TokenVerifier
 
 __all__ = [
     "ADMIN",
-    "METHOD_SCOPES",
     "READ",
     "WRITE",
     "AuthInterceptor",

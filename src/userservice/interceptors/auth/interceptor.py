@@ -1,7 +1,8 @@
 """Authentication and authorization: a JWT bearer token, and one scope per method.
 
-``METHOD_SCOPES`` is the one place that maps a method to the scope it needs; a method
-missing from it is denied to everyone (fail closed). Which users a caller may write is the
+A method's scope is its ``(user.v1.method_policy)`` proto option, read by
+``userservice.policy``; a method without one is denied to everyone (fail closed), and a
+public one is served without a token. Which users a caller may write is the
 domain's rule (``domain.model.Caller``): the transport builds the Caller from the subject
 and scopes recorded here (``PRINCIPAL``, ``SCOPES``). Failures carry ErrorInfo (domain
 ``userservice``) and an RFC 6750 ``www-authenticate`` trailer, with a generic message:
@@ -37,25 +38,12 @@ from userservice.interceptors.handlers import (
 )
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.status import Rejection, rejection
+from userservice.policy import METHODS, MethodPolicy
 from userservice.rpc_context import PRINCIPAL, SCOPES, invocation_metadata, metadata_value
 
 READ: Final = "users.read"
 WRITE: Final = "users.write"
 ADMIN: Final = "users.admin"
-
-_SERVICE: Final = "/user.v1.UserService/"
-METHOD_SCOPES: Final[Mapping[str, str]] = {
-    _SERVICE + "GetUser": READ,
-    _SERVICE + "BatchGetUsers": READ,
-    _SERVICE + "ListUsers": READ,
-    _SERVICE + "StreamUsers": READ,
-    _SERVICE + "WatchUsers": READ,
-    _SERVICE + "CreateUser": WRITE,
-    _SERVICE + "UpdateUser": WRITE,
-    _SERVICE + "DeleteUser": WRITE,
-    _SERVICE + "ImportUsers": ADMIN,
-    _SERVICE + "SyncUsers": ADMIN,
-}
 
 _log: Final = logging.getLogger("userservice.auth")
 _Guarded: TypeAlias = Callable[[Any, Context, str, Principal], Awaitable[Any]]
@@ -192,14 +180,14 @@ class AuthInterceptor(WrappingInterceptor):
         self,
         verifier: TokenVerifier,
         public: MethodMatcher,
-        scopes: Mapping[str, str] = METHOD_SCOPES,
+        policies: Mapping[str, MethodPolicy] = METHODS,
     ) -> None:
-        """Serve methods matching public without a token; others need their scope."""
+        """Serve public methods (matched or declared) without a token; others need their scope."""
         super().__init__()
         self._verifier = verifier
         self._verify = verifier.verify
         self._public = public
-        self._scopes = scopes
+        self._policies = policies
         self._streams: set[_OpenStream] = set()
         verifier.keys.on_change(self._keys_changed)
 
@@ -214,9 +202,10 @@ class AuthInterceptor(WrappingInterceptor):
 
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:
         """Return behaviour behind the token and scope checks (None for public methods)."""
-        if self._public.matches(method):
+        policy = self._policies.get(method)
+        if self._public.matches(method) or (policy is not None and policy.public):
             return None
-        scope = self._scopes.get(method)
+        scope = None if policy is None else policy.scope
         denied = _UNLISTED if scope is None else _insufficient(scope)
         verify = self._verify
         guarded = None if kind == UNARY else self._until_token_ends(behaviour)

@@ -1,15 +1,16 @@
 """Rate limiting: a token bucket per principal (per peer host without one), charged at call start.
 
 Over the limit a call ends RESOURCE_EXHAUSTED with RetryInfo (when enough tokens will be
-back) and ErrorInfo reason RATE_LIMITED. A ListUsers or StreamUsers request whose filter
-is a scan (``SCAN_COSTS``) pays more than a point read. The bulk write streams
-(``MESSAGE_COSTS``) also pay for each message after the first, and are *paced* rather
-than cut when the bucket is empty: the next message is not read until the tokens are
-back, so HTTP/2 flow control pushes back on the client, and the call's deadline still
-ends the wait. A limiter that cannot decide (Redis down, failing closed) ends the call
-UNAVAILABLE with reason RATE_LIMITER_UNAVAILABLE: the caller is not over any limit.
-Buckets live in-process (``LocalLimiter``) or in Redis, shared by every replica
-(``ratelimit.redis.RedisLimiter``); both implement ``Limiter`` (limiter.py).
+back) and ErrorInfo reason RATE_LIMITED. What a call costs is its method's
+``(user.v1.method_policy)`` proto option, read by ``userservice.policy``: ``cost`` when it
+starts (1 unless declared), ``scan_cost`` more when the request's filter is a scan, and
+for the bulk write streams ``message_cost`` for each message after the first. Those
+streams are *paced* rather than cut when the bucket is empty: the next message is not
+read until the tokens are back, so HTTP/2 flow control pushes back on the client, and the
+call's deadline still ends the wait. A limiter that cannot decide (Redis down, failing
+closed) ends the call UNAVAILABLE with reason RATE_LIMITER_UNAVAILABLE: the caller is not
+over any limit. Buckets live in-process (``LocalLimiter``) or in Redis, shared by every
+replica (``ratelimit.redis.RedisLimiter``); both implement ``Limiter`` (limiter.py).
 """
 
 from __future__ import annotations
@@ -36,26 +37,9 @@ from userservice.interceptors.handlers import (
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.ratelimit.limiter import Decision, Limiter
 from userservice.interceptors.status import Rejection, rejection
+from userservice.policy import METHODS, MethodPolicy
 from userservice.rpc_context import PRINCIPAL, peer_host
 
-_SERVICE: Final = "/user.v1.UserService/"
-METHOD_COSTS: Final[Mapping[str, float]] = {
-    # Bulk streams do the work of many unary calls; everything else costs 1.
-    _SERVICE + "ImportUsers": 20.0,
-    _SERVICE + "SyncUsers": 20.0,
-    _SERVICE + "StreamUsers": 5.0,
-}
-SCAN_COSTS: Final[Mapping[str, float]] = {
-    # Charged on top when the request's filter is a scan (UserFilter.is_scan): one such
-    # call can read the whole table, where a point read reads one row.
-    _SERVICE + "ListUsers": 10.0,
-    _SERVICE + "StreamUsers": 10.0,
-}
-MESSAGE_COSTS: Final[Mapping[str, float]] = {
-    # One upsert per message after the first, like a unary write.
-    _SERVICE + "ImportUsers": 1.0,
-    _SERVICE + "SyncUsers": 1.0,
-}
 # A paced stream re-checks its bucket at least this often, so a refill is noticed soon.
 MAX_PACE_SECONDS: Final = 1.0
 
@@ -166,28 +150,26 @@ class RateLimitInterceptor(WrappingInterceptor):
         public: MethodMatcher,
         *,
         burst: float,
-        costs: Mapping[str, float] = METHOD_COSTS,
-        message_costs: Mapping[str, float] = MESSAGE_COSTS,
-        scan_costs: Mapping[str, float] = SCAN_COSTS,
+        policies: Mapping[str, MethodPolicy] = METHODS,
     ) -> None:
         """Exempt methods matching public; costs above burst are capped so they can pass."""
         super().__init__()
         self._limit = limiter.limit
         self._public = public
         self._burst = burst
-        self._costs = costs
-        self._message_costs = message_costs
-        self._scan_costs = scan_costs
+        self._policies = policies
 
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour | None:
         """Return behaviour behind the bucket check (None for exempt methods)."""
         if self._public.matches(method):
             return None
-        base_cost = self._costs.get(method, 1.0)
+        # A method without a policy costs 1: the auth interceptor refuses it anyway.
+        policy = self._policies.get(method)
+        base_cost = 1.0 if policy is None else policy.cost
         cost = min(base_cost, self._burst)
-        extra = self._scan_costs.get(method)
-        scan_cost = None if extra is None else min(base_cost + extra, self._burst)
-        message_cost = self._message_costs.get(method)
+        extra = None if policy is None else policy.scan_cost
+        scan_cost = min(base_cost + extra, self._burst) if extra else None
+        message_cost = policy.message_cost if policy is not None and policy.message_cost else None
         paced = message_cost is not None and kind in (CLIENT_STREAM, BIDI_STREAM)
         limit = self._limit
 
