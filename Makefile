@@ -20,7 +20,7 @@ GENERATED_DIR := src/user/v1
 PYTHON_PATHS := $(wildcard src tests benchmarks examples tools/protoc-gen-grpc_python tools/*.py)
 DEV_ENV := USERSERVICE_DEV=true USERSERVICE_AUTH_JWT_SECRET=$${USERSERVICE_AUTH_JWT_SECRET:-dev-secret-do-not-use-in-production-0123456789}
 
-.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service update-from-template buf-lint buf-breaking deploy-check image-test bench profile ci clean token
+.PHONY: help setup run test fuzz soak lint format typecheck generate check-generated vendor-protos new-service update-from-template buf-lint buf-breaking deploy-check image-test bench profile docs config-page ci clean token
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -146,7 +146,15 @@ bench: $(STAMP) ## Every scenario vs the bare floor and benchmarks/targets.toml;
 profile: $(STAMP) ## py-spy on the server under one bench scenario: make profile ARGS="import".
 	$(PY) -m benchmarks.profile $(ARGS)
 
-ci: lint typecheck buf-lint buf-breaking check-generated deploy-check test ## Everything CI runs.
+# --strict: a broken link or anchor, or a page missing from the nav, fails (mkdocs.yml validation).
+docs: $(STAMP) ## Build the documentation site into build/site (mkdocs-material, --strict).
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@echo "docs: built into build/site"
+
+config-page: $(STAMP) ## Regenerate the settings table of docs/configuration.md from config.py.
+	$(PY) tools/settings_page.py
+
+ci: lint typecheck buf-lint buf-breaking check-generated deploy-check docs test ## Everything CI runs.
 
 clean: ## Remove the virtualenv, node_modules and local data.
 	rm -rf $(VENV) $(CHECKOV_VENV) node_modules var build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -91,7 +91,7 @@ REQUIRED_ALERTS = frozenset(
 
 
 def production_with(component: str, directory: Path) -> list[Doc]:
-    """The production overlay with one component added, as the README says."""
+    """The production overlay with one component added, as docs/operations.md says."""
     production = os.path.relpath(K8S / "overlays" / "production", directory)
     added = os.path.relpath(K8S / "components" / component, directory)
     (directory / "kustomization.yaml").write_text(

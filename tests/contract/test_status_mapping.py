@@ -1,6 +1,6 @@
 """Every typed domain error maps to the status that tells the truth, with or without RetryInfo.
 
-Storage raises these (see the README errors table); the mapping is checked here, and the
+Storage raises these (see the errors table in docs/api.md); the mapping is checked here, and the
 PostgreSQL failures behind the statement timeout and the busy pool through the real server.
 """
 

@@ -33,7 +33,7 @@ from helpers.tokens import TEST_JWT_SECRET, bearer
 from user.v1 import user_service_pb2
 from userservice.interceptors.auth import mint_token
 
-# Every code a fuzzed call may end with: the ones the README documents. CANCELLED only when
+# Every code a fuzzed call may end with: the ones docs/api.md documents. CANCELLED only when
 # the fuzzer itself cancelled a stream it had read enough of.
 DOCUMENTED = frozenset(
     {

@@ -67,7 +67,7 @@ S = grpc.StatusCode
 # What a well-formed call may end with while faults come and go: refused (rate limit,
 # overload), unavailable (restart, storage or limiter down), out of time, a lost race, or
 # CANCELLED by server.stop() for a call grpc accepted during the drain but the server never
-# started (these callers do no client-side health checking; see the README's shutdown).
+# started (these callers do no client-side health checking; see docs/operations.md).
 WELL_FORMED = frozenset(
     {S.OK, S.RESOURCE_EXHAUSTED, S.UNAVAILABLE, S.DEADLINE_EXCEEDED, S.ABORTED, S.CANCELLED}
 )
