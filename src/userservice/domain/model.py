@@ -50,7 +50,7 @@ def search_key(text: str) -> str:
     Folding (not lower()) makes "STRASSE" match "straße" and a final sigma match any sigma;
     NFKC makes a composed "é" equal "e" + combining accent, and a ligature its letters. The
     stores keep this key of each display name in a column and match fragments against it, so
-    no database's collation decides (see the README's Storage section).
+    no database's collation decides (see docs/storage.md).
     """
     folded = unicodedata.normalize("NFKC", text).casefold()
     return unicodedata.normalize("NFKC", folded)

@@ -18,7 +18,7 @@ PROBE_MESSAGE_BYTES: Final = 64 * 1024
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
-    """Return the server channel arguments; the README explains each choice."""
+    """Return the server channel arguments; docs/configuration.md explains each choice."""
     return [
         # A second server on a taken port must fail, not silently share it; only the
         # workers of one parent share theirs (the parent checked that it was free).

@@ -3,7 +3,7 @@
 A backend's migrations are the files of its `sql/` folder, each named `NNNN_name.sql`. This
 module decides what is pending and whether the recorded history still matches the files;
 each backend only runs the statements and records them (sqlite3 and asyncpg share no
-driver API, and no migration library drives both: see the README).
+driver API, and no migration library drives both: see docs/adr/0002-own-migration-runner.md).
 """
 
 from __future__ import annotations

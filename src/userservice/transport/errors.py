@@ -64,7 +64,7 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     StorageBusyError: grpc.StatusCode.UNAVAILABLE,
     # The query was too expensive, not the store unreachable: no RetryInfo invites a retry.
     StorageTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    # The write may have happened: no RetryInfo; the README says what is safe to retry.
+    # The write may have happened: no RetryInfo; docs/api.md says what is safe to retry.
     CommitOutcomeUnknownError: grpc.StatusCode.UNAVAILABLE,
     ConcurrentConflictError: grpc.StatusCode.ABORTED,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,

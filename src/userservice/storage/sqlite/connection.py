@@ -52,7 +52,7 @@ def connect(
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         # A delete's erasure must not leave the old bytes in the file: SQLite then zeroes
-        # freed cells and freelist pages instead of leaving them for reuse (see the README).
+        # freed cells and freelist pages instead of leaving them for reuse (see docs/storage.md).
         conn.execute("PRAGMA secure_delete = ON")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
