@@ -2,8 +2,8 @@
 """Write the settings table of docs/configuration.md from the Settings' own help and defaults.
 
 The table sits between two marker comments; everything else on the page is written by hand.
-`make config-page` rewrites it, and tests/contract/test_docs.py fails while the committed page differs
-from what this renders, so the page cannot drift from the settings (config/settings.py).
+`make config-page` rewrites it, and tests/contract/test_docs.py fails while the committed page
+differs from what this renders, so the page cannot drift from the settings (config/settings.py).
 """
 
 from __future__ import annotations
