@@ -13,7 +13,7 @@ from benchmarks.report import load_targets
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.seed import seeded_file, user_ids
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_seeded_file_has_the_rows_in_id_order_and_is_reused(tmp_path: Path) -> None:
