@@ -46,8 +46,10 @@ _FACTORIES: Final[dict[str, Callable[..., Handler]]] = {
 # matched by name rather than imported, so no private module is imported.
 _BATCH_ERROR: Final = ("grpc._cython.cygrpc", "ExecuteBatchError")
 # A write fails as soon as the peer resets the stream; the cancellation itself reaches the
-# call a few event-loop turns later. This long at most is waited for it.
-_SETTLE_SECONDS: Final = 0.1
+# call a few event-loop turns later, and on a loaded host (a soak, a CPU-starved pod) more
+# than 100 ms later: a SyncUsers stream whose client went away was then logged as an
+# unhandled error. This long at most is waited for it; only a failed batch pays the wait.
+_SETTLE_SECONDS: Final = 1.0
 # Handlers are few (one per method), but a generic handler may mint new ones per call:
 # past this many entries the cache starts over rather than grow without bound.
 _CACHE_LIMIT: Final = 4096
