@@ -91,6 +91,34 @@ class KeySet:
         raise jwt.InvalidTokenError("the token names no kid and the key set holds several keys")
 
 
+class ChangingKeys:
+    """A key set that changes: its generation, its change listeners and the key lookup."""
+
+    def __init__(self, keys: KeySet) -> None:
+        """Start at generation 0 with keys and no listener."""
+        self._keys = keys
+        self._generation = 0
+        self._listeners: list[KeysChanged] = []
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever the key set changes."""
+        return self._generation
+
+    def on_change(self, listener: KeysChanged) -> None:
+        """Call listener after every change of the key set."""
+        self._listeners.append(listener)
+
+    def resolve(self, token: str) -> KeyEntry:
+        """Return the key for token from the current key set."""
+        return self._keys.resolve(token)
+
+    def _replace(self, keys: KeySet) -> None:
+        """Take keys as the key set and bump the generation; the caller notifies."""
+        self._keys = keys
+        self._generation += 1
+
+
 def parse_key_data(data: bytes) -> KeySet:
     """Parse a PEM public key or certificate (RSA or EC) or a JWKS document."""
     if data.lstrip().startswith(b"{"):
