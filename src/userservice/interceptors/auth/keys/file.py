@@ -20,7 +20,6 @@ from userservice.interceptors.auth.keys.source import (
     ChangingKeys,
     cancel_task,
     load_key_file,
-    notify,
     parse_key_data,
 )
 
@@ -64,10 +63,8 @@ class FileKeys(ChangingKeys):
                 )
                 return False
             self._signature = signature
-            self._replace(keys)
-            _log.info("key file reloaded", extra={"path": self._path, "kids": sorted(keys.by_kid)})
-        notify(self._listeners)
-        return True
+            self._replace(keys, "key file reloaded", {"path": self._path})
+            return True
 
     async def start(self) -> None:
         """Begin checking the file in the background."""

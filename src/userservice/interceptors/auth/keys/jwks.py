@@ -18,7 +18,6 @@ from userservice.interceptors.auth.keys.source import (
     KeyFetchError,
     KeySet,
     cancel_task,
-    notify,
     parse_jwks,
     why,
 )
@@ -102,9 +101,7 @@ class JwksUrlKeys(ChangingKeys):
         if body == self._body:
             return False
         self._body = body
-        self._replace(keys)
-        _log.info("JWKS fetched", extra={"url": self._shown_url, "kids": sorted(keys.by_kid)})
-        notify(self._listeners)
+        self._replace(keys, "JWKS fetched", {"url": self._shown_url})
         return True
 
     async def _refresh_loop(self) -> None:

@@ -113,10 +113,12 @@ class ChangingKeys:
         """Return the key for token from the current key set."""
         return self._keys.resolve(token)
 
-    def _replace(self, keys: KeySet) -> None:
-        """Take keys as the key set and bump the generation; the caller notifies."""
+    def _replace(self, keys: KeySet, event: str, where: dict[str, str]) -> None:
+        """Take keys as the key set, bump the generation, log event and call the listeners."""
         self._keys = keys
         self._generation += 1
+        _log.info(event, extra={**where, "kids": sorted(keys.by_kid)})
+        notify(self._listeners)
 
 
 def parse_key_data(data: bytes) -> KeySet:
