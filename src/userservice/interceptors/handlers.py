@@ -202,6 +202,34 @@ def with_hook(requests: Any, hook: MessageHook) -> RequestStream:
     return RequestStream(requests, (hook,))
 
 
+class HookedReads:
+    """A servicer context whose read() runs hook on each message: with_hook for read() handlers.
+
+    Everything else is the real context's. EOF is handed on without the hook, as a request
+    stream ends without yielding one.
+    """
+
+    __slots__ = ("_context", "_hook")
+
+    def __init__(self, context: Context, hook: MessageHook) -> None:
+        """Read from context, running hook on each message before handing it over."""
+        self._context = context
+        self._hook = hook
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the real context's."""
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        """Return the next message once its hook has run (and what it returned, if awaited)."""
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            pending = self._hook(message)
+            if pending is not None:
+                await pending
+        return message
+
+
 def rebuild(handler: Handler, behaviour: Behaviour, request_deserializer: Any) -> Handler:
     """Return a handler of the same kind and response codec that runs behaviour."""
     return _FACTORIES[kind_of(handler)](

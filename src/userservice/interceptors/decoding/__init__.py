@@ -28,6 +28,7 @@ from userservice.interceptors.handlers import (
     CLIENT_STREAM,
     Behaviour,
     Context,
+    HookedReads,
     WrappingInterceptor,
     is_batch_error,
     with_hook,
@@ -125,27 +126,6 @@ class _StreamCheck:
         return None
 
 
-class _CheckedContext:
-    """A servicer context whose read() runs the stream's check on each message it returns."""
-
-    __slots__ = ("_check", "_context")
-
-    def __init__(self, context: Context, check: _StreamCheck) -> None:
-        self._context = context
-        self._check = check
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    async def read(self) -> Any:
-        """Return the next message, or end the call if it is malformed."""
-        message = await self._context.read()
-        rejection = self._check.check(message)
-        if rejection is not None:
-            await rejection
-        return message
-
-
 class DecodingInterceptor(WrappingInterceptor):
     """Innermost layer: a request message that did not parse ends the call INVALID_ARGUMENT."""
 
@@ -162,7 +142,7 @@ class DecodingInterceptor(WrappingInterceptor):
                 check = _StreamCheck(method, context)
                 if hasattr(requests, "__aiter__"):
                     requests = with_hook(requests, check.check)
-                return await behaviour(requests, cast(Context, _CheckedContext(context, check)))
+                return await behaviour(requests, cast(Context, HookedReads(context, check.check)))
 
             return checked_stream
 

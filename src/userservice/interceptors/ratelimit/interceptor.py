@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -31,6 +31,7 @@ from userservice.interceptors.handlers import (
     CLIENT_STREAM,
     Behaviour,
     Context,
+    HookedReads,
     WrappingInterceptor,
     with_hook,
 )
@@ -119,28 +120,6 @@ class _Pacer:
             await asyncio.sleep(min(max(decision.retry_after, 0.001), MAX_PACE_SECONDS))
 
 
-class _PacedContext:
-    """A servicer context whose read() pays for each message before handing it over."""
-
-    __slots__ = ("_context", "_pacer")
-
-    def __init__(self, context: Context, pacer: _Pacer) -> None:
-        self._context = context
-        self._pacer = pacer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    async def read(self) -> Any:
-        """Read the next message, waiting for its tokens."""
-        message = await self._context.read()
-        if message is not grpc.aio.EOF:
-            paying = self._pacer.charge(message)
-            if paying is not None:
-                await paying
-        return message
-
-
 class RateLimitInterceptor(WrappingInterceptor):
     """Charges each call's cost to its principal's bucket before the handler runs."""
 
@@ -187,7 +166,7 @@ class RateLimitInterceptor(WrappingInterceptor):
                 pacer = _Pacer(limit, key, min(message_cost, self._burst), context)
                 if hasattr(request, "__aiter__"):
                     request = with_hook(request, pacer.charge)
-                context = _PacedContext(context, pacer)  # type: ignore[assignment]
+                context = cast(Context, HookedReads(context, pacer.charge))
             return await behaviour(request, context)
 
         return limited
