@@ -13,7 +13,7 @@ import abc
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 import grpc
 
@@ -202,7 +202,7 @@ def with_hook(requests: Any, hook: MessageHook) -> RequestStream:
     return RequestStream(requests, (hook,))
 
 
-class HookedReads:
+class _HookedReads:
     """A servicer context whose read() runs hook on each message: with_hook for read() handlers.
 
     Everything else is the real context's. EOF is handed on without the hook, as a request
@@ -228,6 +228,13 @@ class HookedReads:
             if pending is not None:
                 await pending
         return message
+
+
+def hook_messages(requests: Any, context: Context, hook: MessageHook) -> tuple[Any, Context]:
+    """Return requests and context with hook run on each request message, in either aio style."""
+    if hasattr(requests, "__aiter__"):
+        requests = with_hook(requests, hook)
+    return requests, cast(Context, _HookedReads(context, hook))
 
 
 def rebuild(handler: Handler, behaviour: Behaviour, request_deserializer: Any) -> Handler:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NoReturn
 
 import grpc
 
@@ -28,10 +28,9 @@ from userservice.interceptors.handlers import (
     CLIENT_STREAM,
     Behaviour,
     Context,
-    HookedReads,
     WrappingInterceptor,
+    hook_messages,
     is_batch_error,
-    with_hook,
 )
 from userservice.interceptors.status import rejection
 from userservice.metrics import MALFORMED_REQUESTS
@@ -140,9 +139,7 @@ class DecodingInterceptor(WrappingInterceptor):
             async def checked_stream(requests: Any, context: Context) -> Any:
                 # One check, so one message count, whichever style the handler reads in.
                 check = _StreamCheck(method, context)
-                if hasattr(requests, "__aiter__"):
-                    requests = with_hook(requests, check.check)
-                return await behaviour(requests, cast(Context, HookedReads(context, check.check)))
+                return await behaviour(*hook_messages(requests, context, check.check))
 
             return checked_stream
 

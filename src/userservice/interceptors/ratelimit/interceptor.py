@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -30,16 +30,14 @@ from userservice.interceptors.handlers import (
     BIDI_STREAM,
     CLIENT_STREAM,
     Behaviour,
-    Context,
-    HookedReads,
     WrappingInterceptor,
-    with_hook,
+    hook_messages,
 )
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.ratelimit.limiter import Decision, Limiter
 from userservice.interceptors.status import Rejection, rejection
 from userservice.policy import METHODS, MethodPolicy
-from userservice.rpc_context import PRINCIPAL, peer_host
+from userservice.rpc_context import PRINCIPAL, Context, peer_host
 
 # A paced stream re-checks its bucket at least this often, so a refill is noticed soon.
 MAX_PACE_SECONDS: Final = 1.0
@@ -164,9 +162,7 @@ class RateLimitInterceptor(WrappingInterceptor):
             if paced:
                 assert message_cost is not None
                 pacer = _Pacer(limit, key, min(message_cost, self._burst), context)
-                if hasattr(request, "__aiter__"):
-                    request = with_hook(request, pacer.charge)
-                context = cast(Context, HookedReads(context, pacer.charge))
+                request, context = hook_messages(request, context, pacer.charge)
             return await behaviour(request, context)
 
         return limited
