@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
@@ -13,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
-from helpers.servers import make_settings, running_app
+from helpers.servers import make_settings, run_to_end, running_app
 from helpers.tokens import bearer
 
 from userservice.reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME
@@ -27,18 +26,8 @@ PROTO_FLAGS = (
 
 
 async def _grpcurl(*args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        GRPCURL, "-plaintext", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), 20)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    code, output = await run_to_end(GRPCURL, "-plaintext", *args, within=20, cwd=ROOT)
+    return code, output.decode()
 
 
 def _details(output: str) -> dict[str, dict[str, Any]]:

@@ -329,10 +329,12 @@ async def invoke(
 async def serve(config: Settings, chain: InterceptorChain | None = None) -> AsyncIterator[Harness]:
     """Run the probe and health services on 127.0.0.1:0 under the chain built from config."""
     chain = chain or await build_chain(config)
-    server = grpc.aio.server(interceptors=chain.interceptors)
-    server.add_generic_rpc_handlers((ProbeService(),))
+    server = grpc.aio.server()
+    # Registered as the real server registers its services: each handler wrapped once.
+    registrar: Any = chain.registrar(server)
+    registrar.add_generic_rpc_handlers((ProbeService(),))
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

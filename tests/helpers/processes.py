@@ -57,10 +57,26 @@ def replica_env(database_url: str, port: int = 0, **extra: str) -> dict[str, str
     return env_for(database_url, port, **{**settings, **extra})
 
 
-async def wait_serving(replica: Replica) -> None:
-    """Wait until the replica's health Check answers SERVING, or fail with its log."""
-    deadline = time.monotonic() + STARTUP_SECONDS
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+def channel_to(port: int, ca_pem: bytes | None) -> grpc.aio.Channel:
+    """A channel to 127.0.0.1:port: plaintext, or TLS trusting ca_pem for "localhost"."""
+    if ca_pem is None:
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{port}",
+        grpc.ssl_channel_credentials(root_certificates=ca_pem),
+        options=[("grpc.ssl_target_name_override", "localhost")],
+    )
+
+
+async def wait_serving(
+    replica: Replica, ca_pem: bytes | None = None, *, within: float = STARTUP_SECONDS
+) -> None:
+    """Wait until the replica's health Check answers SERVING, or fail with its log.
+
+    ca_pem: the replica serves TLS with a certificate for "localhost" issued by it.
+    """
+    deadline = time.monotonic() + within
+    async with channel_to(replica.port, ca_pem) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             with contextlib.suppress(grpc.aio.AioRpcError):

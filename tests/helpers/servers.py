@@ -116,25 +116,25 @@ def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
     return [violation.field for violation in bad_request.field_violations] if bad_request else []
 
 
-async def run_userservice(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    """Run a `userservice` command to completion (30 s at most); return its code and output."""
+async def run_to_end(*argv: str, within: float, **options: Any) -> tuple[int, bytes]:
+    """Run argv to its end (killed after `within` s); return its code and stdout+stderr."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "userservice",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **options
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), 30)
+        output, _ = await asyncio.wait_for(process.communicate(), within)
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
     assert process.returncode is not None
-    return process.returncode, output.decode(errors="replace")
+    return process.returncode, output
+
+
+async def run_userservice(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run a `userservice` command to completion (30 s at most); return its code and output."""
+    code, output = await run_to_end(sys.executable, "-m", "userservice", *args, within=30, env=env)
+    return code, output.decode(errors="replace")
 
 
 async def eventually(

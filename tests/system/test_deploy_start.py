@@ -41,7 +41,13 @@ from helpers.pki import issue as _issue
 from helpers.pki import key_pem as _key_pem
 from helpers.pki import pem as _pem
 from helpers.ports import free_port
-from helpers.processes import Replica, assert_stopped_cleanly, stop_process
+from helpers.processes import (
+    Replica,
+    assert_stopped_cleanly,
+    channel_to,
+    stop_process,
+    wait_serving,
+)
 from helpers.servers import run_userservice
 from helpers.users import new_user
 
@@ -50,7 +56,6 @@ from user.v1 import user_service_pb2 as pb
 from userservice.interceptors.auth import mint_token
 
 ROLES_SQL = ROOT / "deploy" / "postgres" / "roles.sql"
-SERVING = health_pb2.HealthCheckResponse.SERVING
 STARTUP_SECONDS = 30.0
 
 
@@ -128,17 +133,6 @@ def process_env(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def channel_to(port: int, ca_pem: bytes | None) -> grpc.aio.Channel:
-    """A channel to 127.0.0.1:port: plaintext, or TLS trusting ca_pem for "localhost"."""
-    if ca_pem is None:
-        return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return grpc.aio.secure_channel(
-        f"127.0.0.1:{port}",
-        grpc.ssl_channel_credentials(root_certificates=ca_pem),
-        options=[("grpc.ssl_target_name_override", "localhost")],
-    )
-
-
 @contextlib.asynccontextmanager
 async def serving(
     env: Mapping[str, str], log_path: Path, ca_pem: bytes | None
@@ -157,17 +151,7 @@ async def serving(
         )
     replica = Replica(process, port, log_path)
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        async with channel_to(port, ca_pem) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if answer.status == SERVING:
-                        break
-                if time.monotonic() > deadline or process.returncode is not None:
-                    raise AssertionError(f"the server never served:\n{replica.log()}")
-                await asyncio.sleep(0.1)
+        await wait_serving(replica, ca_pem, within=STARTUP_SECONDS)
         yield replica
     finally:
         await stop_process(process)

@@ -103,21 +103,18 @@ class ComposedInterceptor(WrappingInterceptor):
 
 @dataclass(eq=False)
 class InterceptorChain:
-    """The layers in order, the interceptors to pass to grpc.aio.server(), what they hold."""
+    """The layers in order, composed, and what they hold."""
 
     layers: Sequence[WrappingInterceptor]
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    interceptors: list[grpc.aio.ServerInterceptor] = field(init=False)
 
     def __post_init__(self) -> None:
         self.composed = ComposedInterceptor(self.layers)
-        self.interceptors = [self.composed]
 
     def registrar(self, server: grpc.aio.Server) -> InterceptedRegistrar:
         """Return what servicers register on to have the chain applied once per method.
 
-        The server itself is then built without interceptors (see registration.py); the
-        interceptors list remains for code that builds its own server.
+        The server itself is built without interceptors (see registration.py).
         """
         return InterceptedRegistrar(server, self.composed)
 

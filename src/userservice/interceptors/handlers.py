@@ -13,7 +13,7 @@ import abc
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 import grpc
 
@@ -200,6 +200,41 @@ def with_hook(requests: Any, hook: MessageHook) -> RequestStream:
     if isinstance(requests, RequestStream):
         return RequestStream(requests._source, (*requests._hooks, hook))
     return RequestStream(requests, (hook,))
+
+
+class _HookedReads:
+    """A servicer context whose read() runs hook on each message: with_hook for read() handlers.
+
+    Everything else is the real context's. EOF is handed on without the hook, as a request
+    stream ends without yielding one.
+    """
+
+    __slots__ = ("_context", "_hook")
+
+    def __init__(self, context: Context, hook: MessageHook) -> None:
+        """Read from context, running hook on each message before handing it over."""
+        self._context = context
+        self._hook = hook
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the real context's."""
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        """Return the next message once its hook has run (and what it returned, if awaited)."""
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            pending = self._hook(message)
+            if pending is not None:
+                await pending
+        return message
+
+
+def hook_messages(requests: Any, context: Context, hook: MessageHook) -> tuple[Any, Context]:
+    """Return requests and context with hook run on each request message, in either aio style."""
+    if hasattr(requests, "__aiter__"):
+        requests = with_hook(requests, hook)
+    return requests, cast(Context, _HookedReads(context, hook))
 
 
 def rebuild(handler: Handler, behaviour: Behaviour, request_deserializer: Any) -> Handler:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from user.v1 import user_pb2, user_service_pb2
@@ -42,6 +44,15 @@ def fill_user(target: user_pb2.User, user: User) -> None:
     target.etag = user.etag
     if user.subject:  # a new message's field is already empty
         target.subject = user.subject
+
+
+def fill_users(
+    target: RepeatedCompositeFieldContainer[user_pb2.User], users: Iterable[User]
+) -> None:
+    """Append the wire form of each user to target (a repeated field of the response)."""
+    add = target.add
+    for user in users:
+        fill_user(add(), user)
 
 
 def user_input(message: user_pb2.User) -> UserInput:

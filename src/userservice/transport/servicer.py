@@ -20,7 +20,7 @@ from userservice.domain.validation import UserInput
 from userservice.interceptors.auth import ADMIN
 from userservice.rpc_context import PRINCIPAL, SCOPES
 from userservice.transport.errors import abort_with_domain_error, status_proto
-from userservice.transport.mapping import event_to_proto, fill_user, user_input
+from userservice.transport.mapping import event_to_proto, fill_user, fill_users, user_input
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -110,9 +110,7 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         """Return the users found and the ids not found."""
         users, missing = await self._service.batch_get_users(list(request.ids))
         response = pb.BatchGetUsersResponse(not_found_ids=missing)
-        add = response.users.add
-        for user in users:
-            fill_user(add(), user)
+        fill_users(response.users, users)
         return response
 
     @maps_domain_errors
@@ -126,9 +124,7 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
         response = pb.ListUsersResponse(
             next_page_token=page.next_page_token, total_size=page.total_size
         )
-        add = response.users.add
-        for user in page.users:
-            fill_user(add(), user)
+        fill_users(response.users, page.users)
         return response
 
     @maps_domain_errors

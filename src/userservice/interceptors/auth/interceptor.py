@@ -48,29 +48,24 @@ ADMIN: Final = "users.admin"
 _log: Final = logging.getLogger("userservice.auth")
 _Guarded: TypeAlias = Callable[[Any, Context, str, Principal], Awaitable[Any]]
 _CHALLENGE: Final = 'Bearer realm="userservice"'
-_MISSING: Final = rejection(
-    grpc.StatusCode.UNAUTHENTICATED,
-    "missing bearer token",
-    "TOKEN_MISSING",
-    headers=[("www-authenticate", _CHALLENGE)],
-)
-_INVALID: Final = rejection(
-    grpc.StatusCode.UNAUTHENTICATED,
-    "invalid bearer token",
-    "TOKEN_INVALID",
-    headers=[("www-authenticate", _CHALLENGE + ', error="invalid_token"')],
-)
-_EXPIRED: Final = rejection(
-    grpc.StatusCode.UNAUTHENTICATED,
-    "bearer token expired",
-    "TOKEN_EXPIRED",
-    headers=[("www-authenticate", _CHALLENGE + ', error="invalid_token"')],
-)
-_WITHDRAWN: Final = rejection(
-    grpc.StatusCode.UNAUTHENTICATED,
-    "bearer token no longer valid",
-    "KEY_WITHDRAWN",
-    headers=[("www-authenticate", _CHALLENGE + ', error="invalid_token"')],
+
+
+def _unauthenticated(message: str, reason: str, error: str | None = None) -> Rejection:
+    """Return an UNAUTHENTICATED rejection with the bearer challenge, naming error if given."""
+    challenge = _CHALLENGE if error is None else f'{_CHALLENGE}, error="{error}"'
+    return rejection(
+        grpc.StatusCode.UNAUTHENTICATED,
+        message,
+        reason,
+        headers=[("www-authenticate", challenge)],
+    )
+
+
+_MISSING: Final = _unauthenticated("missing bearer token", "TOKEN_MISSING")
+_INVALID: Final = _unauthenticated("invalid bearer token", "TOKEN_INVALID", "invalid_token")
+_EXPIRED: Final = _unauthenticated("bearer token expired", "TOKEN_EXPIRED", "invalid_token")
+_WITHDRAWN: Final = _unauthenticated(
+    "bearer token no longer valid", "KEY_WITHDRAWN", "invalid_token"
 )
 _UNLISTED: Final = rejection(
     grpc.StatusCode.PERMISSION_DENIED, "method not permitted", "METHOD_NOT_PERMITTED"
@@ -122,11 +117,8 @@ def _insufficient(scope: str) -> Rejection:
     )
 
 
-_AMBIGUOUS: Final = rejection(
-    grpc.StatusCode.UNAUTHENTICATED,
-    "more than one authorization header",
-    "TOKEN_INVALID",
-    headers=[("www-authenticate", _CHALLENGE + ', error="invalid_request"')],
+_AMBIGUOUS: Final = _unauthenticated(
+    "more than one authorization header", "TOKEN_INVALID", "invalid_request"
 )
 
 

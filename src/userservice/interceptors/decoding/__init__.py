@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NoReturn
 
 import grpc
 
@@ -29,8 +29,8 @@ from userservice.interceptors.handlers import (
     Behaviour,
     Context,
     WrappingInterceptor,
+    hook_messages,
     is_batch_error,
-    with_hook,
 )
 from userservice.interceptors.status import rejection
 from userservice.metrics import MALFORMED_REQUESTS
@@ -125,27 +125,6 @@ class _StreamCheck:
         return None
 
 
-class _CheckedContext:
-    """A servicer context whose read() runs the stream's check on each message it returns."""
-
-    __slots__ = ("_check", "_context")
-
-    def __init__(self, context: Context, check: _StreamCheck) -> None:
-        self._context = context
-        self._check = check
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    async def read(self) -> Any:
-        """Return the next message, or end the call if it is malformed."""
-        message = await self._context.read()
-        rejection = self._check.check(message)
-        if rejection is not None:
-            await rejection
-        return message
-
-
 class DecodingInterceptor(WrappingInterceptor):
     """Innermost layer: a request message that did not parse ends the call INVALID_ARGUMENT."""
 
@@ -160,9 +139,7 @@ class DecodingInterceptor(WrappingInterceptor):
             async def checked_stream(requests: Any, context: Context) -> Any:
                 # One check, so one message count, whichever style the handler reads in.
                 check = _StreamCheck(method, context)
-                if hasattr(requests, "__aiter__"):
-                    requests = with_hook(requests, check.check)
-                return await behaviour(requests, cast(Context, _CheckedContext(context, check)))
+                return await behaviour(*hook_messages(requests, context, check.check))
 
             return checked_stream
 

@@ -30,15 +30,14 @@ from userservice.interceptors.handlers import (
     BIDI_STREAM,
     CLIENT_STREAM,
     Behaviour,
-    Context,
     WrappingInterceptor,
-    with_hook,
+    hook_messages,
 )
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.ratelimit.limiter import Decision, Limiter
 from userservice.interceptors.status import Rejection, rejection
 from userservice.policy import METHODS, MethodPolicy
-from userservice.rpc_context import PRINCIPAL, peer_host
+from userservice.rpc_context import PRINCIPAL, Context, peer_host
 
 # A paced stream re-checks its bucket at least this often, so a refill is noticed soon.
 MAX_PACE_SECONDS: Final = 1.0
@@ -119,28 +118,6 @@ class _Pacer:
             await asyncio.sleep(min(max(decision.retry_after, 0.001), MAX_PACE_SECONDS))
 
 
-class _PacedContext:
-    """A servicer context whose read() pays for each message before handing it over."""
-
-    __slots__ = ("_context", "_pacer")
-
-    def __init__(self, context: Context, pacer: _Pacer) -> None:
-        self._context = context
-        self._pacer = pacer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    async def read(self) -> Any:
-        """Read the next message, waiting for its tokens."""
-        message = await self._context.read()
-        if message is not grpc.aio.EOF:
-            paying = self._pacer.charge(message)
-            if paying is not None:
-                await paying
-        return message
-
-
 class RateLimitInterceptor(WrappingInterceptor):
     """Charges each call's cost to its principal's bucket before the handler runs."""
 
@@ -185,9 +162,7 @@ class RateLimitInterceptor(WrappingInterceptor):
             if paced:
                 assert message_cost is not None
                 pacer = _Pacer(limit, key, min(message_cost, self._burst), context)
-                if hasattr(request, "__aiter__"):
-                    request = with_hook(request, pacer.charge)
-                context = _PacedContext(context, pacer)  # type: ignore[assignment]
+                request, context = hook_messages(request, context, pacer.charge)
             return await behaviour(request, context)
 
         return limited

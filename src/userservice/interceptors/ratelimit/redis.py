@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import Final
+from typing import Final, TypedDict, Unpack
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -25,6 +25,7 @@ from userservice.interceptors.ratelimit.limiter import ALLOWED, Decision
 
 _log: Final = logging.getLogger("userservice.ratelimit")
 _REMIND_EVERY_SECONDS: Final = 60.0
+_TIMEOUT_SECONDS: Final = 0.1
 
 _BUCKET_SCRIPT: Final = """
 local rate = tonumber(ARGV[1])
@@ -54,6 +55,14 @@ return {allowed, tostring(retry_after)}
 """
 
 
+class LimiterOptions(TypedDict, total=False):
+    """RedisLimiter's optional settings, taken alike by its constructor and from_url."""
+
+    prefix: str
+    timeout: float
+    recheck_seconds: float
+
+
 class RedisLimiter:
     """Token buckets shared through Redis; see the module docstring for failure handling."""
 
@@ -65,7 +74,7 @@ class RedisLimiter:
         *,
         fail_open: bool,
         prefix: str = "userservice:ratelimit:",
-        timeout: float = 0.1,
+        timeout: float = _TIMEOUT_SECONDS,
         recheck_seconds: float = 1.0,
         owns_client: bool = False,
     ) -> None:
@@ -95,31 +104,21 @@ class RedisLimiter:
         burst: float,
         *,
         fail_open: bool,
-        prefix: str = "userservice:ratelimit:",
-        timeout: float = 0.1,
-        recheck_seconds: float = 1.0,
+        **options: Unpack[LimiterOptions],
     ) -> RedisLimiter:
         """Connect lazily to url with bounded timeouts and one retry on a dropped connection."""
         # A Redis restart leaves every pooled connection dead; each would fail one call and
         # start a recheck interval of fallback answers. One immediate retry on a fresh
         # connection (ConnectionError only, never a timeout) hides that, and limit()'s
         # timeout still bounds both attempts together.
+        timeout = options.get("timeout", _TIMEOUT_SECONDS)
         client = Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        return cls(
-            client,
-            rate,
-            burst,
-            fail_open=fail_open,
-            prefix=prefix,
-            timeout=timeout,
-            recheck_seconds=recheck_seconds,
-            owns_client=True,
-        )
+        return cls(client, rate, burst, fail_open=fail_open, owns_client=True, **options)
 
     @property
     def available(self) -> bool:

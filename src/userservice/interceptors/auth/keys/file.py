@@ -17,18 +17,16 @@ import jwt
 
 from userservice.file_signature import file_signature
 from userservice.interceptors.auth.keys.source import (
-    KeyEntry,
-    KeysChanged,
+    ChangingKeys,
     cancel_task,
     load_key_file,
-    notify,
     parse_key_data,
 )
 
 _log: Final = logging.getLogger("userservice.keys")
 
 
-class FileKeys:
+class FileKeys(ChangingKeys):
     """A PEM or JWKS file, re-read in the background when it changes."""
 
     def __init__(self, path: str, check_seconds: float) -> None:
@@ -36,25 +34,10 @@ class FileKeys:
         self._path = path
         self._check_seconds = check_seconds
         self._signature = file_signature(path)
-        self._keys = load_key_file(path)
-        self._generation = 0
+        super().__init__(load_key_file(path))
         self._checked_at = time.monotonic()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._listeners: list[KeysChanged] = []
-
-    @property
-    def generation(self) -> int:
-        """Bumped on every successful reload of a changed file."""
-        return self._generation
-
-    def on_change(self, listener: KeysChanged) -> None:
-        """Call listener after every reload of a changed file."""
-        self._listeners.append(listener)
-
-    def resolve(self, token: str) -> KeyEntry:
-        """Return the key for token from the file's current key set."""
-        return self._keys.resolve(token)
 
     async def refresh_unknown(self) -> bool:
         """Check the file now, unless it was checked within the last check interval."""
@@ -79,11 +62,9 @@ class FileKeys:
                     extra={"path": self._path, "error": str(error).splitlines()[0][:200]},
                 )
                 return False
-            self._signature, self._keys = signature, keys
-            self._generation += 1
-            _log.info("key file reloaded", extra={"path": self._path, "kids": sorted(keys.by_kid)})
-        notify(self._listeners)
-        return True
+            self._signature = signature
+            self._replace(keys, "key file reloaded", {"path": self._path})
+            return True
 
     async def start(self) -> None:
         """Begin checking the file in the background."""

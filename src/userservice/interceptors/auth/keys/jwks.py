@@ -14,12 +14,10 @@ from typing import Final
 
 from userservice.interceptors.auth.keys.http import Fetch, cache_seconds, display_url, http_get
 from userservice.interceptors.auth.keys.source import (
-    KeyEntry,
+    ChangingKeys,
     KeyFetchError,
-    KeysChanged,
     KeySet,
     cancel_task,
-    notify,
     parse_jwks,
     why,
 )
@@ -27,7 +25,7 @@ from userservice.interceptors.auth.keys.source import (
 _log: Final = logging.getLogger("userservice.keys")
 
 
-class JwksUrlKeys:
+class JwksUrlKeys(ChangingKeys):
     """A JWKS URL: cached per Cache-Control, refreshed in the background and on unknown kids."""
 
     def __init__(
@@ -48,27 +46,12 @@ class JwksUrlKeys:
         self._refetch_seconds = refetch_seconds
         self._timeout = timeout_seconds
         self._fetch_blocking = fetch
-        self._keys = KeySet()
+        super().__init__(KeySet())
         self._body = b""
-        self._generation = 0
         self._fresh_until = 0.0
         self._unknown_refetch_at = -refetch_seconds
         self._inflight: asyncio.Task[bool] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._listeners: list[KeysChanged] = []
-
-    @property
-    def generation(self) -> int:
-        """Bumped whenever a fetch returns a different key set."""
-        return self._generation
-
-    def on_change(self, listener: KeysChanged) -> None:
-        """Call listener after every fetch that returned a different key set."""
-        self._listeners.append(listener)
-
-    def resolve(self, token: str) -> KeyEntry:
-        """Return the key for token from the last fetched key set."""
-        return self._keys.resolve(token)
 
     async def start(self) -> None:
         """Fetch the key set (KeyFetchError if that fails) and begin background refreshes."""
@@ -117,10 +100,8 @@ class JwksUrlKeys:
         self._fresh_until = time.monotonic() + cache_seconds(headers, self._min, self._max)
         if body == self._body:
             return False
-        self._keys, self._body = keys, body
-        self._generation += 1
-        _log.info("JWKS fetched", extra={"url": self._shown_url, "kids": sorted(keys.by_kid)})
-        notify(self._listeners)
+        self._body = body
+        self._replace(keys, "JWKS fetched", {"url": self._shown_url})
         return True
 
     async def _refresh_loop(self) -> None:

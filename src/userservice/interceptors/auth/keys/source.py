@@ -91,6 +91,36 @@ class KeySet:
         raise jwt.InvalidTokenError("the token names no kid and the key set holds several keys")
 
 
+class ChangingKeys:
+    """A key set that changes: its generation, its change listeners and the key lookup."""
+
+    def __init__(self, keys: KeySet) -> None:
+        """Start at generation 0 with keys and no listener."""
+        self._keys = keys
+        self._generation = 0
+        self._listeners: list[KeysChanged] = []
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever the key set changes."""
+        return self._generation
+
+    def on_change(self, listener: KeysChanged) -> None:
+        """Call listener after every change of the key set."""
+        self._listeners.append(listener)
+
+    def resolve(self, token: str) -> KeyEntry:
+        """Return the key for token from the current key set."""
+        return self._keys.resolve(token)
+
+    def _replace(self, keys: KeySet, event: str, where: dict[str, str]) -> None:
+        """Take keys as the key set, bump the generation, log event and call the listeners."""
+        self._keys = keys
+        self._generation += 1
+        _log.info(event, extra={**where, "kids": sorted(keys.by_kid)})
+        notify(self._listeners)
+
+
 def parse_key_data(data: bytes) -> KeySet:
     """Parse a PEM public key or certificate (RSA or EC) or a JWKS document."""
     if data.lstrip().startswith(b"{"):
