@@ -115,9 +115,12 @@ async def _reflection_services(port: int) -> tuple[grpc.StatusCode, list[str]]:
 
 @pytest.mark.asyncio
 async def test_reflection_is_off_by_default(app: Application) -> None:
-    code, names = await _reflection_services(app.port)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        # Nothing is written: the server answers an unknown method from its headers alone, and
+        # a request written while that answer is on its way can end the call INTERNAL instead.
+        code = await asyncio.wait_for(call.code(), 10)
     assert code == grpc.StatusCode.UNIMPLEMENTED
-    assert names == []
 
 
 @pytest.mark.asyncio
