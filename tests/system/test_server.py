@@ -17,7 +17,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers.ports import free_port
-from helpers.processes import env_for
+from helpers.processes import Replica, env_for, wait_serving
 from helpers.servers import (
     Client,
     connect,
@@ -64,17 +64,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proce
             stderr=log_file,
         )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    break
-                except grpc.aio.AioRpcError:
-                    if time.monotonic() > deadline or process.returncode is not None:
-                        raise AssertionError(log_path.read_text()) from None
-                    await asyncio.sleep(0.1)
+        await wait_serving(Replica(process, port, log_path), within=20)
         yield process, port, log_path
     finally:
         if process.returncode is None:

@@ -11,11 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.ports import free_port
-from helpers.processes import env_for
+from helpers.processes import Replica, env_for, wait_serving
 from helpers.servers import make_settings, run_userservice, running_app
 from helpers.tcp_proxy import TcpProxy
 
@@ -107,20 +105,6 @@ async def _serve(*command: str, env: dict[str, str], log_path: Path) -> asyncio.
         )
 
 
-async def _wait_serving(port: int, process: asyncio.subprocess.Process, log_path: Path) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return
-            except grpc.aio.AioRpcError:
-                if time.monotonic() > deadline or process.returncode is not None:
-                    raise AssertionError(log_path.read_text()) from None
-                await asyncio.sleep(0.1)
-
-
 async def _ended(process: asyncio.subprocess.Process, within: float) -> int:
     try:
         return await asyncio.wait_for(process.wait(), within)
@@ -161,7 +145,7 @@ async def test_a_second_signal_during_shutdown_exits_at_once(
     env = env_for(sqlite_url, port, USERSERVICE_SHUTDOWN_DRAIN_SECONDS="30")
     log_path = tmp_path / "server.log"
     process = await _serve(sys.executable, "-m", "userservice", "serve", env=env, log_path=log_path)
-    await _wait_serving(port, process, log_path)
+    await wait_serving(Replica(process, port, log_path), within=20)
     process.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.5)
     assert process.returncode is None  # draining for 30 s
@@ -189,7 +173,7 @@ async def test_sigterm_stops_the_server_running_as_pid_1(sqlite_url: str, tmp_pa
     log_path = tmp_path / "server.log"
     command = ("unshare", "--pid", "--fork", sys.executable, "-m", "userservice", "serve")
     process = await _serve(*command, env=env, log_path=log_path)
-    await _wait_serving(port, process, log_path)
+    await wait_serving(Replica(process, port, log_path), within=20)
     server_pid = _child_of(process.pid)
     status = Path(f"/proc/{server_pid}/status").read_text()
     namespace_pids = next(line for line in status.splitlines() if line.startswith("NSpid:"))
