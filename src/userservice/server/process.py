@@ -114,6 +114,7 @@ def _run_workers(settings: Settings) -> int:
                 error.strerror or error,
             )
             return 1
+        log.info("serving the workers' metrics", extra={"metrics_port": metrics.port})
 
     def serve_worker() -> int:
         # The parent serves /metrics; this worker serves its registry to the parent alone.
