@@ -111,6 +111,10 @@ async def workers_server(
         yield process
     finally:
         if process.returncode is None:
+            # The workers first: a killed parent would leave them serving, orphaned.
+            for pid in children(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             process.kill()
             await process.wait()
 

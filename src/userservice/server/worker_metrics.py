@@ -394,6 +394,10 @@ class WorkerExporter(socketserver.UnixStreamServer):
         )
         self._thread.start()
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Log quietly: after a timeout the parent has hung up, and the late write fails."""
+        log.debug("writing metrics to the parent failed", exc_info=True)
+
     def close(self) -> None:
         """Stop serving and remove the socket (first, so the parent sees no half-closed one)."""
         with contextlib.suppress(FileNotFoundError):
