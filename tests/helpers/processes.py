@@ -7,10 +7,12 @@ import contextlib
 import dataclasses
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.ports import free_port
 from helpers.servers import suite_env
@@ -107,3 +109,22 @@ def assert_stopped_cleanly(replica: Replica) -> None:
     log = replica.log()
     assert replica.process.returncode == 0, log
     assert '"level":"ERROR"' not in log, log
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""Every sample of a scrape, keyed by sample name and labels."""
+
+
+def _metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+async def scrape(port: int) -> Samples:
+    """Return what a process's /metrics on 127.0.0.1:port serves, keyed by name and labels."""
+    text = await asyncio.to_thread(_metrics_text, port)
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.ports import free_port
-from helpers.processes import env_for
+from helpers.processes import Samples, env_for, scrape
 from helpers.servers import run_userservice
 from helpers.tokens import bearer
 
@@ -111,6 +111,10 @@ async def workers_server(
         yield process
     finally:
         if process.returncode is None:
+            # The workers first: a killed parent would leave them serving, orphaned.
+            for pid in children(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             process.kill()
             await process.wait()
 
@@ -282,3 +286,111 @@ async def test_workers_need_a_fixed_port(sqlite_url: str) -> None:
     code, output = await run_userservice("serve", env=workers_env(sqlite_url, 0))
     assert code == 2, output
     assert "USERSERVICE_WORKERS above 1 needs a fixed port" in output
+
+
+def get_user_calls(samples: Samples) -> float:
+    """grpc_server_handled_total of GetUser answered OK, as one scrape says."""
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "user.v1.UserService",
+        "grpc_method": "GetUser",
+        "grpc_code": "OK",
+    }
+    return samples.get(("grpc_server_handled_total", frozenset(labels.items())), 0.0)
+
+
+def scrape_errors(samples: Samples) -> dict[str, float]:
+    """userservice_metrics_scrape_errors_total by worker label."""
+    return {
+        dict(labels)["worker"]: value
+        for (name, labels), value in samples.items()
+        if name == "userservice_metrics_scrape_errors_total"
+    }
+
+
+async def get_user(stub: pb_grpc.UserServiceStub, user_id: str, times: int) -> None:
+    metadata = (("authorization", bearer()),)
+    for _ in range(times):
+        await stub.GetUser(pb.GetUserRequest(id=user_id), metadata=metadata)
+
+
+@pytest.mark.asyncio
+async def test_one_scrape_counts_the_calls_of_every_worker(database_url: str) -> None:
+    port, metrics_port = free_port(), free_port()
+    metrics = {"USERSERVICE_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
+    async with (
+        workers_server(database_url, port, **metrics) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        first, second = (await one_stub_per_worker(stack, port, children(server.pid))).values()
+        created = (
+            await first.CreateUser(
+                pb.CreateUserRequest(user=user_pb2.User(email="m@example.com", display_name="M")),
+                metadata=(("authorization", bearer()),),
+            )
+        ).user
+        # Each stub's connection reaches a different worker: 3 calls on one, 4 on the other.
+        await get_user(first, created.id, 3)
+        await get_user(second, created.id, 4)
+        samples = await scrape(metrics_port)
+        assert get_user_calls(samples) == 7
+        started = {
+            "grpc_type": "unary",
+            "grpc_service": "user.v1.UserService",
+            "grpc_method": "GetUser",
+        }
+        assert samples[("grpc_server_started_total", frozenset(started.items()))] == 7
+        # Per-process series: the parent's own, and one per worker under its index.
+        cpu = {
+            dict(labels).get("worker")
+            for (name, labels) in samples
+            if name == "process_cpu_seconds_total"
+        }
+        assert cpu == {None, "0", "1"}
+        assert scrape_errors(samples) == {"0": 0.0, "1": 0.0}
+        # Both workers report SERVING: the merged gauge is 1, not the sum 2.
+        whole_server = frozenset({("grpc_service", "")})
+        assert samples[("userservice_health_status", whole_server)] == 1.0
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.wait(), 30) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_stuck_or_killed_worker_keeps_its_counted_calls(sqlite_url: str) -> None:
+    port, metrics_port = free_port(), free_port()
+    metrics = {"USERSERVICE_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
+    async with (
+        workers_server(sqlite_url, port, **metrics) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        stubs = await one_stub_per_worker(stack, port, children(server.pid))
+        victim, other = stubs
+        created = (
+            await stubs[other].CreateUser(
+                pb.CreateUserRequest(user=user_pb2.User(email="k@example.com", display_name="K")),
+                metadata=(("authorization", bearer()),),
+            )
+        ).user
+        await get_user(stubs[victim], created.id, 2)
+        await get_user(stubs[other], created.id, 3)
+        assert get_user_calls(await scrape(metrics_port)) == 5
+        # A worker that cannot answer: the scrape is served anyway, with its last answer.
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            samples = await scrape(metrics_port)
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        assert get_user_calls(samples) == 5
+        assert sorted(scrape_errors(samples).values()) == [0.0, 1.0]
+        async with asyncio.timeout(15):
+            while True:
+                now = children(server.pid)
+                if len(now) == 2 and victim not in now:
+                    break
+                await asyncio.sleep(0.05)
+        # The dead worker's calls stay counted; the restarted one's and the other's add up.
+        for stub in (await one_stub_per_worker(stack, port, now)).values():
+            await get_user(stub, created.id, 1)
+        assert get_user_calls(await scrape(metrics_port)) == 7
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.wait(), 30) == 0

@@ -47,6 +47,7 @@ from userservice.server.channel import (
     server_credentials,
 )
 from userservice.server.errors import StartupError
+from userservice.server.worker_metrics import WorkerExporter
 from userservice.storage import db_system, storage_failure
 from userservice.storage.sqlite.shared import SharedCommits
 from userservice.transport.servicer import register
@@ -74,10 +75,13 @@ class Application:
         shared: SharedCommits | None = None,
         *,
         tracing: Tracing | None = None,
+        metrics_socket: str | None = None,
     ) -> None:
         """Prepare to serve settings; tracing, if not given, comes from the OTEL_* environment.
 
-        shared is set in a worker of `--workers N` on SQLite (storage/sqlite/shared.py).
+        shared is set in a worker of `--workers N` on SQLite (storage/sqlite/shared.py), and
+        metrics_socket in each worker when its parent serves /metrics: the worker then serves
+        its registry there, to the parent alone (server/worker_metrics.py).
         """
         self.settings = settings
         self._shared = shared
@@ -91,6 +95,8 @@ class Application:
         self._server: grpc.aio.Server | None = None
         self._probe_server: grpc.aio.Server | None = None
         self._metrics: MetricsServer | None = None
+        self._metrics_socket = metrics_socket
+        self._exporter: WorkerExporter | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -164,7 +170,15 @@ class Application:
         await server.start()
         if settings.probe_address:
             await self._start_probe_server(self._chain)
-        if settings.metrics_address:
+        if self._metrics_socket is not None:
+            try:
+                self._exporter = WorkerExporter(self._metrics_socket)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot serve metrics to the parent on {self._metrics_socket}: "
+                    f"{error.strerror or error}"
+                ) from error
+        elif settings.metrics_address:
             try:
                 self._metrics = start_metrics_server(settings.metrics_address)
             except OSError as error:
@@ -266,6 +280,8 @@ class Application:
         if self._metrics is not None:
             metrics = self._metrics
             closers.append(("metrics", _as_async(metrics.close)))
+        if self._exporter is not None:
+            closers.append(("metrics", _as_async(self._exporter.close)))
         if self._chain is not None:
             closers.append(("interceptors", self._chain.aclose))
         if self._repository is not None:
@@ -274,6 +290,7 @@ class Application:
             # Last, so spans of the calls that ended during shutdown are exported.
             closers.append(("tracing", self._tracing.aclose))
         self._metrics = self._chain = self._repository = self._tracing = None
+        self._exporter = None
         for name, close in closers:
             try:
                 await close()

@@ -9,10 +9,13 @@ and watches its children:
 - SIGTERM/SIGINT is forwarded; every worker runs the full shutdown sequence; the parent exits
   0 once all have exited 0 (a second signal is forwarded too: workers then exit at once).
 - A worker that exits 1 or 2 during its start-up (a configuration or start-up error) would
-  fail again: the others are stopped and the parent exits with that code.
+  fail again: the others are stopped (not restarted) and the parent exits with that code.
 - A worker that dies later (killed, crashed) is restarted after a back-off that doubles with
   each death in a row (0.5 s up to 30 s), so one bad process does not take the pod down and a
   crash loop does not spin.
+
+Whatever else the parent runs (the public /metrics, server/worker_metrics.py) is a Companion:
+told before and after each fork, and of each worker's end.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from userservice.config import Settings
 from userservice.domain.pagination import random_page_token_secret
@@ -43,13 +46,32 @@ class _Worker:
     started: float
 
 
+class Companion(Protocol):
+    """What the parent runs beside its workers, kept out of their way at each fork."""
+
+    def before_fork(self) -> None:
+        """Stop every thread of the parent: a fork copies locks other threads hold."""
+
+    def after_fork(self, index: int, pid: int) -> None:
+        """In the parent: worker index now runs as pid; resume."""
+
+    def ended(self, pid: int) -> None:
+        """In the parent: the worker pid has exited."""
+
+
 class Supervisor:
     """Forks and watches the workers; run() returns the parent's exit code."""
 
-    def __init__(self, settings: Settings, serve_worker: Callable[[], int]) -> None:
-        """Run serve_worker in each of settings.workers forked processes."""
+    def __init__(
+        self,
+        settings: Settings,
+        serve_worker: Callable[[], int],
+        companion: Companion | None = None,
+    ) -> None:
+        """Run serve_worker in each of settings.workers forked processes, beside companion."""
         self._settings = settings
         self._serve_worker = serve_worker
+        self._companion = companion
         self._workers: dict[int, _Worker] = {}
         self._signals: list[int] = []
         self._deaths_in_a_row = 0
@@ -69,8 +91,11 @@ class Supervisor:
             worker = self._workers.pop(pid, None)
             if worker is None:
                 continue
+            if self._companion is not None:
+                self._companion.ended(pid)
             code = os.waitstatus_to_exitcode(status)
-            if self._signals:
+            # Stopping (a signal, or a sibling that could not start): nothing is restarted.
+            if self._signals or failure:
                 failure = failure or (0 if code == 0 else abs(code))
                 continue
             log.error("worker %d (pid %d) exited with %d", worker.index, pid, code)
@@ -86,6 +111,8 @@ class Supervisor:
         return failure
 
     def _spawn(self, index: int) -> None:
+        if self._companion is not None:
+            self._companion.before_fork()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -100,6 +127,8 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         self._workers[pid] = _Worker(index, time.monotonic())
+        if self._companion is not None:
+            self._companion.after_fork(index, pid)
         log.info("worker %d started (pid %d)", index, pid)
 
     def _restart(self, index: int) -> None:
