@@ -88,6 +88,15 @@ def client_ports(server_port: int) -> set[int]:
     }
 
 
+def running(pid: int) -> bool:
+    """Whether pid is a live process (an unreaped zombie has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 @contextlib.asynccontextmanager
 async def workers_server(
     database_url: str, port: int, **extra: str
@@ -241,6 +250,18 @@ async def test_sigterm_drains_every_worker_and_the_parent_exits_0(sqlite_url: st
         assert await asyncio.wait_for(server.wait(), 30) == 0
         for pid in workers:
             assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.asyncio
+async def test_workers_of_a_killed_parent_drain_and_exit(sqlite_url: str) -> None:
+    port = free_port()
+    async with workers_server(sqlite_url, port) as server:
+        workers = children(server.pid)
+        server.kill()
+        await server.wait()
+        async with asyncio.timeout(30):
+            while any(running(pid) for pid in workers):
+                await asyncio.sleep(0.05)
 
 
 @pytest.mark.asyncio

@@ -13,6 +13,8 @@ and watches its children:
 - A worker that dies later (killed, crashed) is restarted after a back-off that doubles with
   each death in a row (0.5 s up to 30 s), so one bad process does not take the pod down and a
   crash loop does not spin.
+- A worker whose parent dies (SIGKILL, OOM kill) is sent SIGTERM by the kernel
+  (PR_SET_PDEATHSIG) and drains as on any SIGTERM, instead of serving on unsupervised.
 
 Whatever else the parent runs (the public /metrics, server/worker_metrics.py) is a Companion:
 told before and after each fork, and of each worker's end.
@@ -20,6 +22,8 @@ told before and after each fork, and of each worker's end.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import os
@@ -113,10 +117,12 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         if self._companion is not None:
             self._companion.before_fork()
+        parent_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                _stop_with_parent(parent_pid)
                 # Until serve() installs its own: a stop during start-up is a clean exit.
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(signum, _stop_before_serving)
@@ -155,6 +161,22 @@ class Supervisor:
 
 def _stop_before_serving(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _stop_with_parent(parent_pid: int) -> None:
+    """Have the kernel send this worker SIGTERM when its parent dies (Linux; elsewhere a no-op)."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    # The parent may have died between fork() and prctl(): then no signal would ever come.
+    if os.getppid() != parent_pid:
+        raise SystemExit(0)
 
 
 def prepare(settings: Settings) -> Settings:
