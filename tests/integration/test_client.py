@@ -12,6 +12,7 @@ import jwt
 import pytest
 from helpers.ports import free_port
 from helpers.servers import eventually, make_settings, refused, running_app
+from helpers.tcp_proxy import TcpProxy
 from helpers.tokens import bearer
 
 from user.v1 import user_pb2
@@ -354,3 +355,30 @@ async def test_a_watch_resumes_across_a_server_restart_from_the_point_the_server
         "meanwhile2@example.com",
         "after@example.com",
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_watch_cut_by_the_network_after_a_progress_marker_resumes_after_it(
+    database_url: str,
+) -> None:
+    # A lost connection names no resume point: the client resumes after the last position it
+    # was given, here a progress marker's (whose own sequence field is 0, the oldest event).
+    settings = make_settings(database_url, watch_progress_seconds=0.2)
+    async with (
+        running_app(settings) as app,
+        TcpProxy("127.0.0.1", app.port) as proxy,
+        UserServiceClient(f"127.0.0.1:{proxy.port}", token=TOKEN) as client,
+    ):
+        for index in range(2):
+            await client.create_user(f"u{index}@example.com", f"U {index}")
+        events = client.watch_users(after_sequence=0)
+        seen = [await asyncio.wait_for(anext(events), 5) for _ in range(3)]
+        assert [event.sequence for event in seen[:2]] == [1, 2]
+        assert seen[2].progress.latest_sequence == 2
+        await proxy.kill_connections()
+        await client.create_user("after@example.com", "After")
+        following = await asyncio.wait_for(anext(events), 10)
+        while following.HasField("progress"):
+            following = await asyncio.wait_for(anext(events), 10)
+        await events.aclose()
+    assert (following.sequence, following.user.email) == (3, "after@example.com")

@@ -304,7 +304,7 @@ class UserServiceClient:
                     last = (
                         event.progress.latest_sequence
                         if event.HasField("progress")
-                        else (event.sequence)
+                        else event.sequence
                     )
                     failures = 0
                     yield event
