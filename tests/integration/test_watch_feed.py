@@ -231,3 +231,30 @@ async def test_a_reader_on_replica_b_sees_all_of_an_import_through_replica_a(
         await reading
         call.cancel()
     assert received == list(range(1, total + 1))
+
+
+@pytest.mark.asyncio
+async def test_a_watch_ended_by_shutdown_names_the_last_sequence_it_was_sent(
+    database_url: str,
+) -> None:
+    async with serving(database_url) as app, connect(app.port) as client:
+        for index in range(2):
+            await create(client, f"s{index}@example.com")
+        sent_one = client.stub.WatchUsers(
+            pb.WatchUsersRequest(after_sequence=1), metadata=client.metadata
+        )
+        assert (await asyncio.wait_for(sent_one.read(), 5)).sequence == 2
+        # From now, and sent nothing: its position is where it began.
+        sent_none = client.stub.WatchUsers(pb.WatchUsersRequest(), metadata=client.metadata)
+        await wait_until(lambda: live_watchers(app) == 2)
+        stopping = asyncio.create_task(app.stop())
+        ends: list[grpc.aio.AioRpcError] = []
+        for call in (sent_one, sent_none):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(call.read(), 10)
+            ends.append(ended.value)
+        await stopping
+    for error in ends:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        info = rich_details(error)["ErrorInfo"]
+        assert (info.reason, info.metadata["last_sequence"]) == ("SHUTTING_DOWN", "2")

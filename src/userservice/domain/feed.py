@@ -117,9 +117,10 @@ class Watcher:
 
     def _ended(self, error: DomainError) -> DomainError:
         """Return the error to end this stream with, naming the last sequence it was sent."""
-        if isinstance(error, ShuttingDownError):
+        # Exact types: a subclass (a busy pool, a statement timeout) keeps its own code.
+        if type(error) is ShuttingDownError:
             return ShuttingDownError(last_sequence=self.sent)
-        if isinstance(error, StorageUnavailableError):
+        if type(error) is StorageUnavailableError:
             return StorageUnavailableError(error.message, last_sequence=self.sent)
         return error
 
