@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from helpers.servers import Client
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
@@ -35,3 +37,14 @@ async def create(
         timeout=10,
     )
     return response.user
+
+
+async def import_users(client: Client, count: int, prefix: str) -> None:
+    """Create count users through one ImportUsers stream: one burst of count events."""
+
+    async def requests() -> AsyncIterator[pb.ImportUsersRequest]:
+        for index in range(count):
+            yield pb.ImportUsersRequest(user=new_user(f"{prefix}{index:05d}@example.com"))
+
+    response = await client.stub.ImportUsers(requests(), metadata=client.metadata, timeout=120)
+    assert response.created_count == count

@@ -10,7 +10,9 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from helpers.ports import free_port
 from helpers.servers import eventually, make_settings, refused, running_app
+from helpers.tcp_proxy import TcpProxy
 from helpers.tokens import bearer
 
 from user.v1 import user_pb2
@@ -309,3 +311,74 @@ async def test_a_watch_whose_source_keeps_the_expired_token_raises(sqlite_url: s
             await watch_to_the_end()
     assert ended.value.reason == "TOKEN_EXPIRED"
     assert len(asked) == 2  # the stream's own token, then once more to see it unchanged
+
+
+@pytest.mark.asyncio
+async def test_a_watch_resumes_across_a_server_restart_from_the_point_the_server_named(
+    database_url: str,
+) -> None:
+    # The watch starts "from now" and is sent no event before its server stops: only the
+    # server's last_sequence tells the client where to resume, and events written while no
+    # server answers on its port must still arrive, once each and in order.
+    port = free_port()
+    settings = make_settings(database_url, listen_address=f"127.0.0.1:{port}")
+    async with UserServiceClient(f"127.0.0.1:{port}", token=TOKEN) as client:
+        async with running_app(settings) as app:
+            await client.create_user("before@example.com", "Before")
+            events = client.watch_users()
+            first = asyncio.create_task(anext(events))
+            service = app._service
+            assert service is not None
+            feed = service._feed
+
+            async def watching() -> bool:
+                return feed.watcher_count == 1
+
+            await eventually(watching, "the watch reached the server")
+        # Another server on the same database, on a port the client does not know.
+        async with (
+            running_app(make_settings(database_url)) as other,
+            UserServiceClient(f"127.0.0.1:{other.port}", token=TOKEN) as writer,
+        ):
+            for index in range(3):
+                await writer.create_user(f"meanwhile{index}@example.com", f"M {index}")
+        async with running_app(settings):
+            seen = [await asyncio.wait_for(first, 30)]
+            seen += [await asyncio.wait_for(anext(events), 10) for _ in range(2)]
+            await client.create_user("after@example.com", "After")
+            seen.append(await asyncio.wait_for(anext(events), 10))
+            await events.aclose()
+    assert [event.sequence for event in seen] == [2, 3, 4, 5]
+    assert [event.user.email for event in seen] == [
+        "meanwhile0@example.com",
+        "meanwhile1@example.com",
+        "meanwhile2@example.com",
+        "after@example.com",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_watch_cut_by_the_network_after_a_progress_marker_resumes_after_it(
+    database_url: str,
+) -> None:
+    # A lost connection names no resume point: the client resumes after the last position it
+    # was given, here a progress marker's (whose own sequence field is 0, the oldest event).
+    settings = make_settings(database_url, watch_progress_seconds=0.2)
+    async with (
+        running_app(settings) as app,
+        TcpProxy("127.0.0.1", app.port) as proxy,
+        UserServiceClient(f"127.0.0.1:{proxy.port}", token=TOKEN) as client,
+    ):
+        for index in range(2):
+            await client.create_user(f"u{index}@example.com", f"U {index}")
+        events = client.watch_users(after_sequence=0)
+        seen = [await asyncio.wait_for(anext(events), 5) for _ in range(3)]
+        assert [event.sequence for event in seen[:2]] == [1, 2]
+        assert seen[2].progress.latest_sequence == 2
+        await proxy.kill_connections()
+        await client.create_user("after@example.com", "After")
+        following = await asyncio.wait_for(anext(events), 10)
+        while following.HasField("progress"):
+            following = await asyncio.wait_for(anext(events), 10)
+        await events.aclose()
+    assert (following.sequence, following.user.email) == (3, "after@example.com")

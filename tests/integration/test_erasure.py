@@ -1,8 +1,8 @@
-"""Erasure: a deleted user's email and display name leave every event, record and buffer.
+"""Erasure: a deleted user's email and display name leave every event, record and feed memory.
 
 Through the real server on both stores, and then straight at the database rows: the events
 keep their ids, types, sequences and times (so a replay stays gap-free), the idempotency
-records lose their personal fields, and a watcher's in-memory buffer is erased too.
+records lose their personal fields, and the change feed's window and pages are erased too.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ async def test_a_live_watcher_opened_before_the_delete_gets_the_deletion_erased(
 async def buffered_then_deleted(
     reader: Application, writer: Client, user_id: str, learned: Callable[[], Awaitable[None]]
 ) -> list[UserEvent]:
-    """Fill a watcher's buffer on reader, delete user_id through writer, drain the buffer.
+    """Fill a watcher's store page on reader, delete user_id through writer, drain the page.
 
     learned() returns once reader can know of the delete.
     """
@@ -289,7 +289,7 @@ async def buffered_then_deleted(
     assert service is not None
     watcher = service._feed.watch(0)
     try:
-        # The first read replays the whole log into the watcher's buffer and hands out one.
+        # Its first read takes the whole log from the store into its page and hands out one.
         first = await watcher.next(10)
         assert first is not None
         assert first.user.email == FIRST_EMAIL
@@ -312,6 +312,38 @@ async def test_events_a_watcher_buffered_before_the_delete_are_erased_before_del
     async with serving(database_url) as (app, client):
         user = await create_update(client, str(uuid.uuid4()))
         events = await buffered_then_deleted(app, client, user.id, noop)
+    assert [(event.sequence, event.type) for event in events] == [
+        (1, EventType.CREATED),
+        (2, EventType.UPDATED),
+        (3, EventType.DELETED),
+    ]
+    assert [(e.user.email, e.user.display_name) for e in events[1:]] == [("", "")] * 2
+
+
+@pytest.mark.asyncio
+async def test_events_in_the_shared_window_are_erased_before_delivery(database_url: str) -> None:
+    async with serving(database_url) as (app, client):
+        service = app._service
+        assert service is not None
+        feed = service._feed
+        watcher = feed.watch(0)
+        try:
+            # Nothing to send yet: the watcher follows the window from here.
+            assert await watcher.next(0.05) is None
+            user = await create_update(client, str(uuid.uuid4()))
+            # Both events are in the window, not in a page of the watcher's own.
+            first = await watcher.next(10)
+            assert first is not None
+            assert first.user.email == FIRST_EMAIL
+            assert feed.watcher_count == 1
+            await client.stub.DeleteUser(pb.DeleteUserRequest(id=user.id), metadata=client.metadata)
+            events = [first]
+            while events[-1].type != EventType.DELETED:
+                event = await watcher.next(10)
+                assert event is not None, "the deletion did not arrive"
+                events.append(event)
+        finally:
+            watcher.close()
     assert [(event.sequence, event.type) for event in events] == [
         (1, EventType.CREATED),
         (2, EventType.UPDATED),

@@ -1,4 +1,4 @@
-"""The change feed through the real server: one pump per process, bounded watchers, progress."""
+"""The change feed through the real server: one pump, one shared window, catch-up, progress."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from helpers.servers import connect, make_settings, rich_details, running_app
-from helpers.users import create, new_user
+from helpers.users import create, import_users
 
 from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc as pb_grpc
@@ -132,60 +132,129 @@ async def test_300_watchers_get_every_write_in_order_for_one_store_read_per_writ
     assert reads <= writes + 2, reads
 
 
-async def read_until_it_ends(call: Any, sequences: list[int]) -> None:
-    """Append the sequence of every event the call delivers until it ends (30 s at most)."""
-    async with asyncio.timeout(30):
-        while True:
+async def read_sequences(call: Any, until: int, received: list[int]) -> None:
+    """Append the sequence of every event the call delivers until it has sent until (60 s)."""
+    async with asyncio.timeout(60):
+        while (received[-1] if received else 0) < until:
             message = await call.read()
             if message is grpc.aio.EOF:
                 pytest.fail("the watch ended without an error")
             if not message.HasField("progress"):
-                sequences.append(message.sequence)
+                received.append(message.sequence)
+
+
+def pages_read(app: Application) -> int:
+    """How many store pages the process's watchers read while replaying or catching up."""
+    service = app._service
+    assert service is not None
+    return service._feed.pages_read
+
+
+def slow_channel(port: int) -> grpc.aio.Channel:
+    """A channel whose streams' flow-control window stays at its initial 64 KiB.
+
+    Without BDP probing a reader that stops soon stops the server's writes too, so the
+    server-side watcher really falls behind instead of grpc buffering for it.
+    """
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.http2.bdp_probe", 0)])
 
 
 @pytest.mark.asyncio
-async def test_a_watcher_that_stops_reading_is_ended_at_its_bound_and_resumes_without_a_gap(
+async def test_a_watcher_that_pauses_far_past_the_window_then_reads_on_gets_everything(
     database_url: str,
 ) -> None:
     total = 3000
-    # No BDP probing on the slow reader's channel: the stream's flow-control window stays
-    # at its initial 64 KiB, so a reader that stops soon stops the server's writes too.
     async with (
         serving(database_url, watch_buffer_events=8) as app,
         connect(app.port) as writer,
-        grpc.aio.insecure_channel(
-            f"127.0.0.1:{app.port}", options=[("grpc.http2.bdp_probe", 0)]
-        ) as channel,
+        slow_channel(app.port) as channel,
     ):
         stub = pb_grpc.UserServiceStub(channel)
         slow = stub.WatchUsers(pb.WatchUsersRequest(after_sequence=0), metadata=writer.metadata)
         await wait_until(lambda: live_watchers(app) == 1)
+        pages_before = pages_read(app)
+        await import_users(writer, total, "slow")
+        # Only now does the slow watcher read: it is thousands of events behind a window of 8.
+        received: list[int] = []
+        await read_sequences(slow, total, received)
+        slow.cancel()
+        assert pages_read(app) > pages_before, "the watcher never read the store to catch up"
+    assert received == list(range(1, total + 1))
 
-        async def requests() -> AsyncIterator[pb.ImportUsersRequest]:
-            for index in range(total):
-                yield pb.ImportUsersRequest(user=new_user(f"slow{index:05d}@example.com"))
 
-        await writer.stub.ImportUsers(requests(), metadata=writer.metadata)
-        # Only now does the slow watcher read: what was sent before it was ended, then
-        # the status naming the last sequence it was sent.
+@pytest.mark.asyncio
+async def test_a_watcher_whose_position_falls_out_of_retention_is_ended_out_of_range(
+    database_url: str,
+) -> None:
+    total, retention = 3000, 100
+    async with (
+        serving(database_url, watch_buffer_events=8, event_retention=retention) as app,
+        connect(app.port) as writer,
+        slow_channel(app.port) as channel,
+    ):
+        stub = pb_grpc.UserServiceStub(channel)
+        slow = stub.WatchUsers(pb.WatchUsersRequest(after_sequence=0), metadata=writer.metadata)
+        await wait_until(lambda: live_watchers(app) == 1)
+        await import_users(writer, total, "gone")
         received: list[int] = []
         with pytest.raises(grpc.aio.AioRpcError) as ended:
-            await read_until_it_ends(slow, received)
-        error = ended.value
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        info = rich_details(error)["ErrorInfo"]
-        assert info.reason == "WATCHER_TOO_SLOW"
-        last_sequence = int(info.metadata["last_sequence"])
-        assert received == list(range(1, last_sequence + 1))
-        assert last_sequence < total, "the watcher was not ended at its bound"
+            await read_sequences(slow, total, received)
+    error = ended.value
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert rich_details(error)["ErrorInfo"].reason == "SEQUENCE_EXPIRED"
+    # What it was sent before its position was pruned came in order, with no gap.
+    assert received == list(range(1, len(received) + 1))
+    assert len(received) < total - retention
 
-        resumed = stub.WatchUsers(
-            pb.WatchUsersRequest(after_sequence=last_sequence), metadata=writer.metadata
-        )
-        async with asyncio.timeout(30):
-            while (received[-1] if received else 0) < total:
-                message = await resumed.read()
-                if not message.HasField("progress"):
-                    received.append(message.sequence)
-        resumed.cancel()
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_reader_on_replica_b_sees_all_of_an_import_through_replica_a(
+    postgres_url: str,
+) -> None:
+    # A window of 16 on B: the reader falls out of it and catches up from the store, many
+    # times, while the import runs (system/test_replicas.py runs it with two processes and
+    # the default window).
+    total = 5000
+    async with (
+        serving(postgres_url) as replica_a,
+        serving(postgres_url, watch_buffer_events=16) as replica_b,
+        connect(replica_a.port) as writer,
+        connect(replica_b.port) as reader,
+    ):
+        call = reader.stub.WatchUsers(pb.WatchUsersRequest(), metadata=reader.metadata)
+        await wait_until(lambda: live_watchers(replica_b) == 1)
+        received: list[int] = []
+        # The reader reads as fast as it can while the import runs, not after it.
+        reading = asyncio.create_task(read_sequences(call, total, received))
+        await import_users(writer, total, "burst")
+        await reading
+        call.cancel()
     assert received == list(range(1, total + 1))
+
+
+@pytest.mark.asyncio
+async def test_a_watch_ended_by_shutdown_names_the_last_sequence_it_was_sent(
+    database_url: str,
+) -> None:
+    async with serving(database_url) as app, connect(app.port) as client:
+        for index in range(2):
+            await create(client, f"s{index}@example.com")
+        sent_one = client.stub.WatchUsers(
+            pb.WatchUsersRequest(after_sequence=1), metadata=client.metadata
+        )
+        assert (await asyncio.wait_for(sent_one.read(), 5)).sequence == 2
+        # From now, and sent nothing: its position is where it began.
+        sent_none = client.stub.WatchUsers(pb.WatchUsersRequest(), metadata=client.metadata)
+        await wait_until(lambda: live_watchers(app) == 2)
+        stopping = asyncio.create_task(app.stop())
+        ends: list[grpc.aio.AioRpcError] = []
+        for call in (sent_one, sent_none):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(call.read(), 10)
+            ends.append(ended.value)
+        await stopping
+    for error in ends:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        info = rich_details(error)["ErrorInfo"]
+        assert (info.reason, info.metadata["last_sequence"]) == ("SHUTTING_DOWN", "2")

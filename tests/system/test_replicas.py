@@ -38,7 +38,7 @@ from helpers.servers import (
     running_app,
 )
 from helpers.tcp_proxy import TcpProxy
-from helpers.users import create, new_user
+from helpers.users import create, import_users, new_user
 
 from user.v1 import user_pb2
 from user.v1 import user_service_pb2 as pb
@@ -227,6 +227,33 @@ async def test_a_watch_resumed_on_another_replica_has_no_gap_and_no_duplicate(
     assert backlog[2].user.display_name == "Renamed on B"
     sequences = [event.sequence for event in [*seen, *backlog, live]]
     assert sequences == list(range(sequences[0], sequences[0] + 10)), sequences
+
+
+@pytest.mark.asyncio
+async def test_a_reader_on_replica_b_sees_all_of_a_burst_imported_through_replica_a(
+    two_replicas: tuple[Client, Client],
+) -> None:
+    client_a, client_b = two_replicas
+    total = 5000
+    call = client_b.stub.WatchUsers(pb.WatchUsersRequest(), metadata=client_b.metadata)
+    # One event first: the watch is open on B before the import begins.
+    await create(client_b, "opened@example.com")
+    received = [(await next_event(call)).sequence]
+
+    async def read_all() -> None:
+        # As fast as it can, while the import runs; the watch must not end.
+        while len(received) <= total:
+            message = await call.read()
+            assert message is not grpc.aio.EOF, "the watch ended"
+            if not message.HasField("progress"):
+                received.append(message.sequence)
+
+    reading = asyncio.create_task(read_all())
+    await import_users(client_a, total, "burst")
+    async with asyncio.timeout(120):
+        await reading
+    call.cancel()
+    assert received == list(range(received[0], received[0] + total + 1))
 
 
 @pytest.mark.asyncio

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import random
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -17,7 +16,12 @@ from google.protobuf import field_mask_pb2
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
 from userservice.client.errors import from_rpc_error
-from userservice.client.retries import retry_delay
+from userservice.client.retries import (
+    WATCH_RESUME_ATTEMPTS,
+    retry_delay,
+    watch_resume_delay,
+    watch_resume_point,
+)
 from userservice.client.service_config import MAX_ATTEMPTS, channel_options
 from userservice.client.tokens import TOKEN_ENDED_REASONS, TokenFile, TokenSource
 
@@ -270,18 +274,23 @@ class UserServiceClient:
     async def watch_users(
         self, *, after_sequence: int | None = None, resume: bool = True
     ) -> AsyncIterator[pb.WatchUsersResponse]:
-        """Yield change events; when a replica goes away, resume after the last one seen.
+        """Yield change events; when the stream ends with a resume point, resume from it.
 
-        The stream has no deadline (keepalive finds dead connections). With resume, an
-        UNAVAILABLE end (a replica shutting down) reconnects from the last sequence, so no
-        event is missed or repeated. So does the end of the stream's token (the server ends
-        a stream when its token expires or its signing key is withdrawn) once the token
-        source has a different token; with the same token again (a fixed token, or a
-        source not yet refreshed) that UNAUTHENTICATED is raised, as are other errors
-        (OUT_OF_RANGE: history gone).
+        The stream has no deadline (keepalive finds dead connections). With resume, an end
+        that leaves a resume point reconnects after the last sequence sent, so no event is
+        missed or repeated: any UNAVAILABLE (a replica shutting down or gone, the store
+        unreachable) and any other end whose ErrorInfo names `last_sequence` (as a server
+        names it on every end of a watch it can be resumed from), except the codes no retry
+        can fix (OUT_OF_RANGE: history gone, INVALID_ARGUMENT, PERMISSION_DENIED, ...). So does
+        the end of the stream's token (the server ends a stream when its token expires or its
+        signing key is withdrawn) once the token source has a different token; with the same
+        token again (a fixed token, or a source not yet refreshed) that UNAUTHENTICATED is
+        raised. Resumes back off; WATCH_RESUME_ATTEMPTS in a row that deliver nothing raise
+        the last error.
         """
         last = after_sequence
         token, metadata = await self._authorization()
+        failures = 0
         while True:
             request = (
                 pb.WatchUsersRequest()
@@ -291,12 +300,21 @@ class UserServiceClient:
             call = self.stub.WatchUsers(request, metadata=metadata)
             try:
                 async for event in call:
-                    last = event.sequence
+                    # A progress marker has sequence 0: its latest_sequence is the position.
+                    last = (
+                        event.progress.latest_sequence
+                        if event.HasField("progress")
+                        else event.sequence
+                    )
+                    failures = 0
                     yield event
                 return
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 if not resume:
+                    raise error from None
+                failures += 1
+                if failures > WATCH_RESUME_ATTEMPTS:
                     raise error from None
                 if error.code == grpc.StatusCode.UNAUTHENTICATED:
                     if error.reason not in TOKEN_ENDED_REASONS:
@@ -306,9 +324,12 @@ class UserServiceClient:
                         raise error from None
                     # The token was good when this stream opened: a fresh one resumes it.
                     continue
-                if error.code != grpc.StatusCode.UNAVAILABLE:
+                point = watch_resume_point(error)
+                if point is None:
                     raise error from None
+                if point.last_sequence is not None:
+                    last = point.last_sequence
             finally:
                 call.cancel()
-            await asyncio.sleep(random.uniform(0.05, 0.25))
+            await asyncio.sleep(watch_resume_delay(failures))
             token, metadata = await self._authorization()

@@ -105,7 +105,8 @@ class Settings:
         15.0, "an idle WatchUsers stream gets a progress message this often"
     )
     watch_buffer_events: int = _setting(
-        1024, "live events buffered per watcher; a watcher further behind is ended to resume"
+        1024,
+        "recent events kept in memory, shared by all watchers; one further behind reads the store",
     )
     request_id_retention_seconds: float = _setting(
         86_400.0, "how long a CreateUser request_id is remembered for retries"

@@ -22,7 +22,6 @@ class Reason(enum.StrEnum):
     CREATED_USER_DELETED = "CREATED_USER_DELETED"
     SEQUENCE_EXPIRED = "SEQUENCE_EXPIRED"
     SEQUENCE_BEYOND_LATEST = "SEQUENCE_BEYOND_LATEST"
-    WATCHER_TOO_SLOW = "WATCHER_TOO_SLOW"
     TOO_MANY_SCANS = "TOO_MANY_SCANS"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     STORAGE_BUSY = "STORAGE_BUSY"
@@ -222,19 +221,6 @@ class SequenceBeyondLatestError(DomainError):
         self.latest = latest
 
 
-class WatcherTooSlowError(DomainError):
-    """A watcher fell further behind the live feed than its buffer holds; it may resume at once."""
-
-    reason = Reason.WATCHER_TOO_SLOW
-
-    def __init__(self, last_sequence: int, buffer_size: int) -> None:
-        super().__init__(
-            f"the watch fell more than {buffer_size} events behind; "
-            f"resume with after_sequence={last_sequence}"
-        )
-        self.last_sequence = last_sequence
-
-
 class TooManyScansError(DomainError):
     """The caller, or this replica, already has as many scans in progress as allowed."""
 
@@ -251,12 +237,21 @@ class TooManyScansError(DomainError):
 
 
 class StorageUnavailableError(DomainError):
-    """The store cannot be reached right now; the call may be retried."""
+    """The store cannot be reached right now; the call may be retried.
+
+    A watch it ends names last_sequence, the last event it was sent: resume after it.
+    """
 
     reason = Reason.STORAGE_UNAVAILABLE
 
-    def __init__(self, message: str = "storage is temporarily unavailable") -> None:
+    def __init__(
+        self,
+        message: str = "storage is temporarily unavailable",
+        *,
+        last_sequence: int | None = None,
+    ) -> None:
         super().__init__(message)
+        self.last_sequence = last_sequence
 
 
 class StorageBusyError(StorageUnavailableError):
@@ -302,9 +297,13 @@ class ConcurrentConflictError(DomainError):
 
 
 class ShuttingDownError(DomainError):
-    """The server is draining; the client should reconnect elsewhere."""
+    """The server is draining; the client should reconnect elsewhere.
+
+    A watch it ends names last_sequence, the last event it was sent: resume after it.
+    """
 
     reason = Reason.SHUTTING_DOWN
 
-    def __init__(self) -> None:
+    def __init__(self, *, last_sequence: int | None = None) -> None:
         super().__init__("server is shutting down")
+        self.last_sequence = last_sequence

@@ -15,7 +15,7 @@ from userservice.domain.errors import (
     SequenceExpiredError,
     UserNotFoundError,
 )
-from userservice.domain.feed import DEFAULT_BUFFER_SIZE, ChangeFeed
+from userservice.domain.feed import DEFAULT_WINDOW_SIZE, ChangeFeed
 from userservice.domain.filtering import canonical_filter, parse_filter
 from userservice.domain.ids import is_valid_id, new_user_id, now_us
 from userservice.domain.imports import ImportResult
@@ -66,7 +66,7 @@ class UserService:
         clock: Callable[[], int] = now_us,
         id_factory: Callable[[], str] = new_user_id,
         watch_progress_seconds: float = DEFAULT_WATCH_PROGRESS_SECONDS,
-        watch_buffer_size: int = DEFAULT_BUFFER_SIZE,
+        watch_window_size: int = DEFAULT_WINDOW_SIZE,
         scans: ScanGate | None = None,
     ) -> None:
         self._repository = repository
@@ -74,7 +74,7 @@ class UserService:
         self._page_tokens = page_tokens
         self._clock = clock
         self._new_id = id_factory
-        self._feed = ChangeFeed(repository, buffer_size=watch_buffer_size)
+        self._feed = ChangeFeed(repository, window_size=watch_window_size)
         self._watch_progress_seconds = watch_progress_seconds
 
     async def begin_shutdown(self) -> None:

@@ -147,7 +147,7 @@ class Application:
             self._repository,
             wiring.codec(settings),
             watch_progress_seconds=settings.watch_progress_seconds,
-            watch_buffer_size=settings.watch_buffer_events,
+            watch_window_size=settings.watch_buffer_events,
             scans=wiring.scan_gate(settings),
         )
         try:

@@ -32,7 +32,6 @@ from userservice.domain.errors import (
     SubjectAlreadyExistsError,
     TooManyScansError,
     UserNotFoundError,
-    WatcherTooSlowError,
 )
 from userservice.rpc_context import with_request_id
 
@@ -56,7 +55,6 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     EtagMismatchError: grpc.StatusCode.ABORTED,
     SequenceExpiredError: grpc.StatusCode.OUT_OF_RANGE,
     SequenceBeyondLatestError: grpc.StatusCode.OUT_OF_RANGE,
-    WatcherTooSlowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooManyScansError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailableError: grpc.StatusCode.UNAVAILABLE,
     # UNAVAILABLE, not RESOURCE_EXHAUSTED: nothing ran, another replica may have a free
@@ -118,12 +116,16 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
         metadata["oldest_sequence"] = str(error.oldest)
     elif isinstance(error, SequenceBeyondLatestError):
         metadata["latest_sequence"] = str(error.latest)
-    elif isinstance(error, WatcherTooSlowError):
-        metadata["last_sequence"] = str(error.last_sequence)
     elif isinstance(error, TooManyScansError):
         metadata.update(limit=error.limit, value=str(error.value))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_SCANS)))
     elif type(error) in _RETRY_SAFE:
+        # A watch it ended: where to resume, also for a watch that was sent no event yet.
+        if (
+            isinstance(error, ShuttingDownError | StorageUnavailableError)
+            and error.last_sequence is not None
+        ):
+            metadata["last_sequence"] = str(error.last_sequence)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_RETRY_AFTER_UNAVAILABLE)))
     details.insert(
         0,
