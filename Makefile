@@ -151,7 +151,7 @@ docs: $(STAMP) ## Build the documentation site into build/site (mkdocs-material,
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	@echo "docs: built into build/site"
 
-config-page: $(STAMP) ## Regenerate the settings table of docs/configuration.md from config.py.
+config-page: $(STAMP) ## Regenerate the settings table of docs/configuration.md from config/settings.py.
 	$(PY) tools/settings_page.py
 
 ci: lint typecheck buf-lint buf-breaking check-generated deploy-check docs test ## Everything CI runs.

@@ -69,3 +69,11 @@ def write_pki(tmp_path: Path) -> dict[str, Path | bytes]:
     files["client.pem"] = pem(client_cert)
     files["client.key"] = key_pem(client_key)
     return files
+
+
+def tls_settings(pki: dict[str, Path | bytes], *, client_ca: bool) -> dict[str, str]:
+    """Return the settings serving pki's server certificate; client_ca: requiring a client's."""
+    settings = {"tls_cert_file": str(pki["server.pem"]), "tls_key_file": str(pki["server.key"])}
+    if client_ca:
+        settings["tls_client_ca_file"] = str(pki["ca.pem"])
+    return settings

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -45,6 +47,21 @@ class Replica:
     def log(self) -> str:
         """Return what the process has logged so far."""
         return self.log_path.read_text(errors="replace")
+
+
+async def start_serving(env: Mapping[str, str], port: int, log_path: Path) -> Replica:
+    """Start `userservice serve` with exactly env (listening on port), logging to log_path."""
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "userservice",
+            "serve",
+            env=env,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    return Replica(process, port, log_path)
 
 
 def replica_env(database_url: str, port: int = 0, **extra: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from helpers.pki import tls_settings
 from helpers.ports import free_port
 from helpers.servers import eventually, make_settings, refused, running_app
 from helpers.tcp_proxy import TcpProxy
@@ -142,12 +143,7 @@ async def test_tls_and_mtls_with_call_credentials(
 ) -> None:
     for name in ("client.pem", "client.key"):
         (tmp_path / name).write_bytes(bytes(pki[name]))  # type: ignore[arg-type]
-    settings = make_settings(
-        sqlite_url,
-        tls_cert_file=str(pki["server.pem"]),
-        tls_key_file=str(pki["server.key"]),
-        tls_client_ca_file=str(pki["ca.pem"]),
-    )
+    settings = make_settings(sqlite_url, **tls_settings(pki, client_ca=True))
     async with running_app(settings) as app:
         async with UserServiceClient(
             f"localhost:{app.port}",
@@ -170,9 +166,7 @@ async def test_a_token_source_rides_as_metadata_over_tls(
     sqlite_url: str,
     pki: dict[str, Path | bytes],
 ) -> None:
-    settings = make_settings(
-        sqlite_url, tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"])
-    )
+    settings = make_settings(sqlite_url, **tls_settings(pki, client_ca=False))
     async with (
         running_app(settings) as app,
         UserServiceClient(

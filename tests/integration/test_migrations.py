@@ -88,6 +88,17 @@ TABLES = {
 }
 
 
+# The first migration of most cases, and the versions a run recorded.
+FIRST = "CREATE TABLE t (x INTEGER);"
+APPLIED = "SELECT version FROM schema_migrations"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Return the (not yet created) folder of migrations of one case."""
+    return tmp_path / "sql"
+
+
 def write(folder: Path, name: str, sql: str) -> None:
     folder.mkdir(exist_ok=True)
     (folder / name).write_text(sql, encoding="utf-8")
@@ -95,9 +106,8 @@ def write(folder: Path, name: str, sql: str) -> None:
 
 @pytest.mark.asyncio
 async def test_migrations_apply_in_order_once_with_their_checksums(
-    backend: Backend, tmp_path: Path
+    backend: Backend, folder: Path
 ) -> None:
-    folder = tmp_path / "sql"
     write(folder, "0002_second.sql", "INSERT INTO t (x) VALUES (2);")
     write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);\nINSERT INTO t (x) VALUES (1);")
     assert await backend.run(folder) == ["0001_first", "0002_second"]
@@ -113,10 +123,9 @@ async def test_migrations_apply_in_order_once_with_their_checksums(
     "bad_name", ["2_short.sql", "0003-dash.sql", "0003_Upper.sql", "notes.txt"]
 )
 async def test_a_file_with_a_bad_name_is_an_error_naming_it(
-    backend: Backend, tmp_path: Path, bad_name: str
+    backend: Backend, folder: Path, bad_name: str
 ) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+    write(folder, "0001_first.sql", FIRST)
     write(folder, bad_name, "CREATE TABLE u (y INTEGER);")
     with pytest.raises(MigrationError, match=bad_name.replace(".", r"\.")):
         await backend.run(folder)
@@ -125,58 +134,53 @@ async def test_a_file_with_a_bad_name_is_an_error_naming_it(
 
 
 @pytest.mark.asyncio
-async def test_two_files_with_one_version_are_an_error(backend: Backend, tmp_path: Path) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+async def test_two_files_with_one_version_are_an_error(backend: Backend, folder: Path) -> None:
+    write(folder, "0001_first.sql", FIRST)
     write(folder, "0001_again.sql", "CREATE TABLE u (y INTEGER);")
     with pytest.raises(MigrationError, match="share version 1"):
         await backend.run(folder)
 
 
 @pytest.mark.asyncio
-async def test_an_edited_applied_migration_stops_the_run(backend: Backend, tmp_path: Path) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+async def test_an_edited_applied_migration_stops_the_run(backend: Backend, folder: Path) -> None:
+    write(folder, "0001_first.sql", FIRST)
     assert await backend.run(folder) == ["0001_first"]
     write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER, y INTEGER);")
     write(folder, "0002_second.sql", "CREATE TABLE u (y INTEGER);")
     with pytest.raises(MigrationError, match="0001_first was edited after it was applied"):
         await backend.run(folder)
     # The new migration behind it did not run either.
-    assert await backend.query("SELECT version FROM schema_migrations") == [(1,)]
+    assert await backend.query(APPLIED) == [(1,)]
 
 
 @pytest.mark.asyncio
 async def test_a_new_file_below_an_applied_version_is_an_error(
-    backend: Backend, tmp_path: Path
+    backend: Backend, folder: Path
 ) -> None:
-    folder = tmp_path / "sql"
     write(folder, "0002_second.sql", "CREATE TABLE u (y INTEGER);")
     assert await backend.run(folder) == ["0002_second"]
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+    write(folder, "0001_first.sql", FIRST)
     with pytest.raises(MigrationError, match="renumber it above 0002"):
         await backend.run(folder)
 
 
 @pytest.mark.asyncio
 async def test_a_failing_migration_leaves_nothing_half_applied(
-    backend: Backend, tmp_path: Path
+    backend: Backend, folder: Path
 ) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+    write(folder, "0001_first.sql", FIRST)
     write(folder, "0002_broken.sql", "CREATE TABLE half (y INTEGER);\nSELECT * FROM missing;")
     with pytest.raises(Exception, match="missing"):
         await backend.run(folder)
-    assert await backend.query("SELECT version FROM schema_migrations") == [(1,)]
+    assert await backend.query(APPLIED) == [(1,)]
     assert await backend.query(TABLES[backend.name].format(name="half")) == []
 
 
 @pytest.mark.asyncio
 async def test_a_no_transaction_migration_runs_statements_a_transaction_would_refuse(
-    backend: Backend, tmp_path: Path
+    backend: Backend, folder: Path
 ) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+    write(folder, "0001_first.sql", FIRST)
     # Both statements fail inside a transaction block: that is what the marker is for.
     refused = (
         "VACUUM;"
@@ -200,23 +204,21 @@ async def test_a_no_transaction_migration_runs_statements_a_transaction_would_re
 
 @pytest.mark.asyncio
 async def test_the_same_statement_without_the_marker_fails_whole(
-    backend: Backend, tmp_path: Path
+    backend: Backend, folder: Path
 ) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+    write(folder, "0001_first.sql", FIRST)
     refused = "VACUUM;" if backend.name == "sqlite" else "CREATE INDEX CONCURRENTLY t_x ON t (x);"
     write(folder, "0002_inside.sql", refused)
     with pytest.raises(Exception, match="transaction"):
         await backend.run(folder)
-    assert await backend.query("SELECT version FROM schema_migrations") == [(1,)]
+    assert await backend.query(APPLIED) == [(1,)]
 
 
 @pytest.mark.asyncio
 async def test_a_history_recorded_without_checksums_is_adopted(
-    backend: Backend, tmp_path: Path
+    backend: Backend, folder: Path
 ) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+    write(folder, "0001_first.sql", FIRST)
     # The table as releases before checksums created it, with 0001 applied.
     await backend.query(
         "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL)"
@@ -231,10 +233,9 @@ async def test_a_history_recorded_without_checksums_is_adopted(
 @pytest.mark.postgres
 @pytest.mark.asyncio
 async def test_postgres_migrations_give_up_on_a_held_table_lock(
-    postgres_url: str, tmp_path: Path
+    postgres_url: str, folder: Path
 ) -> None:
-    folder = tmp_path / "sql"
-    write(folder, "0001_first.sql", "CREATE TABLE t (x INTEGER);")
+    write(folder, "0001_first.sql", FIRST)
     write(folder, "0002_alter.sql", "ALTER TABLE t ADD COLUMN y INTEGER;")
     runner = await asyncpg.connect(postgres_url)
     holder = await asyncpg.connect(postgres_url)

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.pki import issue as _issue
 from helpers.pki import key_pem as _key_pem
 from helpers.pki import pem as _pem
+from helpers.pki import tls_settings
 from helpers.servers import make_settings, running_app
 from helpers.tokens import bearer
 from helpers.users import new_user
@@ -40,9 +41,7 @@ def _channel(port: int, pki: dict[str, Path | bytes], *, client_cert: bool) -> g
 async def test_tls_serves_the_api_and_refuses_plaintext(
     sqlite_url: str, pki: dict[str, Path | bytes]
 ) -> None:
-    settings = make_settings(
-        sqlite_url, tls_cert_file=str(pki["server.pem"]), tls_key_file=str(pki["server.key"])
-    )
+    settings = make_settings(sqlite_url, **tls_settings(pki, client_ca=False))
     async with running_app(settings) as app:
         async with _channel(app.port, pki, client_cert=False) as channel:
             stub = user_service_pb2_grpc.UserServiceStub(channel)
@@ -64,12 +63,7 @@ async def test_tls_serves_the_api_and_refuses_plaintext(
 async def test_mutual_tls_requires_a_client_certificate(
     sqlite_url: str, pki: dict[str, Path | bytes]
 ) -> None:
-    settings = make_settings(
-        sqlite_url,
-        tls_cert_file=str(pki["server.pem"]),
-        tls_key_file=str(pki["server.key"]),
-        tls_client_ca_file=str(pki["ca.pem"]),
-    )
+    settings = make_settings(sqlite_url, **tls_settings(pki, client_ca=True))
     async with running_app(settings) as app:
         async with _channel(app.port, pki, client_cert=True) as channel:
             response = await health_pb2_grpc.HealthStub(channel).Check(
@@ -197,9 +191,7 @@ async def test_probes_are_answered_in_plaintext_while_the_main_port_has_tls(
 ) -> None:
     settings = make_settings(
         sqlite_url,
-        tls_cert_file=str(pki["server.pem"]),
-        tls_key_file=str(pki["server.key"]),
-        tls_client_ca_file=str(pki["ca.pem"]),
+        **tls_settings(pki, client_ca=True),
         probe_address="127.0.0.1:0",
     )
     async with running_app(settings) as app:

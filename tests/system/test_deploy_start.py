@@ -19,7 +19,6 @@ import contextlib
 import os
 import re
 import secrets
-import sys
 import time
 import urllib.parse
 import uuid
@@ -45,6 +44,7 @@ from helpers.processes import (
     Replica,
     assert_stopped_cleanly,
     channel_to,
+    start_serving,
     stop_process,
     wait_serving,
 )
@@ -139,22 +139,12 @@ async def serving(
 ) -> AsyncIterator[Replica]:
     """Run `userservice serve` with env until its health Check says SERVING; stop it after."""
     port = int(env["USERSERVICE_LISTEN_ADDRESS"].rpartition(":")[2])
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "userservice",
-            "serve",
-            env=process_env(env),
-            stdout=log_file,
-            stderr=log_file,
-        )
-    replica = Replica(process, port, log_path)
+    replica = await start_serving(process_env(env), port, log_path)
     try:
         await wait_serving(replica, ca_pem, within=STARTUP_SECONDS)
         yield replica
     finally:
-        await stop_process(process)
+        await stop_process(replica.process)
 
 
 async def exercise(port: int, ca_pem: bytes | None, token: str, email: str) -> None:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
+from tools.new_service import leftovers, renamer, source_files
 
-from new_service import leftovers, renamer, source_files  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 RENAME = renamer("orders", "Order", "Orders")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from helpers.processes import (
     Replica,
     assert_stopped_cleanly,
     replica_env,
+    start_serving,
     stop_process,
     wait_serving,
 )
@@ -69,17 +69,8 @@ async def serving_replicas(
         for index in range(count):
             port = free_port()
             log_path = directory / f"replica{index}.log"
-            with log_path.open("wb") as log_file:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "userservice",
-                    "serve",
-                    env=replica_env(database_url, port, **extra),
-                    stdout=log_file,
-                    stderr=log_file,
-                )
-            replicas.append(Replica(process, port, log_path))
+            env = replica_env(database_url, port, **extra)
+            replicas.append(await start_serving(env, port, log_path))
         # Started together, so that they also race each other's migrations.
         await asyncio.gather(*(wait_serving(replica) for replica in replicas))
         yield replicas

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers.ports import free_port
-from helpers.processes import Replica, env_for, wait_serving
+from helpers.processes import env_for, start_serving, wait_serving
 from helpers.servers import (
     Client,
     connect,
@@ -48,23 +47,16 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proce
     """Start `userservice serve` as a real process and wait until it answers health checks."""
     port = free_port()
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "userservice",
-            "serve",
-            env=service_env(
-                tmp_path / "db.sqlite",
-                port,
-                USERSERVICE_SHUTDOWN_DRAIN_SECONDS="1",
-                USERSERVICE_SHUTDOWN_GRACE_SECONDS="10",
-            ),
-            stdout=log_file,
-            stderr=log_file,
-        )
+    env = service_env(
+        tmp_path / "db.sqlite",
+        port,
+        USERSERVICE_SHUTDOWN_DRAIN_SECONDS="1",
+        USERSERVICE_SHUTDOWN_GRACE_SECONDS="10",
+    )
+    replica = await start_serving(env, port, log_path)
+    process = replica.process
     try:
-        await wait_serving(Replica(process, port, log_path), within=20)
+        await wait_serving(replica, within=20)
         yield process, port, log_path
     finally:
         if process.returncode is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 ERROR_DOMAIN: Final = "userservice"
 """The domain of every google.rpc.ErrorInfo this service sends: reasons are unique within it."""
@@ -46,10 +46,13 @@ class DomainError(Exception):
     """Base of every error the domain raises on purpose."""
 
     reason: Reason
+    default_message: ClassVar[str]
+    """The message of a class whose message says all there is (set where it has one)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str | None = None) -> None:
+        text = self.default_message if message is None else message
+        super().__init__(text)
+        self.message = text
 
 
 MAX_REPORTED_VIOLATIONS = 20
@@ -116,18 +119,14 @@ class EmailAlreadyExistsError(DomainError):
     """Another user already has this email (compared without regard to case)."""
 
     reason = Reason.EMAIL_ALREADY_EXISTS
-
-    def __init__(self) -> None:
-        super().__init__("a user with this email already exists")
+    default_message = "a user with this email already exists"
 
 
 class SubjectAlreadyExistsError(DomainError):
     """Another user already belongs to this subject (one user per identity-provider subject)."""
 
     reason = Reason.SUBJECT_ALREADY_EXISTS
-
-    def __init__(self) -> None:
-        super().__init__("a user with this subject already exists")
+    default_message = "a user with this subject already exists"
 
 
 class PermissionDeniedError(DomainError):
@@ -186,12 +185,10 @@ class CreatedUserDeletedError(DomainError):
     """
 
     reason = Reason.CREATED_USER_DELETED
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the user this request_id created has since been deleted; "
-            "send a new request_id to create it again"
-        )
+    default_message = (
+        "the user this request_id created has since been deleted; "
+        "send a new request_id to create it again"
+    )
 
 
 class SequenceExpiredError(DomainError):
@@ -243,13 +240,9 @@ class StorageUnavailableError(DomainError):
     """
 
     reason = Reason.STORAGE_UNAVAILABLE
+    default_message = "storage is temporarily unavailable"
 
-    def __init__(
-        self,
-        message: str = "storage is temporarily unavailable",
-        *,
-        last_sequence: int | None = None,
-    ) -> None:
+    def __init__(self, message: str | None = None, *, last_sequence: int | None = None) -> None:
         super().__init__(message)
         self.last_sequence = last_sequence
 
@@ -258,42 +251,31 @@ class StorageBusyError(StorageUnavailableError):
     """No storage connection became free in time: nothing ran, the call may be retried."""
 
     reason = Reason.STORAGE_BUSY
-
-    def __init__(self, message: str = "storage is busy: no connection free in time") -> None:
-        super().__init__(message)
+    default_message = "storage is busy: no connection free in time"
 
 
 class StorageTimeoutError(StorageUnavailableError):
     """A statement ran past the storage statement timeout; retrying would cost as much again."""
 
     reason = Reason.STORAGE_TIMEOUT
-
-    def __init__(self, message: str = "the query took longer than the storage allows") -> None:
-        super().__init__(message)
+    default_message = "the query took longer than the storage allows"
 
 
 class CommitOutcomeUnknownError(StorageUnavailableError):
     """The connection was lost during COMMIT: the write may or may not have happened."""
 
     reason = Reason.COMMIT_OUTCOME_UNKNOWN
-
-    def __init__(
-        self,
-        message: str = (
-            "connection lost during commit: the change may have been applied; "
-            "retry only with the same request_id or etag"
-        ),
-    ) -> None:
-        super().__init__(message)
+    default_message = (
+        "connection lost during commit: the change may have been applied; "
+        "retry only with the same request_id or etag"
+    )
 
 
 class ConcurrentConflictError(DomainError):
     """A concurrent transaction won (serialization failure, deadlock, upsert race) after retries."""
 
     reason = Reason.CONCURRENT_CONFLICT
-
-    def __init__(self, message: str = "the change conflicted with a concurrent one") -> None:
-        super().__init__(message)
+    default_message = "the change conflicted with a concurrent one"
 
 
 class ShuttingDownError(DomainError):
@@ -303,7 +285,8 @@ class ShuttingDownError(DomainError):
     """
 
     reason = Reason.SHUTTING_DOWN
+    default_message = "server is shutting down"
 
     def __init__(self, *, last_sequence: int | None = None) -> None:
-        super().__init__("server is shutting down")
+        super().__init__()
         self.last_sequence = last_sequence

@@ -155,6 +155,19 @@ class NewUser:
     role: Role
     subject: str = ""
 
+    def user(self, user_id: str, now_us: int) -> User:
+        """Return the user this creates: its first revision, created and updated now."""
+        return User(
+            id=user_id,
+            email=self.email,
+            display_name=self.display_name,
+            role=self.role,
+            create_time_us=now_us,
+            update_time_us=now_us,
+            revision=1,
+            subject=self.subject,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class UserChanges:

@@ -83,16 +83,7 @@ class UserService:
 
     def _build_user(self, new: NewUser) -> User:
         timestamp = self._clock()
-        return User(
-            id=self._new_id(),
-            email=new.email,
-            display_name=new.display_name,
-            role=new.role,
-            create_time_us=timestamp,
-            update_time_us=timestamp,
-            revision=1,
-            subject=new.subject,
-        )
+        return new.user(self._new_id(), timestamp)
 
     async def create_user(self, caller: Caller, user: UserInput, request_id: str) -> User:
         """Create a user; a repeated request_id with the same input returns the first result.

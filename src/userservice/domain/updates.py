@@ -6,15 +6,9 @@ from collections.abc import Sequence
 
 from userservice.domain.errors import FieldViolation, InvalidArgumentError
 from userservice.domain.model import UserChanges
-from userservice.domain.validation import (
-    UserInput,
-    check_display_name,
-    check_email,
-    check_role,
-    check_subject,
-)
+from userservice.domain.validation import UPDATE_CHECKS, UserInput
 
-MUTABLE_FIELDS = ("email", "display_name", "role", "subject")
+MUTABLE_FIELDS = tuple(UPDATE_CHECKS)
 IMMUTABLE_FIELDS = frozenset({"id", "create_time", "update_time", "etag"})
 
 
@@ -27,16 +21,8 @@ def changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChanges
     if paths == ["*"]:
         paths = list(MUTABLE_FIELDS)
     elif not paths:
-        paths = [
-            name
-            for name, is_set in (
-                ("email", bool(user.email)),
-                ("display_name", bool(user.display_name)),
-                ("role", user.role != 0),
-                ("subject", bool(user.subject)),
-            )
-            if is_set
-        ]
+        # Set means not the proto3 default: "" for a string, 0 (UNSPECIFIED) for the role.
+        paths = [name for name in MUTABLE_FIELDS if getattr(user, name)]
         if not paths:
             raise InvalidArgumentError.single("update_mask", "names no field to update")
     violations: list[FieldViolation] = []
@@ -49,16 +35,11 @@ def changes_from_mask(user: UserInput, mask_paths: Sequence[str]) -> UserChanges
             violations.append(FieldViolation("update_mask", f"unknown field path '{path}'"))
     if violations:
         raise InvalidArgumentError(violations)
-    email = check_email(user.email, "user.email", violations) if "email" in paths else None
-    display_name = (
-        check_display_name(user.display_name, "user.display_name", violations)
-        if "display_name" in paths
-        else None
-    )
-    role = check_role(user.role, "user.role", violations, default=None) if "role" in paths else None
-    subject = (
-        check_subject(user.subject, "user.subject", violations) if "subject" in paths else None
-    )
+    changes = {
+        name: check(getattr(user, name), f"user.{name}", violations)
+        for name, check in UPDATE_CHECKS.items()
+        if name in paths
+    }
     if violations:
         raise InvalidArgumentError(violations)
-    return UserChanges(email=email, display_name=display_name, role=role, subject=subject)
+    return UserChanges(**changes)

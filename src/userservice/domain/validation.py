@@ -6,7 +6,9 @@ import hashlib
 import re
 import unicodedata
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Final
 
 import email_validator
 from email_validator import EmailNotValidError, validate_email
@@ -144,6 +146,21 @@ def check_role(
             FieldViolation(field, f"must be a known UserRole other than UNSPECIFIED, got {raw}")
         )
         return Role.VIEWER
+
+
+def _changed_role(raw: int, field: str, violations: list[FieldViolation]) -> Role:
+    """Return the role an update names: UNSPECIFIED has no default there, it is refused."""
+    return check_role(raw, field, violations, default=None)
+
+
+# The fields an update may change (what update_mask may name), each with the check of its new
+# value, in the order their violations are listed; domain/updates.py applies it.
+UPDATE_CHECKS: Final[Mapping[str, Callable[[Any, str, list[FieldViolation]], Any]]] = {
+    "email": check_email,
+    "display_name": check_display_name,
+    "role": _changed_role,
+    "subject": check_subject,
+}
 
 
 def validate_new_user(user: UserInput, prefix: str = "user") -> NewUser:

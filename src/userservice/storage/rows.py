@@ -1,4 +1,8 @@
-"""The users columns both stores select, and the mapping between a row and a domain User."""
+"""The users columns both stores name, and the mapping between a row and a domain User.
+
+Every statement that names user columns is built from the lists here, once, when the store's
+queries module is imported: a new column is named in this module and in a migration per store.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,39 @@ from typing import Any, Final
 
 from userservice.domain.model import Role, User, email_key, search_key
 
-# The order user_fields() and user_from_row() rely on; SQL texts interpolate only these
-# constants, never a value.
-USER_DATA: Final = "email, display_name, role, create_time_us, update_time_us, revision, subject"
+# Every user column but the id, in the order user_fields() and user_from_row() rely on, with
+# its PostgreSQL type (the batch statements bind one typed array per column). SQL texts
+# interpolate only these constants, never a value.
+USER_DATA_TYPES: Final = (
+    ("email", "text"),
+    ("display_name", "text"),
+    ("role", "smallint"),
+    ("create_time_us", "bigint"),
+    ("update_time_us", "bigint"),
+    ("revision", "bigint"),
+    ("subject", "text"),
+)
+# The columns of personal data, which a delete erases from the user's earlier events and
+# idempotency records: the fields User.erased() clears.
+PERSONAL_DATA: Final = ("email", "display_name", "subject")
+
+USER_DATA: Final = ", ".join(name for name, _ in USER_DATA_TYPES)
 USER_COLUMNS: Final = f"id, {USER_DATA}"
 # The same fields as kept in the event log and the idempotency table, keyed by user_id.
 SNAPSHOT_COLUMNS: Final = f"user_id, {USER_DATA}"
 # The users table's insert columns: USER_COLUMNS plus the two keys the domain computes
 # (the unique email key, the display-name search key), last.
-INSERT_COLUMNS: Final = f"{USER_COLUMNS}, email_normalized, display_name_key"
+INSERT_TYPES: Final = (
+    ("id", "text"),
+    *USER_DATA_TYPES,
+    ("email_normalized", "text"),
+    ("display_name_key", "text"),
+)
+INSERT_COLUMNS: Final = ", ".join(name for name, _ in INSERT_TYPES)
+# Where each personal column's value stands in user_fields().
+_PERSONAL_INDEXES: Final = tuple(
+    1 + [name for name, _ in USER_DATA_TYPES].index(column) for column in PERSONAL_DATA
+)
 
 
 def placeholders(columns: str, style: str = "?", first: int = 1) -> str:
@@ -24,6 +52,11 @@ def placeholders(columns: str, style: str = "?", first: int = 1) -> str:
     if style == "?":
         return ", ".join("?" * count)
     return ", ".join(f"${number}" for number in range(first, first + count))
+
+
+def assignments(columns: Sequence[str], mark: str, first: int) -> str:
+    """Return `a = $2, b = $3` (mark "$") or `a = ?2, b = ?3` (mark "?", SQLite's numbered form)."""
+    return ", ".join(f"{column} = {mark}{first + index}" for index, column in enumerate(columns))
 
 
 # Rows whose missing display_name_key one backfill transaction computes (see backfill_keys).
@@ -54,13 +87,19 @@ def insert_fields(user: User) -> tuple[str, str, str, int, int, int, int, str | 
     return (*user_fields(user), email_key(user.email), search_key(user.display_name))
 
 
+def personal_fields(user: User) -> tuple[Any, ...]:
+    """Return a user's values in PERSONAL_DATA order (of an erased user: what erasure writes)."""
+    fields = user_fields(user)
+    return tuple(fields[index] for index in _PERSONAL_INDEXES)
+
+
 def backfilled_keys(rows: Sequence[Any]) -> list[tuple[str, str, str]]:
     """Return (search key, id, display name) for rows of (id, display name) lacking a key."""
     return [(search_key(str(name)), str(user_id), str(name)) for user_id, name in rows]
 
 
 def user_from_row(row: Sequence[Any]) -> User:
-    """Build a User from a row whose first eight columns are USER_COLUMNS or SNAPSHOT_COLUMNS."""
+    """Build a User from a row whose first columns are USER_COLUMNS or SNAPSHOT_COLUMNS."""
     return User(
         str(row[0]),
         str(row[1]),

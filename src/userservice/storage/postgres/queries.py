@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from typing import Final
 
-from userservice.storage.rows import INSERT_COLUMNS, SNAPSHOT_COLUMNS, USER_COLUMNS, placeholders
+from userservice.storage.rows import (
+    INSERT_COLUMNS,
+    INSERT_TYPES,
+    PERSONAL_DATA,
+    SNAPSHOT_COLUMNS,
+    USER_COLUMNS,
+    USER_DATA_TYPES,
+    assignments,
+    placeholders,
+)
 
 # Column lists come from storage/rows.py (hence the S608 waivers): a user column is named
-# there once. Every value is a bound parameter.
+# there once, and each text is built once, at import. Every value is a bound parameter.
+
+
+def _arrays(types: tuple[tuple[str, str], ...], first: int) -> str:
+    """Return `$2::text[], $3::bigint[]`: one typed array parameter per column, for unnest."""
+    return ", ".join(f"${first + index}::{kind}[]" for index, (_, kind) in enumerate(types))
+
 
 SELECT_USER: Final = f"""
 SELECT {USER_COLUMNS}
@@ -52,53 +67,51 @@ ON CONFLICT (email_normalized) DO NOTHING
 RETURNING id
 """  # noqa: S608
 
-INSERT_MANY: Final = """
-INSERT INTO users (id, email, email_normalized, display_name, role,
-                   create_time_us, update_time_us, revision, display_name_key, subject)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
-                     $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])
+# One typed array per INSERT_COLUMNS column, $1 onwards.
+INSERT_MANY: Final = f"""
+INSERT INTO users ({INSERT_COLUMNS})
+SELECT * FROM unnest({_arrays(INSERT_TYPES, 1)})
 ON CONFLICT DO NOTHING
 RETURNING id
-"""
+"""  # noqa: S608
 
-# Claims a new key, or takes over an expired one ($12 is the cutoff) in place. On a
+# Claims a new key, or takes over an expired one ($1 is the cutoff) in place. On a
 # conflict DO UPDATE waits for the row's writer, then locks the row's newest version
 # and tests the WHERE on it even when it declines to update; so of replicas racing on
 # one expired key exactly one takes it over, and the rest find a live row they hold
 # locked, which no sweep can delete before they read it.
-CLAIM_REQUEST: Final = """
-INSERT INTO create_requests (request_id, fingerprint, user_id, email, display_name, role,
-                             create_time_us, update_time_us, revision, subject, created_us)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+_REQUEST_COLUMNS: Final = ("request_id", "fingerprint", "created_us", *SNAPSHOT_COLUMNS.split(", "))
+CLAIM_REQUEST: Final = f"""
+INSERT INTO create_requests ({", ".join(_REQUEST_COLUMNS)})
+VALUES ({placeholders(", ".join(_REQUEST_COLUMNS), "$", 2)})
 ON CONFLICT (request_id) DO UPDATE
-SET fingerprint = EXCLUDED.fingerprint, user_id = EXCLUDED.user_id, email = EXCLUDED.email,
-    display_name = EXCLUDED.display_name, role = EXCLUDED.role,
-    create_time_us = EXCLUDED.create_time_us, update_time_us = EXCLUDED.update_time_us,
-    revision = EXCLUDED.revision, subject = EXCLUDED.subject, created_us = EXCLUDED.created_us
-WHERE create_requests.created_us < $12
+SET {", ".join(f"{name} = EXCLUDED.{name}" for name in _REQUEST_COLUMNS[1:])}
+WHERE create_requests.created_us < $1
 RETURNING request_id
-"""
+"""  # noqa: S608
 
 SELECT_REQUEST: Final = f"""
 SELECT {SNAPSHOT_COLUMNS}, fingerprint
 FROM create_requests WHERE request_id = $1
 """  # noqa: S608
 
-# A delete's erasure of the user's earlier events and idempotency records: the values are the
-# domain's erased fields; the user_id indexes of migration 0004 find the rows.
-ERASE_EVENTS: Final = """
-UPDATE user_events SET email = $2, display_name = $3, subject = NULL WHERE user_id = $1
-"""
-ERASE_REQUESTS: Final = """
-UPDATE create_requests SET email = $2, display_name = $3, fingerprint = $4, subject = NULL
+# A delete's erasure of the user's earlier events and idempotency records: $2 onwards are the
+# erased user's PERSONAL_DATA (then the erased fingerprint); the user_id indexes of migration
+# 0004 find the rows.
+ERASE_EVENTS: Final = f"""
+UPDATE user_events SET {assignments(PERSONAL_DATA, "$", 2)} WHERE user_id = $1
+"""  # noqa: S608
+ERASE_REQUESTS: Final = f"""
+UPDATE create_requests SET {assignments((*PERSONAL_DATA, "fingerprint"), "$", 2)}
 WHERE user_id = $1
-"""
+"""  # noqa: S608
 
-UPDATE_USER: Final = """
-UPDATE users SET email = $2, email_normalized = $3, display_name = $4, role = $5,
-                 update_time_us = $6, revision = $7, display_name_key = $8, subject = $9
+# Every column but the id, from insert_fields() ($1 is the id); create_time_us is rewritten
+# with the value it has.
+UPDATE_USER: Final = f"""
+UPDATE users SET {assignments([name for name, _ in INSERT_TYPES[1:]], "$", 2)}
 WHERE id = $1
-"""
+"""  # noqa: S608
 
 # Keyset batches of rows lacking their display_name_key (written before migration 0002, or
 # by a replica still running older code); the update re-checks the name the key was
@@ -120,31 +133,33 @@ WHERE u.id = k.id AND u.display_name = k.name AND u.display_name_key IS NULL
 # range this block pushes out, plus a small slack that catches rows a
 # concurrent writer committed after this statement's snapshot was taken;
 # a bounded range keeps the scan off the dead index entries of earlier prunes.
-APPEND_EVENTS: Final = """
+# $1 is the retention, then one typed array per event column.
+_EVENT_TYPES: Final = (
+    ("type", "smallint"),
+    ("event_time_us", "bigint"),
+    ("user_id", "text"),
+    *USER_DATA_TYPES,
+)
+_EVENT_COLUMNS: Final = ", ".join(name for name, _ in _EVENT_TYPES)
+APPEND_EVENTS: Final = f"""
 WITH allocated AS (
-    UPDATE event_sequence SET value = value + cardinality($1::smallint[])
-    RETURNING value AS last, value - cardinality($1::smallint[]) AS previous
+    UPDATE event_sequence SET value = value + cardinality($2::smallint[])
+    RETURNING value AS last, value - cardinality($2::smallint[]) AS previous
 ),
 inserted AS (
-    INSERT INTO user_events (sequence, type, user_id, email, display_name, role,
-                             create_time_us, update_time_us, revision, event_time_us, subject)
-    SELECT a.previous + e.ord, e.type, e.user_id, e.email, e.display_name, e.role,
-           e.create_time_us, e.update_time_us, e.revision, e.event_time_us, e.subject
+    INSERT INTO user_events (sequence, {_EVENT_COLUMNS})
+    SELECT a.previous + e.ord, {", ".join(f"e.{name}" for name, _ in _EVENT_TYPES)}
     FROM allocated AS a,
-         unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::smallint[],
-                $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $11::text[])
-             WITH ORDINALITY AS e(type, user_id, email, display_name, role,
-                                  create_time_us, update_time_us, revision,
-                                  event_time_us, subject, ord)
-    WHERE a.previous + e.ord > a.last - $10::bigint
+         unnest({_arrays(_EVENT_TYPES, 2)}) WITH ORDINALITY AS e({_EVENT_COLUMNS}, ord)
+    WHERE a.previous + e.ord > a.last - $1::bigint
 ),
 pruned AS (
     DELETE FROM user_events
-    WHERE sequence > (SELECT previous FROM allocated) - $10::bigint - 64
-      AND sequence <= (SELECT last FROM allocated) - $10::bigint
+    WHERE sequence > (SELECT previous FROM allocated) - $1::bigint - 64
+      AND sequence <= (SELECT last FROM allocated) - $1::bigint
 )
 SELECT last, pg_notify('user_events', last::text) FROM allocated
-"""
+"""  # noqa: S608
 
 # Deletes the oldest events beyond retention, at most $2 + 1 of them, from the
 # bottom up so that what remains is always a contiguous run of sequences.

@@ -24,14 +24,13 @@ from userservice.domain.model import (
     UserChanges,
     email_key,
     retried_create,
-    search_key,
 )
 from userservice.storage.postgres import queries
 from userservice.storage.rows import (
     BACKFILL_BATCH,
     backfilled_keys,
     insert_fields,
-    stored_subject,
+    personal_fields,
     user_fields,
     user_from_row,
 )
@@ -47,21 +46,14 @@ async def append_events(conn: asyncpg.Connection, events: Sequence[Event], reten
     """Append events (type, user snapshot, event time) last in the transaction; return the last."""
     if not events:
         return 0
-    last = await conn.fetchval(
-        queries.APPEND_EVENTS,
-        [int(kind) for kind, _, _ in events],
-        [user.id for _, user, _ in events],
-        [user.email for _, user, _ in events],
-        [user.display_name for _, user, _ in events],
-        [int(user.role) for _, user, _ in events],
-        [user.create_time_us for _, user, _ in events],
-        [user.update_time_us for _, user, _ in events],
-        [user.revision for _, user, _ in events],
-        [event_time for _, _, event_time in events],
-        retention,
-        [stored_subject(user.subject) for _, user, _ in events],
-    )
+    rows = [(int(kind), event_time, *user_fields(user)) for kind, user, event_time in events]
+    last = await conn.fetchval(queries.APPEND_EVENTS, retention, *_columns(rows))
     return int(last)
+
+
+def _columns(rows: Sequence[Sequence[object]]) -> list[list[object]]:
+    """Return rows as one list per column: the arrays an unnest statement binds."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def create(
@@ -76,11 +68,11 @@ async def create(
     if request_id is not None:
         claimed = await conn.fetchval(
             queries.CLAIM_REQUEST,
+            expired_before_us,
             request_id,
             fingerprint,
-            *user_fields(user),
             user.create_time_us,
-            expired_before_us,
+            *user_fields(user),
         )
         if claimed is None:
             # A live key: ON CONFLICT waited for its writer to commit and locked the row,
@@ -116,19 +108,7 @@ async def create_many(
     # Inserting in email order makes concurrent batches wait on each other's unique-index
     # entries in one direction only, so they cannot deadlock.
     batch = [first_by_email[key][1] for key in sorted(first_by_email)]
-    rows = await conn.fetch(
-        queries.INSERT_MANY,
-        [u.id for u in batch],
-        [u.email for u in batch],
-        [email_key(u.email) for u in batch],
-        [u.display_name for u in batch],
-        [int(u.role) for u in batch],
-        [u.create_time_us for u in batch],
-        [u.update_time_us for u in batch],
-        [u.revision for u in batch],
-        [search_key(u.display_name) for u in batch],
-        [stored_subject(u.subject) for u in batch],
-    )
+    rows = await conn.fetch(queries.INSERT_MANY, *_columns([insert_fields(u) for u in batch]))
     inserted = {str(row["id"]) for row in rows}
     # A row left out hit the email or the subject index (ON CONFLICT DO NOTHING names
     # neither): its subject held by a user with another email means the subject.
@@ -183,8 +163,9 @@ async def delete(
     # These row locks come before the counter's (taken last by append_events); a writer that
     # holds the counter while pruning one of these very rows can deadlock with this delete,
     # which the transaction retry in the repository reruns.
-    await conn.execute(queries.ERASE_EVENTS, user_id, erased.email, erased.display_name)
-    await conn.execute(queries.ERASE_REQUESTS, user_id, erased.email, erased.display_name, ERASED)
+    personal = personal_fields(erased)
+    await conn.execute(queries.ERASE_EVENTS, user_id, *personal)
+    await conn.execute(queries.ERASE_REQUESTS, user_id, *personal, ERASED)
     events = [(EventType.DELETED, erased, current.deletion_time(now_us))]
     return None, await append_events(conn, events, retention)
 
@@ -235,18 +216,7 @@ def _unique_violation(error: Exception) -> Exception:
 
 async def _write_user(conn: asyncpg.Connection, user: User) -> None:
     try:
-        await conn.execute(
-            queries.UPDATE_USER,
-            user.id,
-            user.email,
-            email_key(user.email),
-            user.display_name,
-            int(user.role),
-            user.update_time_us,
-            user.revision,
-            search_key(user.display_name),
-            stored_subject(user.subject),
-        )
+        await conn.execute(queries.UPDATE_USER, *insert_fields(user))
     except asyncpg.UniqueViolationError as error:
         raise _unique_violation(error) from None
 

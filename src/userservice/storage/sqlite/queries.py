@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Final
 
-from userservice.storage.rows import INSERT_COLUMNS, SNAPSHOT_COLUMNS, USER_COLUMNS, placeholders
+from userservice.storage.rows import (
+    INSERT_COLUMNS,
+    INSERT_TYPES,
+    PERSONAL_DATA,
+    SNAPSHOT_COLUMNS,
+    USER_COLUMNS,
+    assignments,
+    placeholders,
+)
 
-# Assembled only from the constant column lists (hence the S608 waivers); every value is a
-# bound parameter.
+# Assembled once, at import, only from the constant column lists of storage/rows.py (hence
+# the S608 waivers); every value is a bound parameter. ?N marks number the parameters where a
+# statement binds the same values as another in another order.
 SELECT_USER: Final = f"SELECT {USER_COLUMNS} FROM users WHERE id = ?"  # noqa: S608
 SELECT_USER_BY_EMAIL: Final = f"SELECT {USER_COLUMNS} FROM users WHERE email_normalized = ?"  # noqa: S608
 # json_each binds any number of ids as one parameter, so the statement text never varies.
@@ -28,9 +37,11 @@ INSERT_USER: Final = (
     f"INSERT INTO users ({INSERT_COLUMNS}) VALUES ({placeholders(INSERT_COLUMNS)})"  # noqa: S608
     " ON CONFLICT (email_normalized) DO NOTHING"
 )
+# Every column but the id, from insert_fields() (?1 is the id); create_time_us is rewritten
+# with the value it has.
 UPDATE_USER: Final = (
-    "UPDATE users SET email = ?, email_normalized = ?, display_name = ?, display_name_key = ?,"
-    " role = ?, subject = ?, update_time_us = ?, revision = ? WHERE id = ?"
+    f"UPDATE users SET {assignments([name for name, _ in INSERT_TYPES[1:]], '?', 2)}"  # noqa: S608
+    " WHERE id = ?1"
 )
 # Keyset batches of rows lacking their display_name_key (written before migration 0002); the
 # update re-checks the name it was computed from and that no write has set the key since.
@@ -52,14 +63,15 @@ INSERT_EVENTS: Final = (
     f"INSERT INTO user_events (type, event_time_us, {SNAPSHOT_COLUMNS})"  # noqa: S608
     f" VALUES (?, ?, {placeholders(SNAPSHOT_COLUMNS)})"
 )
-# A delete's erasure of the user's earlier events and idempotency records: the values are the
-# domain's erased fields; the user_id indexes of migration 0004 find the rows.
+# A delete's erasure of the user's earlier events and idempotency records: ?2 onwards are the
+# erased user's PERSONAL_DATA (then the erased fingerprint); the user_id indexes of migration
+# 0004 find the rows.
 ERASE_EVENTS: Final = (
-    "UPDATE user_events SET email = ?, display_name = ?, subject = NULL WHERE user_id = ?"
+    f"UPDATE user_events SET {assignments(PERSONAL_DATA, '?', 2)} WHERE user_id = ?1"  # noqa: S608
 )
 ERASE_REQUESTS: Final = (
-    "UPDATE create_requests SET email = ?, display_name = ?, fingerprint = ?, subject = NULL"
-    " WHERE user_id = ?"
+    "UPDATE create_requests"  # noqa: S608
+    f" SET {assignments((*PERSONAL_DATA, 'fingerprint'), '?', 2)} WHERE user_id = ?1"
 )
 LAST_SEQUENCE: Final = "SELECT last_insert_rowid()"
 SELECT_EVENTS: Final = (

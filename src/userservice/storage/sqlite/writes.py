@@ -22,13 +22,12 @@ from userservice.domain.model import (
     UserChanges,
     email_key,
     retried_create,
-    search_key,
 )
 from userservice.storage.rows import (
     BACKFILL_BATCH,
     backfilled_keys,
     insert_fields,
-    stored_subject,
+    personal_fields,
     user_fields,
     user_from_row,
 )
@@ -58,18 +57,8 @@ class WriteTransaction:
 
     def overwrite(self, user: User) -> None:
         """Overwrite the stored row of user.id with user."""
-        values = (
-            user.email,
-            email_key(user.email),
-            user.display_name,
-            search_key(user.display_name),
-            int(user.role),
-            stored_subject(user.subject),
-        )
         try:
-            self.conn.execute(
-                queries.UPDATE_USER, (*values, user.update_time_us, user.revision, user.id)
-            )
+            self.conn.execute(queries.UPDATE_USER, insert_fields(user))
         except sqlite3.IntegrityError as error:
             raise _unique_violation(error) from None
 
@@ -185,10 +174,9 @@ def delete(
     current = _current(writes, user_id, expected_etag, caller)
     writes.conn.execute(queries.DELETE_USER, (user_id,))
     erased = current.erased()
-    writes.conn.execute(queries.ERASE_EVENTS, (erased.email, erased.display_name, user_id))
-    writes.conn.execute(
-        queries.ERASE_REQUESTS, (erased.email, erased.display_name, ERASED, user_id)
-    )
+    personal = personal_fields(erased)
+    writes.conn.execute(queries.ERASE_EVENTS, (user_id, *personal))
+    writes.conn.execute(queries.ERASE_REQUESTS, (user_id, *personal, ERASED))
     writes.event(EventType.DELETED, erased, current.deletion_time(now))
     writes.cache[user_id] = None
 
