@@ -182,6 +182,41 @@ async def test_a_watcher_that_pauses_far_past_the_window_then_reads_on_gets_ever
     assert received == list(range(1, total + 1))
 
 
+def store_reads_peak(app: Application) -> int:
+    """The most store reads the process's watchers ever had in flight at once."""
+    service = app._service
+    assert service is not None
+    return service._feed.store_reads_peak
+
+
+@pytest.mark.asyncio
+async def test_a_storm_of_replaying_watchers_reads_the_store_a_few_at_a_time(
+    database_url: str,
+) -> None:
+    watchers, total = 40, 1500
+    async with (
+        serving(
+            database_url, watch_buffer_events=8, max_streams_per_principal=watchers + 10
+        ) as app,
+        connect(app.port) as client,
+    ):
+        await import_users(client, total, "storm")
+        # Every watcher asks for the whole history at once, as a fleet's resumed watches do.
+        calls = [
+            client.stub.WatchUsers(pb.WatchUsersRequest(after_sequence=0), metadata=client.metadata)
+            for _ in range(watchers)
+        ]
+        received: list[list[int]] = [[] for _ in calls]
+        await asyncio.gather(
+            *(read_sequences(call, total, into) for call, into in zip(calls, received, strict=True))
+        )
+        for call in calls:
+            call.cancel()
+        peak = store_reads_peak(app)
+    assert all(sequences == list(range(1, total + 1)) for sequences in received)
+    assert 1 <= peak <= 4, peak
+
+
 @pytest.mark.asyncio
 async def test_a_watcher_whose_position_falls_out_of_retention_is_ended_out_of_range(
     database_url: str,

@@ -10,7 +10,7 @@ pages of retained events from the store from its position, as the first replay d
 it reaches the window again; only the watchers behind read the store. Events are taken by
 sequence from one place at a time, and sequences are contiguous, so the handover between
 store and window has no gap and no repeat. Memory stays bounded by the window plus one page
-per watcher reading the store.
+per watcher reading the store, and at most DEFAULT_STORE_READERS such reads run at once.
 
 A watcher is ended only when its position is older than the retained events
 (SequenceExpiredError: retention pruned what it had not read yet), when the store fails
@@ -45,6 +45,10 @@ from userservice.domain.model import EventType, UserEvent
 
 DEFAULT_WINDOW_SIZE: Final = 1024
 DEFAULT_BATCH_SIZE: Final = 256
+# Watchers replaying or catching up read the store at most this many at a time: a reconnect
+# storm (a fleet restarting, every watch resuming) queues here instead of taking every pooled
+# connection from the unary calls; each waits for a page, not for the others to finish.
+DEFAULT_STORE_READERS: Final = 4
 # A lost wake-up (a dropped NOTIFY) delays delivery by at most this long.
 DEFAULT_POLL_SECONDS: Final = 5.0
 # Far more deletes than can commit while one store read is in flight; ids are never reused,
@@ -139,8 +143,15 @@ class Watcher:
         """Read the next page after cursor from the store; True when none is left behind it."""
         feed = self._feed
         batch_size = feed.batch_size
-        feed.pages_read += 1
-        events = feed._admit(await feed.source.events_after(self.cursor, batch_size))
+        async with feed._store_readers:
+            feed.pages_read += 1
+            feed._store_reads += 1
+            feed.store_reads_peak = max(feed.store_reads_peak, feed._store_reads)
+            try:
+                read = await feed.source.events_after(self.cursor, batch_size)
+            finally:
+                feed._store_reads -= 1
+        events = feed._admit(read)
         if self._error is not None:
             return False
         # Sequences are contiguous, so a hole means retention pruned events this
@@ -164,15 +175,21 @@ class ChangeFeed:
         window_size: int = DEFAULT_WINDOW_SIZE,
         batch_size: int = DEFAULT_BATCH_SIZE,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        store_readers: int = DEFAULT_STORE_READERS,
     ) -> None:
-        if window_size < 1 or batch_size < 1 or not poll_seconds > 0:
-            raise ValueError("window_size, batch_size and poll_seconds must be positive")
+        if window_size < 1 or batch_size < 1 or store_readers < 1 or not poll_seconds > 0:
+            raise ValueError(
+                "window_size, batch_size, store_readers and poll_seconds must be positive"
+            )
         self.source = source
         self.window_size = window_size
         # A pump read never exceeds the window, so one read cannot push out events that a
         # watcher keeping up between two reads has not taken yet.
         self.batch_size = min(batch_size, window_size)
         self.pages_read = 0  # store pages read by watchers replaying or catching up
+        self.store_reads_peak = 0  # the most such reads ever in flight at once
+        self._store_reads = 0
+        self._store_readers = asyncio.Semaphore(store_readers)
         self._poll_seconds = poll_seconds
         self._watchers: set[Watcher] = set()
         # The window: the event with sequence s (floor < s <= head) is in _ring[s % window_size].
