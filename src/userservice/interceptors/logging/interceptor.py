@@ -25,7 +25,7 @@ from userservice.interceptors.handlers import (
     WrappingInterceptor,
     with_hook,
 )
-from userservice.interceptors.logging.line import LOGGER_NAME, access_line, quote
+from userservice.interceptors.logging.line import LOGGER_NAME, LineFormat, quote
 from userservice.interceptors.logging.sink import BufferedStderr
 from userservice.interceptors.metrics import CountingContext, record_completion
 from userservice.interceptors.recovery import final_code
@@ -52,6 +52,7 @@ class AccessLogInterceptor(WrappingInterceptor):
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
         """Return behaviour with timing, counting and one access line at completion."""
         metrics = method_metrics(method, kind)
+        line = LineFormat(method, kind)
         complete = self._complete
         if kind == UNARY:
 
@@ -70,7 +71,7 @@ class AccessLogInterceptor(WrappingInterceptor):
                     code = final_code(context, error)
                     raise
                 finally:
-                    complete(method, kind, metrics, context, correlation, started, code, 0, 0)
+                    complete(line, kind, metrics, context, correlation, started, code, 0, 0)
 
             return logged
 
@@ -101,13 +102,13 @@ class AccessLogInterceptor(WrappingInterceptor):
             finally:
                 metrics.open_streams -= 1
                 received, sent = counting.received, counting.sent
-                complete(method, kind, metrics, context, correlation, started, code, received, sent)
+                complete(line, kind, metrics, context, correlation, started, code, received, sent)
 
         return logged_stream
 
     def _complete(
         self,
-        method: str,
+        line: LineFormat,
         kind: str,
         metrics: MethodMetrics,
         context: Context,
@@ -129,8 +130,6 @@ class AccessLogInterceptor(WrappingInterceptor):
             if code is not _OK:
                 reason = error_reason(context.trailing_metadata()) or code.name
                 extra += f',"reason":{quote(reason)}'
-            self._sink(
-                access_line(method, kind, code.name, elapsed, context.peer(), correlation, extra)
-            )
+            self._sink(line.line(code.name, elapsed, context.peer(), correlation, extra))
         except Exception:
             ACCESS_LOG_ERRORS.inc()
