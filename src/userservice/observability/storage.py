@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Final, cast
 
 from userservice.domain.repository import UserRepository
-from userservice.metrics import STORAGE_SECONDS
+from userservice.metrics import storage_seconds
 
 SpanFactory = Callable[[str], AbstractContextManager[object] | None]
 """Given an operation, a context manager for its child span, or None for no span."""
@@ -50,7 +50,7 @@ def instrument(repository: UserRepository, span: SpanFactory | None = None) -> U
 def _timed(
     operation: str, call: Callable[..., Awaitable[Any]], span: SpanFactory | None
 ) -> Callable[..., Awaitable[Any]]:
-    observe = STORAGE_SECONDS.labels(operation).observe
+    observe = storage_seconds(operation).observe
     clock = time.perf_counter
     if span is None:
 

@@ -39,7 +39,7 @@ from userservice.interceptors.handlers import (
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.status import Rejection, rejection
 from userservice.policy import METHODS, MethodPolicy
-from userservice.rpc_context import PRINCIPAL, SCOPES, invocation_metadata, metadata_value
+from userservice.rpc_context import PRINCIPAL, SCOPES, invocation_metadata
 
 READ: Final = "users.read"
 WRITE: Final = "users.write"
@@ -122,16 +122,17 @@ _AMBIGUOUS: Final = _unauthenticated(
 )
 
 
-def _bearer(metadata: Any) -> str | None:
-    value = metadata_value(metadata, "authorization")
-    if value is None or len(value) < 8 or value[:7].lower() != "bearer ":
+def _authorizations(metadata: Any) -> list[Any]:
+    """Return the values of every authorization header: more than one is refused."""
+    # One pass over the metadata for both questions (how many, and the token).
+    return [item[1] for item in metadata or () if item[0] == "authorization"]
+
+
+def _bearer(value: Any) -> str | None:
+    """Return the token of an authorization header value, None if it is not a bearer one."""
+    if not isinstance(value, str) or len(value) < 8 or value[:7].lower() != "bearer ":
         return None
     return value[7:].strip() or None
-
-
-def _one_authorization(metadata: Any) -> bool:
-    """Tell whether at most one authorization header came: a proxy may have checked another."""
-    return sum(1 for item in metadata or () if item[0] == "authorization") <= 1
 
 
 class _OpenStream:
@@ -178,6 +179,7 @@ class AuthInterceptor(WrappingInterceptor):
         super().__init__()
         self._verifier = verifier
         self._verify = verifier.verify
+        self._cached = verifier.cached
         self._public = public
         self._policies = policies
         self._streams: set[_OpenStream] = set()
@@ -199,21 +201,24 @@ class AuthInterceptor(WrappingInterceptor):
             return None
         scope = None if policy is None else policy.scope
         denied = _UNLISTED if scope is None else _insufficient(scope)
-        verify = self._verify
+        verify, cached = self._verify, self._cached
         guarded = None if kind == UNARY else self._until_token_ends(behaviour)
 
         async def authorized(request: Any, context: Context) -> Any:
-            metadata = invocation_metadata(context)
-            if not _one_authorization(metadata):
+            # A proxy may have checked another authorization header than the one we would.
+            values = _authorizations(invocation_metadata(context))
+            if len(values) > 1:
                 await _AMBIGUOUS.abort(context)
-            token = _bearer(metadata)
+            token = _bearer(values[0]) if values else None
             if token is None:
                 await _MISSING.abort(context)
-            try:
-                principal = await verify(token)
-            except jwt.InvalidTokenError as error:
-                _log.debug("bearer token rejected: %s", error, extra={"method": method})
-                await _INVALID.abort(context)
+            principal = cached(token)
+            if principal is None:
+                try:
+                    principal = await verify(token)
+                except jwt.InvalidTokenError as error:
+                    _log.debug("bearer token rejected: %s", error, extra={"method": method})
+                    await _INVALID.abort(context)
             PRINCIPAL.set(principal.subject)
             SCOPES.set(principal.scopes)
             if scope is None or scope not in principal.scopes:

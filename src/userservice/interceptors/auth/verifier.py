@@ -75,6 +75,19 @@ class TokenVerifier:
                 raise
         return self._verify(token)
 
+    def cached(self, token: str) -> Principal | None:
+        """Return the principal of a token verified earlier and still valid, else None.
+
+        What verify() answers from its cache, without a coroutine: the auth layer asks this
+        first on every call and awaits verify() only for a token it has not seen.
+        """
+        if self.keys.generation != self._generation:
+            return None
+        cached = self._cache.get(token)
+        if cached is not None and cached.expires_at > time.time():
+            return cached
+        return None
+
     def still_valid(self, token: str) -> bool:
         """Tell whether a token verified earlier still verifies against the current keys.
 

@@ -25,13 +25,13 @@ from userservice.interceptors.handlers import (
     WrappingInterceptor,
     with_hook,
 )
-from userservice.interceptors.logging.line import LOGGER_NAME, access_line, quote
+from userservice.interceptors.logging.line import LOGGER_NAME, LineFormat, quote
 from userservice.interceptors.logging.sink import BufferedStderr
 from userservice.interceptors.metrics import CountingContext, record_completion
 from userservice.interceptors.recovery import final_code
 from userservice.interceptors.requestid import announce_request_id, echo_request_id
 from userservice.interceptors.status import error_reason
-from userservice.metrics import ACCESS_LOG_ERRORS, MethodMetrics
+from userservice.metrics import ACCESS_LOG_ERRORS, MethodMetrics, method_metrics
 from userservice.rpc_context import TRACE_LOG_FIELDS, request_id
 
 _log: Final = logging.getLogger(LOGGER_NAME)
@@ -51,15 +51,15 @@ class AccessLogInterceptor(WrappingInterceptor):
 
     def wrap(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
         """Return behaviour with timing, counting and one access line at completion."""
-        metrics = MethodMetrics(method, kind)
+        metrics = method_metrics(method, kind)
+        line = LineFormat(method, kind)
         complete = self._complete
         if kind == UNARY:
-            count_started, count_received = metrics.started.inc, metrics.received.inc
 
             async def logged(request: Any, context: Context) -> Any:
                 started = time.perf_counter()
-                count_started()
-                count_received()
+                metrics.started += 1
+                metrics.received += 1
                 correlation = request_id(context)
                 code = _OK
                 try:
@@ -71,17 +71,16 @@ class AccessLogInterceptor(WrappingInterceptor):
                     code = final_code(context, error)
                     raise
                 finally:
-                    complete(method, kind, metrics, context, correlation, started, code, 0, 0)
+                    complete(line, kind, metrics, context, correlation, started, code, 0, 0)
 
             return logged
 
         streams_requests = kind != SERVER_STREAM
-        open_streams = metrics.open_streams
 
         async def logged_stream(request: Any, context: Context) -> Any:
             started = time.perf_counter()
-            metrics.started.inc()
-            open_streams.inc()
+            metrics.started += 1
+            metrics.open_streams += 1
             correlation = request_id(context)
             counting = CountingContext(context, metrics)
             if streams_requests:
@@ -101,15 +100,15 @@ class AccessLogInterceptor(WrappingInterceptor):
                 code = final_code(context, error)
                 raise
             finally:
-                open_streams.dec()
+                metrics.open_streams -= 1
                 received, sent = counting.received, counting.sent
-                complete(method, kind, metrics, context, correlation, started, code, received, sent)
+                complete(line, kind, metrics, context, correlation, started, code, received, sent)
 
         return logged_stream
 
     def _complete(
         self,
-        method: str,
+        line: LineFormat,
         kind: str,
         metrics: MethodMetrics,
         context: Context,
@@ -131,8 +130,6 @@ class AccessLogInterceptor(WrappingInterceptor):
             if code is not _OK:
                 reason = error_reason(context.trailing_metadata()) or code.name
                 extra += f',"reason":{quote(reason)}'
-            self._sink(
-                access_line(method, kind, code.name, elapsed, context.peer(), correlation, extra)
-            )
+            self._sink(line.line(code.name, elapsed, context.peer(), correlation, extra))
         except Exception:
             ACCESS_LOG_ERRORS.inc()

@@ -24,13 +24,12 @@ class CountingContext:
     stream (WatchUsers) shows its traffic while it is open.
     """
 
-    __slots__ = ("_context", "_received", "_sent", "received", "sent")
+    __slots__ = ("_context", "_metrics", "received", "sent")
 
     def __init__(self, context: Context, metrics: MethodMetrics) -> None:
         """Count into metrics the messages passing through context."""
         self._context = context
-        self._received = metrics.received
-        self._sent = metrics.sent
+        self._metrics = metrics
         self.received = 0
         self.sent = 0
 
@@ -41,12 +40,12 @@ class CountingContext:
     def count_received(self, message: Any = None) -> None:
         """Count one message received (a request stream's hook, or a unary request)."""
         self.received += 1
-        self._received.inc()
+        self._metrics.received += 1
 
     def count_sent(self) -> None:
         """Count one message sent."""
         self.sent += 1
-        self._sent.inc()
+        self._metrics.sent += 1
 
     async def read(self) -> Any:
         """Read the next request message, counting it."""
@@ -65,7 +64,7 @@ def record_completion(
     metrics: MethodMetrics, kind: str, code: grpc.StatusCode, elapsed: float
 ) -> None:
     """Record a finished call: its code and duration, and a unary call's one response."""
-    metrics.handled(code).inc()
+    metrics.handle(code)
     metrics.seconds.observe(elapsed)
     if kind == UNARY and code is _OK:  # as go-grpc-prometheus: a failed call sent nothing
-        metrics.sent.inc()
+        metrics.sent += 1

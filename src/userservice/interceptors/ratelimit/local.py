@@ -33,6 +33,10 @@ class LocalLimiter:
 
     async def limit(self, key: str, cost: float) -> Decision:
         """Take cost tokens from key's bucket if it holds them."""
+        return self.take(key, cost)
+
+    def take(self, key: str, cost: float) -> Decision:
+        """limit() without the coroutine: the rate limit layer calls this on every call."""
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:

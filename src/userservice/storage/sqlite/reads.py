@@ -43,14 +43,17 @@ def select_page(
     if after_id is not None:
         page.conditions.append("id > ?")
         page.params.append(after_id)
-    # One read transaction, so the page and its total come from the same snapshot.
-    with transaction(conn, "BEGIN"):
-        page_sql = queries.SELECT_PAGE.format(where=page.where())
-        rows = conn.execute(page_sql, (*page.params, limit + 1)).fetchall()
-        total = 0
-        if with_total:
+    page_sql = queries.SELECT_PAGE.format(where=page.where())
+    total = 0
+    if with_total:
+        # One read transaction, so the page and its total come from the same snapshot.
+        with transaction(conn, "BEGIN"):
+            rows = conn.execute(page_sql, (*page.params, limit + 1)).fetchall()
             count_sql = queries.COUNT_USERS.format(where=compiled.where())
             total = conn.execute(count_sql, compiled.params).fetchone()[0]
+    else:
+        # A single statement reads one snapshot by itself: no BEGIN and COMMIT around it.
+        rows = conn.execute(page_sql, (*page.params, limit + 1)).fetchall()
     return Page([user_from_row(row) for row in rows[:limit]], len(rows) > limit, total)
 
 
