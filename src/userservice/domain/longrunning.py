@@ -47,6 +47,8 @@ PURGE_USERS: Final = "PurgeUsers"
 """The kind of a PurgeUsers operation."""
 CLAIM_LIMIT: Final = 10
 """Operations one sweep takes over at most; the next sweep takes more."""
+STOP_SECONDS: Final = 5.0
+"""How long close() lets a runner finish its batch before cancelling it."""
 MAX_WAIT_SECONDS: Final = 60.0
 """How long WaitOperation waits at most when neither a timeout nor a deadline bounds it."""
 _FIRST_POLL_SECONDS: Final = 0.05
@@ -157,14 +159,26 @@ class OperationService:
         self._sweeper = asyncio.create_task(self._sweep(), name="operations-sweeper")
 
     async def close(self) -> None:
-        """Stop the runners and release their leases, so another replica resumes them at once."""
+        """Stop the runners and release their leases, so another replica resumes them at once.
+
+        A runner stops between batches, its progress exact; one still in a batch after
+        STOP_SECONDS is cancelled (its last batch may then be missing from the counts).
+        """
         self._closed = True
-        tasks = [task for task in (self._sweeper, *self._runners.values()) if task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._sweeper
+        for wakeup in self._wakeups.values():
+            wakeup.set()
+        runners = list(self._runners.values())
+        if runners:
+            _, late = await asyncio.wait(runners, timeout=STOP_SECONDS)
+            for task in late:
+                task.cancel()
+            for task in late:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for name, metadata in list(self._latest.items()):
             try:
                 await self._repository.renew_operation(
@@ -338,6 +352,8 @@ class OperationService:
         current = await self._renew(name, progress)
         batch = self._options.purge_batch_size
         while True:
+            if self._closed:
+                return  # close() releases the lease with the progress recorded here
             if current is None:
                 _log.info("operation %s is another replica's now", name)
                 return
@@ -358,8 +374,12 @@ class OperationService:
             self._notify()
             pause = self._options.purge_batch_interval_seconds
             if pause and current is not None and not current.cancel_requested:
+                # A local cancel or close() ends the pause; the renewal after it reads the
+                # cancel that may have come meanwhile, so no batch runs after it.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeups[name].wait(), pause)
+                if not self._closed:
+                    current = await self._renew(name, progress)
 
     async def _renew(self, name: str, progress: PurgeProgress) -> Operation | None:
         document = progress.document()
