@@ -363,9 +363,32 @@ async def test_invalid_requests_name_the_field(database_url: str) -> None:
         assert rich_details(failure.value)["ErrorInfo"].reason == "OPERATION_NOT_FOUND"
 
 
-async def test_operations_need_a_token(database_url: str) -> None:
+async def test_operations_need_a_token_with_their_scope(database_url: str) -> None:
     async with running_app(make_settings(database_url)) as app, connect(app.port) as raw:
         operations = OperationsStub(raw.channel)
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await operations.ListOperations(operations_pb2.ListOperationsRequest(), timeout=10)
         assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Every Operations method takes users.read (policy.OPERATIONS_SCOPES).
+        writer_only = (("authorization", f"Bearer {token(scopes=['users.write'])}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await operations.GetOperation(
+                operations_pb2.GetOperationRequest(name="operations/x"),
+                metadata=writer_only,
+                timeout=10,
+            )
+        assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert rich_details(failure.value)["ErrorInfo"].reason == "SCOPE_MISSING"
+
+
+async def test_operations_are_rate_limited_like_every_method(sqlite_url: str) -> None:
+    # Each Operations method costs 1 (policy.OPERATIONS_SCOPES): a burst of 2 takes two calls.
+    config = make_settings(sqlite_url, rate_limit_rps=0.001, rate_limit_burst=2)
+    async with running_app(config) as app, connect(app.port) as raw:
+        operations = OperationsStub(raw.channel)
+        request = operations_pb2.ListOperationsRequest()
+        for _ in range(2):
+            await operations.ListOperations(request, metadata=raw.metadata, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await operations.ListOperations(request, metadata=raw.metadata, timeout=10)
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
