@@ -38,6 +38,7 @@ from userservice.client import (
 from userservice.client.operations import OperationsStub
 from userservice.config import Settings
 from userservice.server import Application
+from userservice.server.wiring import open_repository
 
 pytestmark = pytest.mark.asyncio
 
@@ -162,6 +163,15 @@ async def test_a_restart_in_the_middle_resumes_and_finishes(database_url: str) -
     finally:
         await first.stop()
     assert 0 < before.purged_count < DOOMED
+    # Stopped between batches: unfinished, its progress recorded, its lease released.
+    store = await open_repository(settings.database_url, settings=settings)
+    try:
+        left = await store.get_operation(operation.name)
+    finally:
+        await store.close()
+    assert left is not None
+    assert not left.done
+    assert left.lease_expiry_us == 0
     # A new server on the same database takes the operation over and finishes it.
     async with running_app(settings) as second, shipped_client(second.port) as client:
         resumed = await client.purge_operation(operation.name)
@@ -193,6 +203,8 @@ async def test_another_replica_resumes_an_operation_whose_lease_expired(
             for runner in list(service._runners.values()):
                 runner.cancel()
             service._closed = True  # no release, no new runner here
+            await operation.refresh()
+            assert not operation.done
         async with running_app(settings) as second, shipped_client(second.port) as client:
             resumed = await client.purge_operation(operation.name)
             assert (await resumed.wait(30)).purged_count <= DOOMED
@@ -206,7 +218,9 @@ async def test_another_replica_resumes_an_operation_whose_lease_expired(
 
 
 async def test_wait_returns_when_done_and_respects_its_timeout(database_url: str) -> None:
-    async with running_app(slow_purge(database_url)) as app, connect(app.port) as raw:
+    # Eight batches 0.4 s apart: the purge outlasts the two short waits by far.
+    config = slow_purge(database_url, purge_batch_interval_seconds=0.4)
+    async with running_app(config) as app, connect(app.port) as raw:
         operations = OperationsStub(raw.channel)
         await raw.stub.ImportUsers(_imports(DOOMED), metadata=raw.metadata, timeout=30)
         started = await raw.stub.PurgeUsers(
@@ -221,7 +235,7 @@ async def test_wait_returns_when_done_and_respects_its_timeout(database_url: str
         assert not waited.done
         # No timeout, a short call deadline: answered before the deadline, not DEADLINE_EXCEEDED.
         untimed = operations_pb2.WaitOperationRequest(name=name)
-        waited = await operations.WaitOperation(untimed, metadata=raw.metadata, timeout=0.3)
+        waited = await operations.WaitOperation(untimed, metadata=raw.metadata, timeout=1.0)
         assert not waited.done
         # Long enough: returns once done, with the result.
         request.timeout.FromSeconds(30)

@@ -17,7 +17,10 @@ from userservice.policy import OPERATIONS_SERVICE_NAME
 from userservice.transport.mapping import operation_proto
 from userservice.transport.servicer import Context, current_caller, maps_domain_errors
 
-_DEADLINE_MARGIN_SECONDS = 0.05
+# What WaitOperation leaves of the call's deadline for its answer to travel: a tenth of it,
+# 50 ms to 1 s.
+_DEADLINE_MARGIN_SHARE = 0.1
+_MIN_MARGIN_SECONDS = 0.05
 
 
 class OperationsServicer:
@@ -74,7 +77,8 @@ class OperationsServicer:
         if remaining is not None and (timeout is None or timeout >= 0):
             # Answer just before the deadline: the caller then gets the operation, not
             # DEADLINE_EXCEEDED. (A negative timeout is the domain's INVALID_ARGUMENT.)
-            bound = max(remaining - _DEADLINE_MARGIN_SECONDS, 0.0)
+            margin = min(max(remaining * _DEADLINE_MARGIN_SHARE, _MIN_MARGIN_SECONDS), 1.0)
+            bound = max(remaining - margin, 0.0)
             timeout = bound if timeout is None else min(timeout, bound)
         operation = await self._operations.wait(current_caller(), request.name, timeout)
         return operation_proto(operation)
