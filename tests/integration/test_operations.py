@@ -218,8 +218,8 @@ async def test_another_replica_resumes_an_operation_whose_lease_expired(
 
 
 async def test_wait_returns_when_done_and_respects_its_timeout(database_url: str) -> None:
-    # Eight batches 0.4 s apart: the purge outlasts the two short waits by far.
-    config = slow_purge(database_url, purge_batch_interval_seconds=0.4)
+    # Eight batches 0.5 s apart: the purge outlasts the two short waits.
+    config = slow_purge(database_url, purge_batch_interval_seconds=0.5)
     async with running_app(config) as app, connect(app.port) as raw:
         operations = OperationsStub(raw.channel)
         await raw.stub.ImportUsers(_imports(DOOMED), metadata=raw.metadata, timeout=30)
@@ -235,7 +235,7 @@ async def test_wait_returns_when_done_and_respects_its_timeout(database_url: str
         assert not waited.done
         # No timeout, a short call deadline: answered before the deadline, not DEADLINE_EXCEEDED.
         untimed = operations_pb2.WaitOperationRequest(name=name)
-        waited = await operations.WaitOperation(untimed, metadata=raw.metadata, timeout=1.0)
+        waited = await operations.WaitOperation(untimed, metadata=raw.metadata, timeout=2.0)
         assert not waited.done
         # Long enough: returns once done, with the result.
         request.timeout.FromSeconds(30)
