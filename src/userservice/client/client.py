@@ -247,7 +247,7 @@ class UserServiceClient:
         await self._unary(self.stub.DeleteUser, request, retry_unavailable=bool(etag))
 
     async def purge_users(self, filter: str) -> PurgeOperation:
-        """Start deleting every user matching filter; returns a handle to wait() for or cancel()."""
+        """Start deleting the users matching filter; return a handle to wait() on or cancel()."""
         operation = await self._unary(self.stub.PurgeUsers, pb.PurgeUsersRequest(filter=filter))
         return PurgeOperation(self.operations, self._run_unary, operation)
 
