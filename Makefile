@@ -58,15 +58,21 @@ check-generated: $(STAMP) $(BUF) ## Fail if the committed stubs differ from a fr
 	    rm -rf $(GENERATED_DIR) && cp -r $$tmp/committed $(GENERATED_DIR); rm -rf $$tmp; exit 1; \
 	  fi; rm -rf $$tmp; echo "generated stubs are up to date"
 
-GOOGLEAPIS_PROTOS := google/api/field_behavior.proto google/rpc/status.proto google/rpc/error_details.proto
+GOOGLEAPIS_PROTOS := google/api/field_behavior.proto google/rpc/status.proto google/rpc/error_details.proto \
+  google/api/annotations.proto google/api/client.proto google/api/http.proto google/api/launch_stage.proto
+# The wheel ships google/longrunning/operations.proto as operations_proto.proto (its Python
+# module name); the file's own name, and so the import path, is operations.proto.
+LONGRUNNING_PROTO := google/longrunning/operations.proto
 
 vendor-protos: $(STAMP) ## Copy the googleapis protos from the pinned googleapis-common-protos wheel.
 	@site=$$($(PY) -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])') && \
-	  for proto in $(GOOGLEAPIS_PROTOS); do install -D -m 644 "$$site/$$proto" "third_party/googleapis/$$proto"; done
+	  for proto in $(GOOGLEAPIS_PROTOS); do install -D -m 644 "$$site/$$proto" "third_party/googleapis/$$proto"; done && \
+	  install -D -m 644 "$$site/google/longrunning/operations_proto.proto" "third_party/googleapis/$(LONGRUNNING_PROTO)"
 
 buf-lint: $(BUF) ## buf lint (STANDARD).
 	$(BUF) lint
-	$(BUF) format --diff --exit-code
+	@# third_party/ is vendored verbatim (vendor-protos), not ours to reformat.
+	$(BUF) format proto --diff --exit-code
 
 buf-breaking: $(BUF) ## buf breaking against the previous commit of main.
 	@if git rev-parse --verify --quiet HEAD~1 >/dev/null && git cat-file -e HEAD~1:proto 2>/dev/null; then \

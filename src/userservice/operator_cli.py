@@ -15,9 +15,11 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import IO, Any
 
+import grpc
 from tqdm import tqdm
 
 from user.v1 import user_pb2
+from user.v1 import user_service_pb2 as pb
 from userservice.client import UserServiceClient, UserServiceError
 from userservice.user_files import (
     FORMATS,
@@ -89,6 +91,23 @@ def add_users_command(commands: Any) -> None:
     exporting.add_argument("--filter", default="")
     watch = actions.add_parser("watch", help="print change events as they happen")
     watch.add_argument("--after-sequence", type=int, default=None)
+    purge = actions.add_parser(
+        "purge",
+        help="delete every user matching a filter (users.admin), printing the operation's "
+        "progress until it ends",
+    )
+    purge.add_argument("--filter", required=True, help="which users (ListUsers' filter syntax)")
+    purge.add_argument(
+        "--detach", action="store_true", help="print the started operation and return at once"
+    )
+    purge.add_argument(
+        "--wait-seconds", type=float, default=None, help="give up waiting after this long"
+    )
+    operation = actions.add_parser(
+        "operation", help="print a long-running operation's state; --cancel asks it to stop"
+    )
+    operation.add_argument("name", help="operations/<id>, as purge printed it")
+    operation.add_argument("--cancel", action="store_true")
 
 
 def _user_fields(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -206,6 +225,44 @@ async def _run(arguments: argparse.Namespace) -> int:
         elif action == "watch":
             async for event in client.watch_users(after_sequence=arguments.after_sequence):
                 _print(event)
+        elif action == "purge":
+            return await _purge(client, arguments)
+        elif action == "operation":
+            handle = await client.purge_operation(arguments.name)
+            if arguments.cancel:
+                await handle.cancel()
+                await handle.refresh()
+            _print(handle.operation)
+    return 0
+
+
+async def _purge(client: UserServiceClient, arguments: argparse.Namespace) -> int:
+    """Start a purge and print the operation each time its progress moves, then its end."""
+    operation = await client.purge_users(arguments.filter)
+    _print(operation.operation)
+    if arguments.detach:
+        return 0
+    printed = [operation.metadata.purged_count]
+    with _progress(arguments, None, "user") as bar:
+
+        def progressed(metadata: pb.PurgeUsersMetadata) -> None:
+            bar.total = metadata.matched_count or None
+            bar.update(metadata.purged_count - bar.n)
+            if metadata.purged_count != printed[-1]:
+                printed.append(metadata.purged_count)
+                _print(operation.operation)
+
+        try:
+            await operation.wait(arguments.wait_seconds, on_progress=progressed)
+        except TimeoutError as error:
+            print(f"userservice users purge: {error}", file=sys.stderr)
+            return GRPC_EXIT_BASE + grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        except UserServiceError as error:
+            # The operation ended with an error (CANCELLED after a cancel): it is the output.
+            _print(operation.operation)
+            print(f"userservice users purge: {error}", file=sys.stderr)
+            return GRPC_EXIT_BASE + error.code.value[0]
+    _print(operation.operation)
     return 0
 
 

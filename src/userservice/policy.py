@@ -6,7 +6,9 @@ costs against the rate limit, and the request field that makes a replay safe. Au
 rate limiter, the client's retry policy and the tests all read ``METHODS``; none keeps a
 table of its own, so adding an rpc edits only the proto. A method without the option is
 absent from ``METHODS``, and the auth interceptor refuses it (fail closed). A policy that
-contradicts itself stops the import, and with it the server's start.
+contradicts itself stops the import, and with it the server's start. The one service whose
+proto is not ours, google.longrunning.Operations, gets its policies from a table here
+(OPERATIONS_SCOPES): the same MethodPolicy, enforced the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+import google.longrunning.operations_proto_pb2 as operations_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.descriptor_pb2 import MethodOptions
 
@@ -95,7 +98,53 @@ def read_policies(service: ServiceDescriptor) -> dict[str, MethodPolicy]:
     return policies
 
 
+def declared_policies(
+    service: ServiceDescriptor, scopes: Mapping[str, str]
+) -> dict[str, MethodPolicy]:
+    """Return policies for a service whose proto is not ours: a scope per method name.
+
+    Every such method is taken as idempotent (a replay is safe), as the google.longrunning
+    methods are: reads, and a cancel or delete that changes nothing the second time.
+    Raises ValueError unless scopes names exactly the service's methods.
+    """
+    if set(scopes) != set(service.methods_by_name):
+        raise ValueError(f"{service.full_name}: scopes must name exactly its methods")
+    policies = {}
+    for method in service.methods:
+        path = method_path(method)
+        policies[path] = MethodPolicy(
+            name=method.name,
+            path=path,
+            scope=scopes[method.name],
+            public=False,
+            cost=1.0,
+            scan_cost=0.0,
+            message_cost=0.0,
+            idempotent=True,
+            idempotency_key="",
+            client_streaming=method.client_streaming,
+            server_streaming=method.server_streaming,
+        )
+    return policies
+
+
 # The proto file declares one service: its name is read here and nowhere spelled out.
 (SERVICE,) = user_service_pb2.DESCRIPTOR.services_by_name.values()
 SERVICE_NAME: Final = SERVICE.full_name
-METHODS: Final[Mapping[str, MethodPolicy]] = read_policies(SERVICE)
+OPERATIONS_SERVICE: Final = operations_pb2.DESCRIPTOR.services_by_name["Operations"]
+OPERATIONS_SERVICE_NAME: Final = OPERATIONS_SERVICE.full_name
+# google.longrunning.Operations is googleapis' proto, which cannot carry our method_policy
+# option, so its policy is this table. users.read is enough to ask: the domain shows a caller
+# only the operations it started (an admin all of them), and only admins start any.
+OPERATIONS_SCOPES: Final[Mapping[str, str]] = {
+    "GetOperation": "users.read",
+    "ListOperations": "users.read",
+    "WaitOperation": "users.read",
+    "CancelOperation": "users.read",
+    "DeleteOperation": "users.read",
+}
+USER_METHODS: Final[Mapping[str, MethodPolicy]] = read_policies(SERVICE)
+OPERATIONS_METHODS: Final[Mapping[str, MethodPolicy]] = declared_policies(
+    OPERATIONS_SERVICE, OPERATIONS_SCOPES
+)
+METHODS: Final[Mapping[str, MethodPolicy]] = {**USER_METHODS, **OPERATIONS_METHODS}

@@ -41,7 +41,7 @@ from userservice.server.wiring import build_chain
 
 SERVICE = policy.SERVICE_NAME
 STYLE_KEY = "x-test-style"
-UNLISTED = "PurgeUsers"
+UNLISTED = "ForgetEveryone"
 LEAK = "boom: alice@example.com tried SELECT * FROM users"
 
 UNARY, SERVER_STREAM, CLIENT_STREAM, BIDI_STREAM = (

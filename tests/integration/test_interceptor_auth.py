@@ -39,7 +39,13 @@ from userservice.config import ConfigError, load_key_file
 from userservice.interceptors.auth import current_principal, mint_token
 from userservice.interceptors.auth.keys import KeyEntry
 from userservice.interceptors.auth.verifier import TokenVerifier
-from userservice.policy import METHODS, SERVICE, method_path
+from userservice.policy import (
+    METHODS,
+    OPERATIONS_SERVICE,
+    SERVICE,
+    USER_METHODS,
+    method_path,
+)
 from userservice.server.wiring import verifier_from_settings
 
 CHALLENGE = 'Bearer realm="userservice"'
@@ -244,7 +250,10 @@ async def test_jwks_with_one_key_accepts_tokens_without_kid(tmp_path: Path) -> N
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("method", "scope"), sorted((p.path, p.scope) for p in METHODS.values()))
+# The harness serves UserService's methods; test_operations covers the Operations service's.
+@pytest.mark.parametrize(
+    ("method", "scope"), sorted((p.path, p.scope) for p in USER_METHODS.values())
+)
 async def test_each_method_needs_its_scope(method: str, scope: str) -> None:
     name = method.rpartition("/")[2]
     others = [other for other in ALL_SCOPES if other != scope]
@@ -261,7 +270,8 @@ async def test_each_method_needs_its_scope(method: str, scope: str) -> None:
 
 
 def test_every_method_of_the_service_declares_its_policy() -> None:
-    assert sorted(METHODS) == sorted(method_path(method) for method in SERVICE.methods)
+    declared = [*SERVICE.methods, *OPERATIONS_SERVICE.methods]
+    assert sorted(METHODS) == sorted(method_path(method) for method in declared)
 
 
 @pytest.mark.asyncio

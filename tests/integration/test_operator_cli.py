@@ -302,3 +302,32 @@ async def test_token_file_is_read_for_the_call_and_excludes_token(
     )
     assert code == 2
     assert "not both" in err
+
+
+@pytest.mark.asyncio
+async def test_purge_prints_the_operation_as_it_progresses_until_done(sqlite_url: str) -> None:
+    config = make_settings(sqlite_url, purge_batch_size=4, purge_batch_interval_seconds=0.5)
+    async with running_app(config) as app:
+        rows = "".join(f"purge{index}@example.com,Purged {index}\n" for index in range(16))
+        code, _, err = await users_cli(
+            app.port, "import", "-", "--format", "csv", stdin=f"email,display_name\n{rows}".encode()
+        )
+        assert code == 0, err
+        code, out, err = await users_cli(app.port, "purge", "--filter", 'email : "purge"')
+        assert code == 0, err
+        printed = lines(out)
+        name = printed[0]["name"]
+        assert name.startswith("operations/")
+        assert not printed[0].get("done")
+        purged = [int(line["metadata"].get("purgedCount", 0)) for line in printed]
+        assert purged == sorted(purged)
+        # Four batches 0.5 s apart outlast the first WaitOperation (0.5 s): progress between.
+        assert len(set(purged)) > 2
+        assert printed[-1]["done"]
+        assert printed[-1]["response"]["purgedCount"] == "16"
+        code, out, err = await users_cli(app.port, "operation", name)
+        assert code == 0, err
+        assert lines(out)[0]["response"]["purgedCount"] == "16"
+        code, out, err = await users_cli(app.port, "purge", "--filter", "")
+        assert code == 64 + 3, err  # INVALID_ARGUMENT
+        assert "filter" in err

@@ -18,7 +18,15 @@ from userservice.interceptors.auth import AuthInterceptor
 from userservice.interceptors.chain import PUBLIC_METHODS, InterceptorChain
 from userservice.interceptors.matcher import MethodMatcher
 from userservice.interceptors.recovery import RecoveryInterceptor
-from userservice.policy import METHODS, SERVICE, SERVICE_NAME, MethodPolicy, read_policies
+from userservice.policy import (
+    OPERATIONS_SERVICE,
+    OPERATIONS_SERVICE_NAME,
+    SERVICE,
+    SERVICE_NAME,
+    USER_METHODS,
+    MethodPolicy,
+    read_policies,
+)
 from userservice.server.wiring import verifier_from_settings
 
 _STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
@@ -143,22 +151,32 @@ def test_the_client_retries_exactly_the_methods_the_proto_says_are_safe_to_repla
         options = method.GetOptions()
         declared = options.Extensions[options_pb2.method_policy]
         if options.idempotency_level in _SAFE_LEVELS or declared.idempotency_key:
-            safe.add(method.name)
+            safe.add((SERVICE_NAME, method.name))
     # The reads, and CreateUser through its request_id; writes without a key are not replayed.
-    assert {"GetUser", "ListUsers", "WatchUsers", "CreateUser"} <= safe
-    assert not {"UpdateUser", "DeleteUser", "ImportUsers", "SyncUsers"} & safe
+    names = {name for _, name in safe}
+    assert {"GetUser", "ListUsers", "WatchUsers", "CreateUser"} <= names
+    assert not {"UpdateUser", "DeleteUser", "ImportUsers", "SyncUsers", "PurgeUsers"} & names
+    # Every google.longrunning.Operations method is safe to replay (policy.OPERATIONS_SCOPES).
+    safe |= {(OPERATIONS_SERVICE_NAME, method.name) for method in OPERATIONS_SERVICE.methods}
     configs = json.loads(json.dumps(service_config()))["methodConfig"]
     retried = {
-        name["method"] for config in configs if "retryPolicy" in config for name in config["name"]
+        (name["service"], name["method"])
+        for config in configs
+        if "retryPolicy" in config
+        for name in config["name"]
     }
-    configured = {name["method"] for config in configs for name in config["name"]}
-    assert {name["service"] for config in configs for name in config["name"]} == {SERVICE_NAME}
+    configured = {
+        (name["service"], name["method"]) for config in configs for name in config["name"]
+    }
     assert retried == safe
-    assert configured == {method.name for method in SERVICE.methods}
+    assert configured == {(SERVICE_NAME, method.name) for method in SERVICE.methods} | {
+        (OPERATIONS_SERVICE_NAME, method.name) for method in OPERATIONS_SERVICE.methods
+    }
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("policy", list(METHODS.values()), ids=lambda policy: policy.name)
+# The harness serves UserService's methods; test_operations covers the Operations service's.
+@pytest.mark.parametrize("policy", list(USER_METHODS.values()), ids=lambda policy: policy.name)
 async def test_each_method_costs_what_its_policy_declares(policy: MethodPolicy) -> None:
     # Three messages for a client stream: the first is in the opening cost, two pay their own.
     messages = [b"a", b"b", b"c"] if policy.client_streaming else [b"a"]

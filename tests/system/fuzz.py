@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import google.longrunning.operations_proto_pb2 as operations_pb2
 import grpc
 import h2.config
 import h2.connection
@@ -94,11 +95,13 @@ def _methods_of(file: Any, service: str, classes: dict[str, type[Message]]) -> l
 
 
 def all_methods() -> list[Method]:
-    """Return every method the server serves: user service, health, reflection v1 and v1alpha."""
+    """Return every method the server serves: user service, operations, health, reflection."""
     user = {name: getattr(user_service_pb2, name) for name in dir(user_service_pb2)}
+    operations = {name: getattr(operations_pb2, name) for name in dir(operations_pb2)}
     health = {name: getattr(health_pb2, name) for name in dir(health_pb2)}
     reflection = {name: getattr(reflection_pb2, name) for name in dir(reflection_pb2)}
     methods = _methods_of(user_service_pb2.DESCRIPTOR, "UserService", user)
+    methods += _methods_of(operations_pb2.DESCRIPTOR, "Operations", operations)
     methods += _methods_of(health_pb2.DESCRIPTOR, "Health", health)
     alpha = _methods_of(reflection_pb2.DESCRIPTOR, "ServerReflection", reflection)
     methods += alpha

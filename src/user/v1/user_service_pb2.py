@@ -23,6 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
@@ -30,7 +31,7 @@ from user.v1 import options_pb2 as user_dot_v1_dot_options__pb2
 from user.v1 import user_pb2 as user_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1auser/v1/user_service.proto\x12\x07user.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x15user/v1/options.proto\x1a\x12user/v1/user.proto\"a\n\x11\x43reateUserRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"7\n\x12\x43reateUserResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\"&\n\x0eGetUserRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"4\n\x0fGetUserResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\".\n\x14\x42\x61tchGetUsersRequest\x12\x16\n\x03ids\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02R\x03ids\"`\n\x15\x42\x61tchGetUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\r.user.v1.UserR\x05users\x12\"\n\rnot_found_ids\x18\x02 \x03(\tR\x0bnotFoundIds\"x\n\x10ListUsersRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x1c\n\x06\x66ilter\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x06\x66ilter\"\x7f\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\r.user.v1.UserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n\ntotal_size\x18\x03 \x01(\x05R\ttotalSize\"\x7f\n\x11UpdateUserRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"7\n\x12UpdateUserResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\"C\n\x11\x44\x65leteUserRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\x12\x18\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x04\x65tag\"\x14\n\x12\x44\x65leteUserResponse\"2\n\x12StreamUsersRequest\x12\x1c\n\x06\x66ilter\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x06\x66ilter\"8\n\x13StreamUsersResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\"=\n\x12ImportUsersRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\"X\n\x14ImportUsersRejection\x12\x14\n\x05index\x18\x01 \x01(\x03R\x05index\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusR\x06status\"\xa0\x01\n\x13ImportUsersResponse\x12#\n\rcreated_count\x18\x01 \x01(\x03R\x0c\x63reatedCount\x12%\n\x0erejected_count\x18\x02 \x01(\x03R\rrejectedCount\x12=\n\nrejections\x18\x03 \x03(\x0b\x32\x1d.user.v1.ImportUsersRejectionR\nrejections\"X\n\x11WatchUsersRequest\x12\x30\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00R\rafterSequence\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xee\x01\n\x12WatchUsersResponse\x12\x1a\n\x08sequence\x18\x01 \x01(\x03R\x08sequence\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x16.user.v1.UserEventTypeR\x04type\x12!\n\x04user\x18\x03 \x01(\x0b\x32\r.user.v1.UserR\x04user\x12\x39\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\teventTime\x12\x32\n\x08progress\x18\x05 \x01(\x0b\x32\x16.user.v1.WatchProgressR\x08progress\"8\n\rWatchProgress\x12\'\n\x0flatest_sequence\x18\x01 \x01(\x03R\x0elatestSequence\";\n\x10SyncUsersRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\"\xa8\x01\n\x11SyncUsersResponse\x12\x14\n\x05index\x18\x01 \x01(\x03R\x05index\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x14.user.v1.SyncOutcomeR\x07outcome\x12!\n\x04user\x18\x03 \x01(\x0b\x32\r.user.v1.UserR\x04user\x12*\n\x06status\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusR\x06status*\x94\x01\n\x0bSyncOutcome\x12\x1c\n\x18SYNC_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14SYNC_OUTCOME_CREATED\x10\x01\x12\x18\n\x14SYNC_OUTCOME_UPDATED\x10\x02\x12\x1a\n\x16SYNC_OUTCOME_UNCHANGED\x10\x03\x12\x17\n\x13SYNC_OUTCOME_FAILED\x10\x04\x32\xf0\x07\n\x0bUserService\x12\x64\n\nCreateUser\x12\x1a.user.v1.CreateUserRequest\x1a\x1b.user.v1.CreateUserResponse\"\x1d\xa2\xbb\x18\x19\n\x0busers.write2\nrequest_id\x12Q\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponse\"\x13\x90\x02\x01\xa2\xbb\x18\x0c\n\nusers.read\x12\x63\n\rBatchGetUsers\x12\x1d.user.v1.BatchGetUsersRequest\x1a\x1e.user.v1.BatchGetUsersResponse\"\x13\x90\x02\x01\xa2\xbb\x18\x0c\n\nusers.read\x12`\n\tListUsers\x12\x19.user.v1.ListUsersRequest\x1a\x1a.user.v1.ListUsersResponse\"\x1c\x90\x02\x01\xa2\xbb\x18\x15\n\nusers.read!\x00\x00\x00\x00\x00\x00$@\x12X\n\nUpdateUser\x12\x1a.user.v1.UpdateUserRequest\x1a\x1b.user.v1.UpdateUserResponse\"\x11\xa2\xbb\x18\r\n\x0busers.write\x12X\n\nDeleteUser\x12\x1a.user.v1.DeleteUserRequest\x1a\x1b.user.v1.DeleteUserResponse\"\x11\xa2\xbb\x18\r\n\x0busers.write\x12q\n\x0bStreamUsers\x12\x1b.user.v1.StreamUsersRequest\x1a\x1c.user.v1.StreamUsersResponse\"%\x90\x02\x01\xa2\xbb\x18\x1e\n\nusers.read\x19\x00\x00\x00\x00\x00\x00\x14@!\x00\x00\x00\x00\x00\x00$@0\x01\x12o\n\x0bImportUsers\x12\x1b.user.v1.ImportUsersRequest\x1a\x1c.user.v1.ImportUsersResponse\"#\xa2\xbb\x18\x1f\n\x0busers.admin\x19\x00\x00\x00\x00\x00\x00\x34@)\x00\x00\x00\x00\x00\x00\xf0?(\x01\x12\\\n\nWatchUsers\x12\x1a.user.v1.WatchUsersRequest\x1a\x1b.user.v1.WatchUsersResponse\"\x13\x90\x02\x01\xa2\xbb\x18\x0c\n\nusers.read0\x01\x12k\n\tSyncUsers\x12\x19.user.v1.SyncUsersRequest\x1a\x1a.user.v1.SyncUsersResponse\"#\xa2\xbb\x18\x1f\n\x0busers.admin\x19\x00\x00\x00\x00\x00\x00\x34@)\x00\x00\x00\x00\x00\x00\xf0?(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1auser/v1/user_service.proto\x12\x07user.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a#google/longrunning/operations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x15user/v1/options.proto\x1a\x12user/v1/user.proto\"a\n\x11\x43reateUserRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"7\n\x12\x43reateUserResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\"&\n\x0eGetUserRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"4\n\x0fGetUserResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\".\n\x14\x42\x61tchGetUsersRequest\x12\x16\n\x03ids\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02R\x03ids\"`\n\x15\x42\x61tchGetUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\r.user.v1.UserR\x05users\x12\"\n\rnot_found_ids\x18\x02 \x03(\tR\x0bnotFoundIds\"x\n\x10ListUsersRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x1c\n\x06\x66ilter\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x06\x66ilter\"\x7f\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\r.user.v1.UserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n\ntotal_size\x18\x03 \x01(\x05R\ttotalSize\"\x7f\n\x11UpdateUserRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"7\n\x12UpdateUserResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\"C\n\x11\x44\x65leteUserRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\x12\x18\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x04\x65tag\"\x14\n\x12\x44\x65leteUserResponse\"2\n\x12StreamUsersRequest\x12\x1c\n\x06\x66ilter\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x06\x66ilter\"8\n\x13StreamUsersResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserR\x04user\"=\n\x12ImportUsersRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\"X\n\x14ImportUsersRejection\x12\x14\n\x05index\x18\x01 \x01(\x03R\x05index\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusR\x06status\"\xa0\x01\n\x13ImportUsersResponse\x12#\n\rcreated_count\x18\x01 \x01(\x03R\x0c\x63reatedCount\x12%\n\x0erejected_count\x18\x02 \x01(\x03R\rrejectedCount\x12=\n\nrejections\x18\x03 \x03(\x0b\x32\x1d.user.v1.ImportUsersRejectionR\nrejections\"X\n\x11WatchUsersRequest\x12\x30\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00R\rafterSequence\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xee\x01\n\x12WatchUsersResponse\x12\x1a\n\x08sequence\x18\x01 \x01(\x03R\x08sequence\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x16.user.v1.UserEventTypeR\x04type\x12!\n\x04user\x18\x03 \x01(\x0b\x32\r.user.v1.UserR\x04user\x12\x39\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\teventTime\x12\x32\n\x08progress\x18\x05 \x01(\x0b\x32\x16.user.v1.WatchProgressR\x08progress\"8\n\rWatchProgress\x12\'\n\x0flatest_sequence\x18\x01 \x01(\x03R\x0elatestSequence\";\n\x10SyncUsersRequest\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.UserB\x04\xe2\x41\x01\x02R\x04user\"\xa8\x01\n\x11SyncUsersResponse\x12\x14\n\x05index\x18\x01 \x01(\x03R\x05index\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x14.user.v1.SyncOutcomeR\x07outcome\x12!\n\x04user\x18\x03 \x01(\x0b\x32\r.user.v1.UserR\x04user\x12*\n\x06status\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusR\x06status\"1\n\x11PurgeUsersRequest\x12\x1c\n\x06\x66ilter\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x66ilter\"\xd4\x01\n\x12PurgeUsersMetadata\x12#\n\rmatched_count\x18\x01 \x01(\x03R\x0cmatchedCount\x12!\n\x0cpurged_count\x18\x02 \x01(\x03R\x0bpurgedCount\x12\x39\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12;\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nupdateTime\"7\n\x12PurgeUsersResponse\x12!\n\x0cpurged_count\x18\x01 \x01(\x03R\x0bpurgedCount*\x94\x01\n\x0bSyncOutcome\x12\x1c\n\x18SYNC_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14SYNC_OUTCOME_CREATED\x10\x01\x12\x18\n\x14SYNC_OUTCOME_UPDATED\x10\x02\x12\x1a\n\x16SYNC_OUTCOME_UNCHANGED\x10\x03\x12\x17\n\x13SYNC_OUTCOME_FAILED\x10\x04\x32\x81\t\n\x0bUserService\x12\x64\n\nCreateUser\x12\x1a.user.v1.CreateUserRequest\x1a\x1b.user.v1.CreateUserResponse\"\x1d\xa2\xbb\x18\x19\n\x0busers.write2\nrequest_id\x12Q\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponse\"\x13\x90\x02\x01\xa2\xbb\x18\x0c\n\nusers.read\x12\x63\n\rBatchGetUsers\x12\x1d.user.v1.BatchGetUsersRequest\x1a\x1e.user.v1.BatchGetUsersResponse\"\x13\x90\x02\x01\xa2\xbb\x18\x0c\n\nusers.read\x12`\n\tListUsers\x12\x19.user.v1.ListUsersRequest\x1a\x1a.user.v1.ListUsersResponse\"\x1c\x90\x02\x01\xa2\xbb\x18\x15\n\nusers.read!\x00\x00\x00\x00\x00\x00$@\x12X\n\nUpdateUser\x12\x1a.user.v1.UpdateUserRequest\x1a\x1b.user.v1.UpdateUserResponse\"\x11\xa2\xbb\x18\r\n\x0busers.write\x12X\n\nDeleteUser\x12\x1a.user.v1.DeleteUserRequest\x1a\x1b.user.v1.DeleteUserResponse\"\x11\xa2\xbb\x18\r\n\x0busers.write\x12q\n\x0bStreamUsers\x12\x1b.user.v1.StreamUsersRequest\x1a\x1c.user.v1.StreamUsersResponse\"%\x90\x02\x01\xa2\xbb\x18\x1e\n\nusers.read\x19\x00\x00\x00\x00\x00\x00\x14@!\x00\x00\x00\x00\x00\x00$@0\x01\x12o\n\x0bImportUsers\x12\x1b.user.v1.ImportUsersRequest\x1a\x1c.user.v1.ImportUsersResponse\"#\xa2\xbb\x18\x1f\n\x0busers.admin\x19\x00\x00\x00\x00\x00\x00\x34@)\x00\x00\x00\x00\x00\x00\xf0?(\x01\x12\\\n\nWatchUsers\x12\x1a.user.v1.WatchUsersRequest\x1a\x1b.user.v1.WatchUsersResponse\"\x13\x90\x02\x01\xa2\xbb\x18\x0c\n\nusers.read0\x01\x12k\n\tSyncUsers\x12\x19.user.v1.SyncUsersRequest\x1a\x1a.user.v1.SyncUsersResponse\"#\xa2\xbb\x18\x1f\n\x0busers.admin\x19\x00\x00\x00\x00\x00\x00\x34@)\x00\x00\x00\x00\x00\x00\xf0?(\x01\x30\x01\x12\x8e\x01\n\nPurgeUsers\x12\x1a.user.v1.PurgeUsersRequest\x1a\x1d.google.longrunning.Operation\"E\xca\x41(\n\x12PurgeUsersResponse\x12\x12PurgeUsersMetadata\xa2\xbb\x18\x16\n\x0busers.admin\x19\x00\x00\x00\x00\x00\x00\x34@b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -67,6 +68,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHUSERSREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
   _globals['_SYNCUSERSREQUEST'].fields_by_name['user']._loaded_options = None
   _globals['_SYNCUSERSREQUEST'].fields_by_name['user']._serialized_options = b'\342A\001\002'
+  _globals['_PURGEUSERSREQUEST'].fields_by_name['filter']._loaded_options = None
+  _globals['_PURGEUSERSREQUEST'].fields_by_name['filter']._serialized_options = b'\342A\001\002'
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\242\273\030\031\n\013users.write2\nrequest_id'
   _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
@@ -87,52 +90,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['WatchUsers']._serialized_options = b'\220\002\001\242\273\030\014\n\nusers.read'
   _globals['_USERSERVICE'].methods_by_name['SyncUsers']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['SyncUsers']._serialized_options = b'\242\273\030\037\n\013users.admin\031\000\000\000\000\000\0004@)\000\000\000\000\000\000\360?'
-  _globals['_SYNCOUTCOME']._serialized_start=2179
-  _globals['_SYNCOUTCOME']._serialized_end=2327
-  _globals['_CREATEUSERREQUEST']._serialized_start=207
-  _globals['_CREATEUSERREQUEST']._serialized_end=304
-  _globals['_CREATEUSERRESPONSE']._serialized_start=306
-  _globals['_CREATEUSERRESPONSE']._serialized_end=361
-  _globals['_GETUSERREQUEST']._serialized_start=363
-  _globals['_GETUSERREQUEST']._serialized_end=401
-  _globals['_GETUSERRESPONSE']._serialized_start=403
-  _globals['_GETUSERRESPONSE']._serialized_end=455
-  _globals['_BATCHGETUSERSREQUEST']._serialized_start=457
-  _globals['_BATCHGETUSERSREQUEST']._serialized_end=503
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=505
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=601
-  _globals['_LISTUSERSREQUEST']._serialized_start=603
-  _globals['_LISTUSERSREQUEST']._serialized_end=723
-  _globals['_LISTUSERSRESPONSE']._serialized_start=725
-  _globals['_LISTUSERSRESPONSE']._serialized_end=852
-  _globals['_UPDATEUSERREQUEST']._serialized_start=854
-  _globals['_UPDATEUSERREQUEST']._serialized_end=981
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=983
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=1038
-  _globals['_DELETEUSERREQUEST']._serialized_start=1040
-  _globals['_DELETEUSERREQUEST']._serialized_end=1107
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1109
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1129
-  _globals['_STREAMUSERSREQUEST']._serialized_start=1131
-  _globals['_STREAMUSERSREQUEST']._serialized_end=1181
-  _globals['_STREAMUSERSRESPONSE']._serialized_start=1183
-  _globals['_STREAMUSERSRESPONSE']._serialized_end=1239
-  _globals['_IMPORTUSERSREQUEST']._serialized_start=1241
-  _globals['_IMPORTUSERSREQUEST']._serialized_end=1302
-  _globals['_IMPORTUSERSREJECTION']._serialized_start=1304
-  _globals['_IMPORTUSERSREJECTION']._serialized_end=1392
-  _globals['_IMPORTUSERSRESPONSE']._serialized_start=1395
-  _globals['_IMPORTUSERSRESPONSE']._serialized_end=1555
-  _globals['_WATCHUSERSREQUEST']._serialized_start=1557
-  _globals['_WATCHUSERSREQUEST']._serialized_end=1645
-  _globals['_WATCHUSERSRESPONSE']._serialized_start=1648
-  _globals['_WATCHUSERSRESPONSE']._serialized_end=1886
-  _globals['_WATCHPROGRESS']._serialized_start=1888
-  _globals['_WATCHPROGRESS']._serialized_end=1944
-  _globals['_SYNCUSERSREQUEST']._serialized_start=1946
-  _globals['_SYNCUSERSREQUEST']._serialized_end=2005
-  _globals['_SYNCUSERSRESPONSE']._serialized_start=2008
-  _globals['_SYNCUSERSRESPONSE']._serialized_end=2176
-  _globals['_USERSERVICE']._serialized_start=2330
-  _globals['_USERSERVICE']._serialized_end=3338
+  _globals['_USERSERVICE'].methods_by_name['PurgeUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['PurgeUsers']._serialized_options = b'\312A(\n\022PurgeUsersResponse\022\022PurgeUsersMetadata\242\273\030\026\n\013users.admin\031\000\000\000\000\000\0004@'
+  _globals['_SYNCOUTCOME']._serialized_start=2539
+  _globals['_SYNCOUTCOME']._serialized_end=2687
+  _globals['_CREATEUSERREQUEST']._serialized_start=244
+  _globals['_CREATEUSERREQUEST']._serialized_end=341
+  _globals['_CREATEUSERRESPONSE']._serialized_start=343
+  _globals['_CREATEUSERRESPONSE']._serialized_end=398
+  _globals['_GETUSERREQUEST']._serialized_start=400
+  _globals['_GETUSERREQUEST']._serialized_end=438
+  _globals['_GETUSERRESPONSE']._serialized_start=440
+  _globals['_GETUSERRESPONSE']._serialized_end=492
+  _globals['_BATCHGETUSERSREQUEST']._serialized_start=494
+  _globals['_BATCHGETUSERSREQUEST']._serialized_end=540
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=542
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=638
+  _globals['_LISTUSERSREQUEST']._serialized_start=640
+  _globals['_LISTUSERSREQUEST']._serialized_end=760
+  _globals['_LISTUSERSRESPONSE']._serialized_start=762
+  _globals['_LISTUSERSRESPONSE']._serialized_end=889
+  _globals['_UPDATEUSERREQUEST']._serialized_start=891
+  _globals['_UPDATEUSERREQUEST']._serialized_end=1018
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=1020
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=1075
+  _globals['_DELETEUSERREQUEST']._serialized_start=1077
+  _globals['_DELETEUSERREQUEST']._serialized_end=1144
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1146
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1166
+  _globals['_STREAMUSERSREQUEST']._serialized_start=1168
+  _globals['_STREAMUSERSREQUEST']._serialized_end=1218
+  _globals['_STREAMUSERSRESPONSE']._serialized_start=1220
+  _globals['_STREAMUSERSRESPONSE']._serialized_end=1276
+  _globals['_IMPORTUSERSREQUEST']._serialized_start=1278
+  _globals['_IMPORTUSERSREQUEST']._serialized_end=1339
+  _globals['_IMPORTUSERSREJECTION']._serialized_start=1341
+  _globals['_IMPORTUSERSREJECTION']._serialized_end=1429
+  _globals['_IMPORTUSERSRESPONSE']._serialized_start=1432
+  _globals['_IMPORTUSERSRESPONSE']._serialized_end=1592
+  _globals['_WATCHUSERSREQUEST']._serialized_start=1594
+  _globals['_WATCHUSERSREQUEST']._serialized_end=1682
+  _globals['_WATCHUSERSRESPONSE']._serialized_start=1685
+  _globals['_WATCHUSERSRESPONSE']._serialized_end=1923
+  _globals['_WATCHPROGRESS']._serialized_start=1925
+  _globals['_WATCHPROGRESS']._serialized_end=1981
+  _globals['_SYNCUSERSREQUEST']._serialized_start=1983
+  _globals['_SYNCUSERSREQUEST']._serialized_end=2042
+  _globals['_SYNCUSERSRESPONSE']._serialized_start=2045
+  _globals['_SYNCUSERSRESPONSE']._serialized_end=2213
+  _globals['_PURGEUSERSREQUEST']._serialized_start=2215
+  _globals['_PURGEUSERSREQUEST']._serialized_end=2264
+  _globals['_PURGEUSERSMETADATA']._serialized_start=2267
+  _globals['_PURGEUSERSMETADATA']._serialized_end=2479
+  _globals['_PURGEUSERSRESPONSE']._serialized_start=2481
+  _globals['_PURGEUSERSRESPONSE']._serialized_end=2536
+  _globals['_USERSERVICE']._serialized_start=2690
+  _globals['_USERSERVICE']._serialized_end=3843
 # @@protoc_insertion_point(module_scope)

@@ -630,3 +630,85 @@ class SyncUsersResponse(message.Message):
     _ClearFieldArgType: _TypeAlias = typing.Literal["index", b"index", "outcome", b"outcome", "status", b"status", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+@typing.final
+class PurgeUsersRequest(message.Message):
+    """Request for PurgeUsers."""
+
+    DESCRIPTOR: descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: builtins.int
+    filter: builtins.str
+    """Which users to delete: the syntax of ListUsersRequest.filter. Required: a
+    purge of every user must say so with a filter that matches all of them.
+    """
+    def __init__(
+        self,
+        *,
+        filter: builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = typing.Literal["filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+@typing.final
+class PurgeUsersMetadata(message.Message):
+    """The progress of a PurgeUsers operation (its Operation.metadata)."""
+
+    DESCRIPTOR: descriptor.Descriptor
+
+    MATCHED_COUNT_FIELD_NUMBER: builtins.int
+    PURGED_COUNT_FIELD_NUMBER: builtins.int
+    START_TIME_FIELD_NUMBER: builtins.int
+    UPDATE_TIME_FIELD_NUMBER: builtins.int
+    matched_count: builtins.int
+    """Users matching the filter when the purge started (or resumed on another
+    replica: then the users purged before plus those left).
+    """
+    purged_count: builtins.int
+    """Users deleted so far."""
+    @builtins.property
+    def start_time(self) -> timestamp_pb2.Timestamp:
+        """When the purge started."""
+
+    @builtins.property
+    def update_time(self) -> timestamp_pb2.Timestamp:
+        """When the progress was last recorded."""
+
+    def __init__(
+        self,
+        *,
+        matched_count: builtins.int = ...,
+        purged_count: builtins.int = ...,
+        start_time: timestamp_pb2.Timestamp | None = ...,
+        update_time: timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = typing.Literal["start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = typing.Literal["matched_count", b"matched_count", "purged_count", b"purged_count", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+@typing.final
+class PurgeUsersResponse(message.Message):
+    """The result of a PurgeUsers operation that finished without error (its
+    Operation.response).
+    """
+
+    DESCRIPTOR: descriptor.Descriptor
+
+    PURGED_COUNT_FIELD_NUMBER: builtins.int
+    purged_count: builtins.int
+    """Users deleted."""
+    def __init__(
+        self,
+        *,
+        purged_count: builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = typing.Literal["purged_count", b"purged_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from user.v1 import user_service_pb2 as user_dot_v1_dot_user__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -101,6 +102,11 @@ class UserServiceStub:
                 request_serializer=user_dot_v1_dot_user__service__pb2.SyncUsersRequest.SerializeToString,
                 response_deserializer=user_dot_v1_dot_user__service__pb2.SyncUsersResponse.FromString,
                 _registered_method=True)
+        self.PurgeUsers = channel.unary_unary(
+                '/user.v1.UserService/PurgeUsers',
+                request_serializer=user_dot_v1_dot_user__service__pb2.PurgeUsersRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -196,6 +202,20 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeUsers(self, request, context):
+        """Deletes every user matching a filter, in batches of one transaction each, as a
+        long-running operation (AIP-151): poll or wait for it with the
+        google.longrunning.Operations service of this server. Each deletion is
+        DeleteUser's (personal data erased, a DELETED change event). Cancelling it
+        stops it after the current batch, ending it with code CANCELLED; the users
+        deleted by then stay deleted.
+        AIP-151 names google.longrunning.Operation as the response of such a method.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +268,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.SyncUsers,
                     request_deserializer=user_dot_v1_dot_user__service__pb2.SyncUsersRequest.FromString,
                     response_serializer=user_dot_v1_dot_user__service__pb2.SyncUsersResponse.SerializeToString,
+            ),
+            'PurgeUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeUsers,
+                    request_deserializer=user_dot_v1_dot_user__service__pb2.PurgeUsersRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -537,6 +562,33 @@ class UserService:
             '/user.v1.UserService/SyncUsers',
             user_dot_v1_dot_user__service__pb2.SyncUsersRequest.SerializeToString,
             user_dot_v1_dot_user__service__pb2.SyncUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/user.v1.UserService/PurgeUsers',
+            user_dot_v1_dot_user__service__pb2.PurgeUsersRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

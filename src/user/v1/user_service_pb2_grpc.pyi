@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as abc
+from google.longrunning import operations_pb2 as operations_pb2
 from grpc import aio as aio
 from user.v1 import user_service_pb2 as user_service_pb2
 import abc as abc_1
@@ -75,6 +76,16 @@ class UserServiceStub:
     """Streams change events after a sequence number, then live."""
     SyncUsers: grpc.StreamStreamMultiCallable[user_service_pb2.SyncUsersRequest, user_service_pb2.SyncUsersResponse]
     """Upserts users keyed by email, answering each message as it is processed."""
+    PurgeUsers: grpc.UnaryUnaryMultiCallable[user_service_pb2.PurgeUsersRequest, operations_pb2.Operation]
+    """Deletes every user matching a filter, in batches of one transaction each, as a
+    long-running operation (AIP-151): poll or wait for it with the
+    google.longrunning.Operations service of this server. Each deletion is
+    DeleteUser's (personal data erased, a DELETED change event). Cancelling it
+    stops it after the current batch, ending it with code CANCELLED; the users
+    deleted by then stay deleted.
+    AIP-151 names google.longrunning.Operation as the response of such a method.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 @typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -123,6 +134,16 @@ class UserServiceAsyncStub(UserServiceStub):
     """Streams change events after a sequence number, then live."""
     SyncUsers: aio.StreamStreamMultiCallable[user_service_pb2.SyncUsersRequest, user_service_pb2.SyncUsersResponse]  # type: ignore[assignment]
     """Upserts users keyed by email, answering each message as it is processed."""
+    PurgeUsers: aio.UnaryUnaryMultiCallable[user_service_pb2.PurgeUsersRequest, operations_pb2.Operation]  # type: ignore[assignment]
+    """Deletes every user matching a filter, in batches of one transaction each, as a
+    long-running operation (AIP-151): poll or wait for it with the
+    google.longrunning.Operations service of this server. Each deletion is
+    DeleteUser's (personal data erased, a DELETED change event). Cancelling it
+    stops it after the current batch, ending it with code CANCELLED; the users
+    deleted by then stay deleted.
+    AIP-151 names google.longrunning.Operation as the response of such a method.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
 
 class UserServiceServicer(metaclass=abc_1.ABCMeta):
     """Manages user accounts.
@@ -228,5 +249,21 @@ class UserServiceServicer(metaclass=abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> typing.Union[abc.Iterator[user_service_pb2.SyncUsersResponse], abc.AsyncIterator[user_service_pb2.SyncUsersResponse]]:
         """Upserts users keyed by email, answering each message as it is processed."""
+
+    @abc_1.abstractmethod
+    def PurgeUsers(
+        self,
+        request: user_service_pb2.PurgeUsersRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[operations_pb2.Operation, abc.Awaitable[operations_pb2.Operation]]:
+        """Deletes every user matching a filter, in batches of one transaction each, as a
+        long-running operation (AIP-151): poll or wait for it with the
+        google.longrunning.Operations service of this server. Each deletion is
+        DeleteUser's (personal data erased, a DELETED change event). Cancelling it
+        stops it after the current batch, ending it with code CANCELLED; the users
+        deleted by then stay deleted.
+        AIP-151 names google.longrunning.Operation as the response of such a method.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: typing.Union[grpc.Server, aio.Server]) -> None: ...

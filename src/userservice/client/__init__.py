@@ -5,9 +5,11 @@ from userservice.client.errors import (
     AbortedError,
     AlreadyExistsError,
     DeadlineExceededError,
+    FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    OperationCancelledError,
     OutOfRangeError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -16,17 +18,21 @@ from userservice.client.errors import (
     UserServiceError,
     from_rpc_error,
 )
+from userservice.client.operations import PurgeOperation
 from userservice.client.tokens import TokenFile, TokenSource
 
 __all__ = [
     "AbortedError",
     "AlreadyExistsError",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
     "NotFoundError",
+    "OperationCancelledError",
     "OutOfRangeError",
     "PermissionDeniedError",
+    "PurgeOperation",
     "ResourceExhaustedError",
     "TokenFile",
     "TokenSource",

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
+import google.longrunning.operations_proto_pb2 as operations_pb2
 import grpc
 from google.protobuf import field_mask_pb2
 
 from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
 from userservice.client.errors import from_rpc_error
+from userservice.client.operations import OperationsStub, PurgeOperation
 from userservice.client.retries import (
     WATCH_RESUME_ATTEMPTS,
     retry_delay,
@@ -88,6 +90,7 @@ class UserServiceClient:
         self._options = [*options, *extra_options]
         self._channel: grpc.aio.Channel | None = None
         self._stub: user_service_pb2_grpc.UserServiceAsyncStub | None = None
+        self._operations: OperationsStub | None = None
 
     async def __aenter__(self) -> UserServiceClient:
         """Return self; the channel closes on exit."""
@@ -103,6 +106,7 @@ class UserServiceClient:
             await self._channel.close()
             self._channel = None
             self._stub = None
+            self._operations = None
 
     @property
     def stub(self) -> user_service_pb2_grpc.UserServiceAsyncStub:
@@ -111,6 +115,15 @@ class UserServiceClient:
             self._channel = self._open_channel()
             self._stub = user_service_pb2_grpc.UserServiceStub(self._channel)
         return self._stub
+
+    @property
+    def operations(self) -> OperationsStub:
+        """Return the google.longrunning.Operations stub over the shared channel."""
+        if self._operations is None:
+            self.stub  # noqa: B018 (opens the channel once)
+            assert self._channel is not None
+            self._operations = OperationsStub(self._channel)
+        return self._operations
 
     def _open_channel(self) -> grpc.aio.Channel:
         if not self._tls:
@@ -236,6 +249,24 @@ class UserServiceClient:
         """Delete a user; retried on UNAVAILABLE only with an etag."""
         request = pb.DeleteUserRequest(id=user_id, etag=etag)
         await self._unary(self.stub.DeleteUser, request, retry_unavailable=bool(etag))
+
+    async def purge_users(self, filter: str) -> PurgeOperation:
+        """Start deleting the users matching filter; return a handle to wait() on or cancel()."""
+        operation = await self._unary(self.stub.PurgeUsers, pb.PurgeUsersRequest(filter=filter))
+        return PurgeOperation(self.operations, self._run_unary, operation)
+
+    async def purge_operation(self, name: str) -> PurgeOperation:
+        """Return a handle to an existing PurgeUsers operation, with its latest state."""
+        handle = PurgeOperation(
+            self.operations, self._run_unary, operations_pb2.Operation(name=name)
+        )
+        await handle.refresh()
+        return handle
+
+    async def _run_unary(
+        self, call: Callable[..., Awaitable[Any]], request: object, timeout: float | None
+    ) -> Any:
+        return await self._unary(call, request, timeout=timeout)
 
     async def stream_users(self, *, filter: str = "") -> AsyncIterator[user_pb2.User]:
         """Yield every user matching filter from one server stream."""

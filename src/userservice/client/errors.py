@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 # One module per import: mypy resolves google.rpc only this way (see transport/errors.py).
 import google.rpc.error_details_pb2 as error_details_pb2
+import google.rpc.status_pb2 as status_pb2
 import grpc
 from grpc_status import rpc_status
 
@@ -87,6 +89,14 @@ class DeadlineExceededError(UserServiceError):
     """DEADLINE_EXCEEDED: the call's deadline passed."""
 
 
+class FailedPreconditionError(UserServiceError):
+    """FAILED_PRECONDITION: e.g. deleting an operation that has not finished."""
+
+
+class OperationCancelledError(UserServiceError):
+    """CANCELLED: a long-running operation ended because it was cancelled."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[UserServiceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -98,15 +108,31 @@ _BY_CODE: dict[grpc.StatusCode, type[UserServiceError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.CANCELLED: OperationCancelledError,
 }
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> UserServiceError:
     """Return the typed exception for a failed call, with its rich details decoded."""
-    code = error.code()
-    fields: dict[str, object] = {}
     status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else []:
+    return _typed(error.code(), error.details() or "", status)
+
+
+def from_status(status: status_pb2.Status) -> UserServiceError:
+    """Return the typed exception for a google.rpc.Status (a long-running operation's error)."""
+    code = _CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+    return _typed(code, status.message, status)
+
+
+def _typed(
+    code: grpc.StatusCode, message: str, status: status_pb2.Status | None
+) -> UserServiceError:
+    fields: dict[str, object] = {}
+    # Any: the stubs type Any.Is's argument more narrowly than the descriptors they give.
+    details: list[Any] = [] if status is None else list(status.details)
+    for detail in details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
@@ -126,4 +152,4 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> UserServiceError:
             detail.Unpack(resource)
             fields["resource_name"] = resource.resource_name
     kind = _BY_CODE.get(code, UserServiceError)
-    return kind(code, error.details() or "", **fields)  # type: ignore[arg-type]
+    return kind(code, message, **fields)  # type: ignore[arg-type]

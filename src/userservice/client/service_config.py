@@ -21,6 +21,17 @@ from userservice.policy import METHODS, SERVICE_NAME
 SERVICE = SERVICE_NAME
 RETRIED_METHODS = tuple(policy.name for policy in METHODS.values() if policy.retryable)
 NOT_RETRIED_METHODS = tuple(policy.name for policy in METHODS.values() if not policy.retryable)
+
+
+def _names(retryable: bool) -> list[dict[str, str]]:
+    """Return the service config names of the methods (both services') that retry or not."""
+    return [
+        {"service": policy.path.split("/")[1], "method": policy.name}
+        for policy in METHODS.values()
+        if policy.retryable == retryable
+    ]
+
+
 # grpc core caps maxAttempts at 5.
 MAX_ATTEMPTS = 5
 
@@ -31,7 +42,7 @@ def service_config(*, health_check: bool = True) -> dict[str, Any]:
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
-                "name": [{"service": SERVICE, "method": method} for method in RETRIED_METHODS],
+                "name": _names(retryable=True),
                 "retryPolicy": {
                     "maxAttempts": MAX_ATTEMPTS,
                     "initialBackoff": "0.1s",
@@ -40,7 +51,7 @@ def service_config(*, health_check: bool = True) -> dict[str, Any]:
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             },
-            {"name": [{"service": SERVICE, "method": method} for method in NOT_RETRIED_METHODS]},
+            {"name": _names(retryable=False)},
         ],
         # A fleet-wide outage must not turn every client into a retry storm: retries stop
         # when more than half of the recent calls failed (A6 retry throttling).

@@ -111,6 +111,15 @@ class Settings:
     request_id_retention_seconds: float = _setting(
         86_400.0, "how long a CreateUser request_id is remembered for retries"
     )
+    operation_lease_seconds: float = _setting(
+        30.0,
+        "a long-running operation's lease: another replica resumes it this long after its"
+        " runner stopped renewing",
+    )
+    purge_batch_size: int = _setting(100, "users PurgeUsers deletes per transaction")
+    purge_batch_interval_seconds: float = _setting(
+        0.0, "pause between PurgeUsers batches, leaving the store to other calls"
+    )
     auth_jwt_secret: str = _setting("", "HS256 shared secret (at least 32 bytes)")
     auth_jwt_public_key_file: str = _setting(
         "", "PEM public key or JWKS file (RS256/ES256), re-read when it changes"

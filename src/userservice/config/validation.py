@@ -52,6 +52,8 @@ def validate_settings(settings: Settings, *, require_auth: bool = True) -> None:
         "request_id_retention_seconds",
         "watch_progress_seconds",
         "watch_buffer_events",
+        "operation_lease_seconds",
+        "purge_batch_size",
         "auth_jwks_min_cache_seconds",
         "auth_jwks_timeout_seconds",
         "auth_max_token_lifetime_seconds",
@@ -73,6 +75,14 @@ def validate_settings(settings: Settings, *, require_auth: bool = True) -> None:
         raise ConfigError(
             "USERSERVICE_PROBE_ADDRESS needs USERSERVICE_WORKERS=1 (a probe answered by one "
             "worker says nothing of the others)"
+        )
+    if settings.purge_batch_interval_seconds < 0:
+        raise ConfigError("USERSERVICE_PURGE_BATCH_INTERVAL_SECONDS must not be negative")
+    if settings.purge_batch_interval_seconds >= settings.operation_lease_seconds:
+        # A runner renews its lease once per batch: a longer pause would lose it.
+        raise ConfigError(
+            "USERSERVICE_PURGE_BATCH_INTERVAL_SECONDS must be below "
+            "USERSERVICE_OPERATION_LEASE_SECONDS"
         )
     if not 0 <= settings.db_pool_min_size <= settings.db_pool_max_size:
         raise ConfigError("USERSERVICE_DB_POOL_MIN_SIZE must be between 0 and the max size")

@@ -32,6 +32,10 @@ class Reason(enum.StrEnum):
     NOT_OWNER = "NOT_OWNER"
     ADMIN_ONLY_FIELD = "ADMIN_ONLY_FIELD"
     SUBJECT_ALREADY_EXISTS = "SUBJECT_ALREADY_EXISTS"
+    OPERATION_NOT_FOUND = "OPERATION_NOT_FOUND"
+    OPERATION_NOT_DONE = "OPERATION_NOT_DONE"
+    OPERATION_CANCELLED = "OPERATION_CANCELLED"
+    OPERATION_FAILED = "OPERATION_FAILED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,3 +294,37 @@ class ShuttingDownError(DomainError):
     def __init__(self, *, last_sequence: int | None = None) -> None:
         super().__init__()
         self.last_sequence = last_sequence
+
+
+class OperationNotFoundError(DomainError):
+    """No operation has this name, or the caller may not see it (the same answer for both)."""
+
+    reason = Reason.OPERATION_NOT_FOUND
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"operation {clip(name, MAX_FIELD_BYTES)!r} not found")
+        self.name = name
+
+
+class OperationNotDoneError(DomainError):
+    """The operation is still running: only a finished operation can be deleted."""
+
+    reason = Reason.OPERATION_NOT_DONE
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"operation {name!r} is still running: cancel it, then delete it")
+        self.name = name
+
+
+class OperationCancelledError(DomainError):
+    """The result of an operation that was cancelled before it finished."""
+
+    reason = Reason.OPERATION_CANCELLED
+    default_message = "the operation was cancelled"
+
+
+class OperationFailedError(DomainError):
+    """The result of an operation that failed for a reason of the service, not the request."""
+
+    reason = Reason.OPERATION_FAILED
+    default_message = "the operation failed"

@@ -16,10 +16,11 @@ from userservice.domain.model import (
     UserEvent,
     UserFilter,
 )
+from userservice.domain.operations import OperationRepository
 
 
-class UserRepository(Protocol):
-    """Durable user store with a change log.
+class UserRepository(OperationRepository, Protocol):
+    """Durable user store with a change log, and the long-running operations (see there).
 
     Contract every implementation keeps:
     - Each write is one transaction that also appends its UserEvent; a failed
@@ -99,6 +100,14 @@ class UserRepository(Protocol):
         self, user_id: str, expected_etag: str | None, now_us: int, *, caller: Caller = OPERATOR
     ) -> None:
         """Delete a user. Raises what caller.writable() raises."""
+        ...
+
+    async def delete_users(self, user_ids: Sequence[str], now_us: int) -> list[str]:
+        """Delete these users in one transaction as the operator; return the ids deleted.
+
+        Each deletion is delete()'s (erasure, a DELETED event); ids that name no user (any
+        more) are skipped.
+        """
         ...
 
     async def upsert_by_email(self, candidate: User) -> tuple[SyncOutcome, User]:

@@ -25,6 +25,7 @@ from userservice.domain.model import (
     SyncOutcome,
     User,
     UserEvent,
+    UserFilter,
     WatchProgress,
 )
 from userservice.domain.pagination import PageTokenCodec, effective_page_size
@@ -195,6 +196,26 @@ class UserService:
         # The store erased its rows in the delete's transaction; this erases what this process
         # read before, so no watcher is sent the data once DeleteUser has returned.
         self._feed.erase([user_id])
+
+    async def purge_batch(self, user_filter: UserFilter, limit: int) -> tuple[int, int]:
+        """Delete up to limit users matching the filter in one transaction; (found, deleted).
+
+        The deletions are DeleteUser's (erasure and DELETED events, in the store's
+        transaction); found is 0 once no user matches.
+        """
+        page = await self._repository.list_page(user_filter, None, limit, with_total=False)
+        if not page.users:
+            return 0, 0
+        deleted = await self._repository.delete_users(
+            [user.id for user in page.users], self._clock()
+        )
+        self._feed.erase(deleted)
+        return len(page.users), len(deleted)
+
+    async def count_users(self, user_filter: UserFilter) -> int:
+        """Return how many users match the filter now."""
+        page = await self._repository.list_page(user_filter, None, 1, with_total=True)
+        return page.total_size
 
     async def import_users(self, users: AsyncIterable[UserInput]) -> ImportResult:
         """Create users from a stream; valid rows commit in batches, bad rows are reported.

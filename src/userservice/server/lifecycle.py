@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2_grpc
 import userservice
 from userservice.config import Settings
 from userservice.domain.errors import StorageUnavailableError
+from userservice.domain.longrunning import OperationService
 from userservice.domain.repository import UserRepository
 from userservice.domain.service import UserService
 from userservice.health import SERVING, HealthServicer, monitor_storage
@@ -36,7 +37,7 @@ from userservice.metrics import (
 )
 from userservice.observability.storage import instrument
 from userservice.observability.tracing import TracingUnavailableError, start_tracing
-from userservice.policy import SERVICE_NAME
+from userservice.policy import OPERATIONS_SERVICE_NAME, SERVICE_NAME
 from userservice.reflection import enable_reflection
 from userservice.server import wiring
 from userservice.server.channel import (
@@ -50,6 +51,7 @@ from userservice.server.errors import StartupError
 from userservice.server.worker_metrics import WorkerExporter
 from userservice.storage import db_system, storage_failure
 from userservice.storage.sqlite.shared import SharedCommits
+from userservice.transport.operations import register_operations
 from userservice.transport.servicer import register
 
 if TYPE_CHECKING:
@@ -91,6 +93,7 @@ class Application:
         self.probe_port: int | None = None
         self._repository: UserRepository | None = None
         self._service: UserService | None = None
+        self._operations: OperationService | None = None
         self._chain: InterceptorChain | None = None
         self._server: grpc.aio.Server | None = None
         self._probe_server: grpc.aio.Server | None = None
@@ -150,6 +153,12 @@ class Application:
             watch_window_size=settings.watch_buffer_events,
             scans=wiring.scan_gate(settings),
         )
+        self._operations = OperationService(
+            self._repository,
+            self._service,
+            wiring.codec(settings),
+            wiring.operation_options(settings),
+        )
         try:
             self._chain = await wiring.build_chain(settings, self._tracing)
         except KeyFetchError as error:
@@ -161,10 +170,13 @@ class Application:
         self._server = server
         # The chain is applied once per method as the servicers register, not per call.
         registrar: Any = self._chain.registrar(server)
-        register(registrar, self._service)
+        register(registrar, self._service, self._operations)
+        register_operations(registrar, self._operations)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         if settings.reflection:
-            enable_reflection(registrar, [SERVICE_NAME, "grpc.health.v1.Health"])
+            enable_reflection(
+                registrar, [SERVICE_NAME, OPERATIONS_SERVICE_NAME, "grpc.health.v1.Health"]
+            )
         credentials = server_credentials(settings)
         self.port = bind(server, settings.listen_address, credentials)
         await server.start()
@@ -186,6 +198,8 @@ class Application:
                     f"cannot serve metrics on {settings.metrics_address}: {error.strerror or error}"
                 ) from error
         await self.health.set(SERVING)
+        # Resumes the operations whose runner stopped (here before a restart, or elsewhere).
+        self._operations.start()
         self._monitor = asyncio.create_task(
             monitor_storage(
                 self.health,
@@ -262,12 +276,17 @@ class Application:
             if self._service is not None:
                 await self._service.begin_shutdown()
             await stopping
+        if self._operations is not None:
+            # Their leases released, the operations running here resume on another replica.
+            await self._operations.close()
         await self._close_resources()
         log.info("stopped")
 
     async def _close_after_failed_start(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._operations is not None:
+            await self._operations.close()
         for server in (self._server, self._probe_server):
             if server is not None:
                 with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from userservice.config import ConfigError, Settings, previous_secrets, replica_scan_limit
+from userservice.domain.longrunning import OperationOptions
 from userservice.domain.pagination import PageTokenCodec, page_token_codec
 from userservice.domain.repository import UserRepository
 from userservice.domain.scans import ScanGate
@@ -68,6 +69,15 @@ def migrate(settings: Settings) -> list[str]:
 def codec(settings: Settings) -> PageTokenCodec:
     """Return the page-token codec: the current secret signs, the previous ones still verify."""
     return page_token_codec(settings.page_token_secret, previous_secrets(settings))
+
+
+def operation_options(settings: Settings) -> OperationOptions:
+    """Return how this replica runs long-running operations."""
+    return OperationOptions(
+        lease_seconds=settings.operation_lease_seconds,
+        purge_batch_size=settings.purge_batch_size,
+        purge_batch_interval_seconds=settings.purge_batch_interval_seconds,
+    )
 
 
 def scan_gate(settings: Settings) -> ScanGate:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from userservice.domain.model import Role, User, email_key, search_key
+from userservice.domain.operations import Operation
 
 # Every user column but the id, in the order user_fields() and user_from_row() rely on, with
 # its PostgreSQL type (the batch statements bind one typed array per column). SQL texts
@@ -115,4 +116,51 @@ def user_from_row(row: Sequence[Any]) -> User:
         int(row[5]),
         int(row[6]),
         row[7] or "",
+    )
+
+
+# The operations columns, in the order operation_fields() and operation_from_row() use.
+OPERATION_COLUMNS: Final = (
+    "name, kind, owner, request, metadata, done, result, error, cancel_requested,"
+    " lease_owner, lease_expiry_us, create_time_us, update_time_us"
+)
+
+
+def operation_fields(
+    operation: Operation,
+) -> tuple[str, str, str, str, str, bool, str | None, str | None, bool, str, int, int, int]:
+    """Return an operation's values in OPERATION_COLUMNS order."""
+    return (
+        operation.name,
+        operation.kind,
+        operation.owner,
+        operation.request,
+        operation.metadata,
+        operation.done,
+        operation.result,
+        operation.error,
+        operation.cancel_requested,
+        operation.lease_owner,
+        operation.lease_expiry_us,
+        operation.create_time_us,
+        operation.update_time_us,
+    )
+
+
+def operation_from_row(row: Sequence[Any]) -> Operation:
+    """Build an Operation from a row of OPERATION_COLUMNS."""
+    return Operation(
+        name=str(row[0]),
+        kind=str(row[1]),
+        owner=str(row[2]),
+        request=str(row[3]),
+        metadata=str(row[4]),
+        done=bool(row[5]),
+        result=None if row[6] is None else str(row[6]),
+        error=None if row[7] is None else str(row[7]),
+        cancel_requested=bool(row[8]),
+        lease_owner=str(row[9]),
+        lease_expiry_us=int(row[10]),
+        create_time_us=int(row[11]),
+        update_time_us=int(row[12]),
     )

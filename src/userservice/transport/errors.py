@@ -22,6 +22,10 @@ from userservice.domain.errors import (
     EtagMismatchError,
     InvalidArgumentError,
     NotOwnerError,
+    OperationCancelledError,
+    OperationFailedError,
+    OperationNotDoneError,
+    OperationNotFoundError,
     RequestIdReusedError,
     SequenceBeyondLatestError,
     SequenceExpiredError,
@@ -36,6 +40,7 @@ from userservice.domain.errors import (
 from userservice.rpc_context import with_request_id
 
 USER_RESOURCE_TYPE = "user.v1.User"
+OPERATION_RESOURCE_TYPE = "google.longrunning.Operation"
 _RETRY_AFTER_UNAVAILABLE = duration_pb2.Duration(seconds=1)
 # A scan ends within the statement budget; most within well under a second.
 _RETRY_AFTER_SCANS = duration_pb2.Duration(seconds=1)
@@ -66,6 +71,13 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     CommitOutcomeUnknownError: grpc.StatusCode.UNAVAILABLE,
     ConcurrentConflictError: grpc.StatusCode.ABORTED,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+    # The same answer for an operation that does not exist and one the caller may not see.
+    OperationNotFoundError: grpc.StatusCode.NOT_FOUND,
+    # AIP-151/AIP-135: an unfinished operation cannot be deleted; cancel it first.
+    OperationNotDoneError: grpc.StatusCode.FAILED_PRECONDITION,
+    # Only ever an operation's result (Operation.error), never a call's status.
+    OperationCancelledError: grpc.StatusCode.CANCELLED,
+    OperationFailedError: grpc.StatusCode.INTERNAL,
 }
 # Only these promise that a retry after RetryInfo's delay is safe and may succeed.
 _RETRY_SAFE = frozenset({StorageUnavailableError, StorageBusyError, ShuttingDownError})
@@ -106,6 +118,16 @@ def _details(error: DomainError) -> list[any_pb2.Any]:
                 error_details_pb2.ResourceInfo(
                     resource_type=USER_RESOURCE_TYPE,
                     resource_name=error.user_id,
+                    description=error.message,
+                )
+            )
+        )
+    elif isinstance(error, OperationNotFoundError | OperationNotDoneError):
+        details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type=OPERATION_RESOURCE_TYPE,
+                    resource_name=error.name,
                     description=error.message,
                 )
             )

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
+import google.longrunning.operations_proto_pb2 as operations_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from user.v1 import user_pb2, user_service_pb2
+from userservice.domain.longrunning import PURGE_USERS, PurgeProgress, purged_count
 from userservice.domain.model import Role, User, UserEvent, WatchProgress
+from userservice.domain.operations import Operation
 from userservice.domain.validation import UserInput
+from userservice.transport.errors import status_proto
 
 
 def timestamp(micros: int) -> Timestamp:
@@ -78,3 +82,27 @@ def event_to_proto(event: UserEvent | WatchProgress) -> user_service_pb2.WatchUs
     )
     fill_user(response.user, event.user)
     return response
+
+
+def operation_proto(operation: Operation) -> operations_pb2.Operation:
+    """Return the google.longrunning.Operation for a stored operation."""
+    message = operations_pb2.Operation(name=operation.name, done=operation.done)
+    if operation.kind == PURGE_USERS:
+        progress = PurgeProgress.parse(operation.metadata)
+        message.metadata.Pack(
+            user_service_pb2.PurgeUsersMetadata(
+                matched_count=progress.matched_count,
+                purged_count=progress.purged_count,
+                start_time=timestamp(progress.start_time_us),
+                update_time=timestamp(progress.update_time_us),
+            )
+        )
+    if operation.done:
+        failure = operation.failure()
+        if failure is not None:
+            message.error.CopyFrom(status_proto(failure))
+        elif operation.kind == PURGE_USERS:
+            message.response.Pack(
+                user_service_pb2.PurgeUsersResponse(purged_count=purged_count(operation) or 0)
+            )
+    return message

@@ -8,19 +8,27 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
+import google.longrunning.operations_proto_pb2 as operations_pb2
 import grpc
 
 from user.v1 import user_service_pb2 as pb
 from user.v1 import user_service_pb2_grpc as pb_grpc
 from userservice.domain.deadlines import bind_time_remaining, unbind_time_remaining
 from userservice.domain.errors import DomainError, ShuttingDownError, StorageUnavailableError
+from userservice.domain.longrunning import OperationService
 from userservice.domain.model import Caller
 from userservice.domain.service import UserService
 from userservice.domain.validation import UserInput
 from userservice.interceptors.auth import ADMIN
 from userservice.rpc_context import PRINCIPAL, SCOPES
 from userservice.transport.errors import abort_with_domain_error, status_proto
-from userservice.transport.mapping import event_to_proto, fill_user, fill_users, user_input
+from userservice.transport.mapping import (
+    event_to_proto,
+    fill_user,
+    fill_users,
+    operation_proto,
+    user_input,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -81,8 +89,9 @@ def current_caller() -> Caller:
 class UserServiceServicer(pb_grpc.UserServiceServicer):
     """The transport for UserService; business rules live in the domain service."""
 
-    def __init__(self, service: UserService) -> None:
+    def __init__(self, service: UserService, operations: OperationService) -> None:
         self._service = service
+        self._operations = operations
 
     @maps_domain_errors
     async def CreateUser(
@@ -206,6 +215,14 @@ class UserServiceServicer(pb_grpc.UserServiceServicer):
                 yield await self._sync_one(index, request)
                 index += 1
 
+    @maps_domain_errors
+    async def PurgeUsers(
+        self, request: pb.PurgeUsersRequest, context: Context
+    ) -> operations_pb2.Operation:
+        """Start deleting the matching users; answer with the operation at once."""
+        operation = await self._operations.purge_users(current_caller(), request.filter)
+        return operation_proto(operation)
+
     async def _sync_one(self, index: int, request: pb.SyncUsersRequest) -> pb.SyncUsersResponse:
         try:
             outcome, user = await self._service.sync_user(user_input(request.user))
@@ -233,6 +250,6 @@ async def _user_inputs(requests: AsyncIterator[pb.ImportUsersRequest]) -> AsyncI
     await asyncio.sleep(0)
 
 
-def register(server: grpc.aio.Server, service: UserService) -> None:
+def register(server: grpc.aio.Server, service: UserService, operations: OperationService) -> None:
     """Add the UserService servicer to a server."""
-    pb_grpc.add_UserServiceServicer_to_server(UserServiceServicer(service), server)
+    pb_grpc.add_UserServiceServicer_to_server(UserServiceServicer(service, operations), server)

@@ -33,8 +33,9 @@ from userservice.domain.model import (
     UserFilter,
     email_key,
 )
+from userservice.domain.operations import Operation
 from userservice.storage.maintenance import ExpirySchedule
-from userservice.storage.postgres import queries, reads, writes
+from userservice.storage.postgres import operations, queries, reads, writes
 from userservice.storage.postgres.connection import (
     UNAVAILABLE_ERRORS,
     ConnectOptions,
@@ -136,6 +137,74 @@ class PostgresUserRepository:
                 conn, user_id, expected_etag, now_us, self._retention, caller
             )
         )
+
+    async def delete_users(self, user_ids: Sequence[str], now_us: int) -> list[str]:
+        """Delete these users in one transaction as the operator; return the ids deleted."""
+        if not user_ids:
+            return []
+        return await self._transact(
+            lambda conn: writes.delete_many(conn, user_ids, now_us, self._retention)
+        )
+
+    # -- long-running operations ------------------------------------------------
+    # Single statements, each its own transaction: no event is appended, so they go
+    # around _transact and its wake-up of the watchers.
+
+    async def create_operation(self, operation: Operation) -> None:
+        """Insert a new operation."""
+        async with self._connection() as conn:
+            await operations.create(conn, operation)
+
+    async def get_operation(self, name: str) -> Operation | None:
+        """Return the operation with this name, or None."""
+        async with self._connection() as conn:
+            return await operations.get(conn, name)
+
+    async def list_operations(
+        self, owner: str | None, done: bool | None, after_name: str | None, limit: int
+    ) -> list[Operation]:
+        """Return up to limit operations after after_name in name order, as selected."""
+        async with self._connection() as conn:
+            return await operations.list_page(conn, owner, done, after_name, limit)
+
+    async def renew_operation(
+        self, name: str, lease_owner: str, metadata: str, lease_expiry_us: int, now_us: int
+    ) -> Operation | None:
+        """Store progress and extend the lease; None if lease_owner does not hold it."""
+        async with self._connection() as conn:
+            return await operations.renew(
+                conn, name, lease_owner, metadata, lease_expiry_us, now_us
+            )
+
+    async def finish_operation(
+        self,
+        name: str,
+        lease_owner: str,
+        metadata: str,
+        result: str | None,
+        error: str | None,
+        now_us: int,
+    ) -> bool:
+        """Mark the operation done; False if lease_owner does not hold its lease."""
+        async with self._connection() as conn:
+            return await operations.finish(conn, name, lease_owner, metadata, result, error, now_us)
+
+    async def cancel_operation(self, name: str, now_us: int) -> None:
+        """Set cancel_requested on the operation if it is not done."""
+        async with self._connection() as conn:
+            await operations.cancel(conn, name, now_us)
+
+    async def delete_operation(self, name: str) -> bool:
+        """Delete the operation if it is done."""
+        async with self._connection() as conn:
+            return await operations.delete(conn, name)
+
+    async def claim_operations(
+        self, lease_owner: str, now_us: int, lease_expiry_us: int, limit: int
+    ) -> list[Operation]:
+        """Take over up to limit unfinished operations whose lease expired."""
+        async with self._connection() as conn:
+            return await operations.claim(conn, lease_owner, now_us, lease_expiry_us, limit)
 
     async def upsert_by_email(self, candidate: User) -> tuple[SyncOutcome, User]:
         """Create the candidate or update the user holding its email, atomically."""

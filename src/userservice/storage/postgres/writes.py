@@ -158,6 +158,26 @@ async def delete(
 ) -> tuple[None, int]:
     """Delete under a row lock after the domain's caller and etag checks, erasing its data."""
     current = await _lock_user(conn, user_id, expected_etag, caller)
+    events = [await _delete_locked(conn, current, now_us)]
+    return None, await append_events(conn, events, retention)
+
+
+async def delete_many(
+    conn: asyncpg.Connection, user_ids: Sequence[str], now_us: int, retention: int
+) -> tuple[list[str], int]:
+    """Delete each of these users that exists as delete() does, the events appended once."""
+    events: list[Event] = []
+    for user_id in user_ids:
+        row = await conn.fetchrow(queries.LOCK_USER, user_id)
+        if row is not None:
+            events.append(await _delete_locked(conn, user_from_row(row), now_us))
+    deleted = [user.id for _, user, _ in events]
+    return deleted, await append_events(conn, events, retention)
+
+
+async def _delete_locked(conn: asyncpg.Connection, current: User, now_us: int) -> Event:
+    """Delete a user whose row this transaction locked, erasing its data; return its event."""
+    user_id = current.id
     await conn.execute(queries.DELETE_USER, user_id)
     erased = current.erased()
     # These row locks come before the counter's (taken last by append_events); a writer that
@@ -166,8 +186,7 @@ async def delete(
     personal = personal_fields(erased)
     await conn.execute(queries.ERASE_EVENTS, user_id, *personal)
     await conn.execute(queries.ERASE_REQUESTS, user_id, *personal, ERASED)
-    events = [(EventType.DELETED, erased, current.deletion_time(now_us))]
-    return None, await append_events(conn, events, retention)
+    return EventType.DELETED, erased, current.deletion_time(now_us)
 
 
 async def upsert_by_email(

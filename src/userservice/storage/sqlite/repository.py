@@ -27,9 +27,10 @@ from userservice.domain.model import (
     UserFilter,
     email_key,
 )
+from userservice.domain.operations import Operation
 from userservice.storage.maintenance import EXPIRE_BATCH, ExpirySchedule
 from userservice.storage.signal import SequenceSignal
-from userservice.storage.sqlite import queries, reads, writes
+from userservice.storage.sqlite import operations, queries, reads, writes
 from userservice.storage.sqlite.cache import ReadCache
 from userservice.storage.sqlite.connection import StatementBudget, storage_errors, transaction
 from userservice.storage.sqlite.files import StoreFiles, close_writer
@@ -164,6 +165,64 @@ class SqliteUserRepository:
     ) -> None:
         """Delete a user if caller may (Caller.writable) and the etag matches."""
         await self._write(writes.delete, user_id, expected_etag, now_us, caller)
+
+    async def delete_users(self, user_ids: Sequence[str], now_us: int) -> list[str]:
+        """Delete these users in one transaction as the operator; return the ids deleted."""
+        if not user_ids:
+            return []
+        return await self._write(writes.delete_many, user_ids, now_us)
+
+    # -- long-running operations ------------------------------------------------
+
+    async def create_operation(self, operation: Operation) -> None:
+        """Insert a new operation."""
+        await self._write(operations.create, operation)
+
+    async def get_operation(self, name: str) -> Operation | None:
+        """Return the operation with this name, or None."""
+        return await self._read(operations.get, name)
+
+    async def list_operations(
+        self, owner: str | None, done: bool | None, after_name: str | None, limit: int
+    ) -> list[Operation]:
+        """Return up to limit operations after after_name in name order, as selected."""
+        return await self._read(operations.list_page, owner, done, after_name, limit)
+
+    async def renew_operation(
+        self, name: str, lease_owner: str, metadata: str, lease_expiry_us: int, now_us: int
+    ) -> Operation | None:
+        """Store progress and extend the lease; None if lease_owner does not hold it."""
+        return await self._write(
+            operations.renew, name, lease_owner, metadata, lease_expiry_us, now_us
+        )
+
+    async def finish_operation(
+        self,
+        name: str,
+        lease_owner: str,
+        metadata: str,
+        result: str | None,
+        error: str | None,
+        now_us: int,
+    ) -> bool:
+        """Mark the operation done; False if lease_owner does not hold its lease."""
+        return await self._write(
+            operations.finish, name, lease_owner, metadata, result, error, now_us
+        )
+
+    async def cancel_operation(self, name: str, now_us: int) -> None:
+        """Set cancel_requested on the operation if it is not done."""
+        await self._write(operations.cancel, name, now_us)
+
+    async def delete_operation(self, name: str) -> bool:
+        """Delete the operation if it is done."""
+        return await self._write(operations.delete, name)
+
+    async def claim_operations(
+        self, lease_owner: str, now_us: int, lease_expiry_us: int, limit: int
+    ) -> list[Operation]:
+        """Take over up to limit unfinished operations whose lease expired."""
+        return await self._write(operations.claim, lease_owner, now_us, lease_expiry_us, limit)
 
     async def upsert_by_email(self, candidate: User) -> tuple[SyncOutcome, User]:
         """Create candidate, or set display_name and role on the user with its email."""

@@ -181,6 +181,17 @@ def delete(
     writes.cache[user_id] = None
 
 
+def delete_many(writes: WriteTransaction, user_ids: Sequence[str], now: int) -> list[str]:
+    """Delete each of these users that exists as delete() does; return the ids deleted."""
+    deleted = []
+    for user_id in user_ids:
+        current = fetch_user(writes.conn, queries.SELECT_USER, user_id)
+        if current is not None:
+            delete(writes, user_id, None, now)
+            deleted.append(user_id)
+    return deleted
+
+
 def upsert_by_email(writes: WriteTransaction, candidate: User) -> tuple[SyncOutcome, User]:
     """Create candidate, or apply the domain's sync decision to the user holding its email."""
     # Reading first is safe here: BEGIN IMMEDIATE and the single writer exclude any other write.
