@@ -146,15 +146,16 @@ def run_json(
     return text if raw else json.loads(text)
 
 
-def start_bare(name: str, uvloop: bool) -> Server:
-    """Start `python -m benchmarks.bare_server` and wait until it listens."""
+def start_bare(name: str, uvloop: bool, extra: Sequence[str] = ()) -> Server:
+    """Start `python -m benchmarks.bare_server` (plus extra flags) and wait until it listens."""
     argv = [sys.executable, "-m", "benchmarks.bare_server", "--port", "0"]
     if uvloop:
         argv.append("--uvloop")
+    argv += extra
     started = time.monotonic()
     process = spawn(argv, None, subprocess.PIPE, None)
     try:
-        line = read_line(process, 15.0)
+        line = read_line(process, 30.0)
         if not line.startswith("LISTENING "):
             raise BenchError(f"{name}: unexpected output {line!r} (exit {process.poll()})")
         return Server(
