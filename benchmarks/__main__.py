@@ -282,9 +282,13 @@ class Bench:
             count = self.args.stream_users
             if scenario.pg and scenario.kind == "export":
                 count = min(count, self.args.pg_rows)  # the export ends with the table
-            argv += ["--count", str(count)]
-            if scenario.kind == "import":
+            if scenario.kind == "watch":
+                count = self.args.watch_events
+                argv += ["--watchers", str(self.args.watchers)]
+                argv += ["--concurrency", str(scenario.concurrency)]
+            if scenario.kind in ("import", "watch"):
                 argv += ["--email-prefix", prefix]
+            argv += ["--count", str(count)]
             timeout = 600.0
         # The floor gets the same token: the same request headers on both sides keep
         # HPACK and metadata handling out of the difference.
@@ -399,10 +403,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--bulk-rounds",
         type=int,
         default=2,
-        help="rounds of export, import and start-up, at most --rounds (default 2)",
+        help="rounds of export, import, watch and start-up, at most --rounds (default 2)",
     )
     parser.add_argument(
         "--stream-users", type=int, default=100_000, help="users exported/imported (100000)"
+    )
+    parser.add_argument("--watchers", type=int, default=16, help="WatchUsers streams (16)")
+    parser.add_argument(
+        "--watch-events", type=int, default=1000, help="users created while watched (1000)"
     )
     parser.add_argument("--small-rows", type=int, default=10_000, help="small store (10000)")
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="big store (1000000)")
@@ -418,7 +426,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="2 rounds, 1 s windows, 20000 streamed users: a smoke run, not figures to quote",
+        help="2 rounds, 1 s windows, 20000 streamed users, 300 watched: a smoke run, not figures",
     )
     parser.add_argument(
         "--only",
@@ -433,6 +441,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.bulk_rounds, args.seconds, args.warmup = 2, 2, 1.0, 0.3
         args.stream_users = min(args.stream_users, 20_000)
+        args.watch_events = min(args.watch_events, 300)
     args.bulk_rounds = min(args.bulk_rounds, args.rounds)
     if (
         args.rounds < 1
@@ -440,9 +449,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         or args.seconds <= 0
         or args.warmup < 0
         or args.stream_users < 1
+        or args.watchers < 1
+        or args.watch_events < 1
     ):
         parser.error(
-            "--rounds and --bulk-rounds >= 1, --seconds > 0, --warmup >= 0 and --stream-users >= 1"
+            "--rounds, --bulk-rounds, --stream-users, --watchers and --watch-events >= 1,"
+            " --seconds > 0, --warmup >= 0"
         )
     if args.small_rows < 200 or args.big_rows < 200 or args.pg_rows < 200:
         parser.error("--small-rows, --big-rows and --pg-rows must be at least 200")
@@ -497,6 +509,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds",
             "warmup",
             "stream_users",
+            "watchers",
+            "watch_events",
             "small_rows",
             "big_rows",
             "pg_rows",

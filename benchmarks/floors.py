@@ -11,6 +11,10 @@ a scenario's ratio to its floor shows what *our* code costs on top of the same s
   GetUser and pages one statement each, a create or an import batch the user insert and the
   event append in one transaction.
 
+WatchUsers fans out as the service's change feed does: one pump per process reads the new
+events once per wake-up (a commit here for SQLite, a NOTIFY for PostgreSQL) and hands each
+response, built once, to every watcher's queue.
+
 What these leave out is the service's own work: validation, the domain, page-token signing,
 auth, the interceptors, metrics and the access log. Each row becomes a protobuf `User` of the
 shape the service returns.
@@ -19,6 +23,7 @@ shape the service returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +47,8 @@ POOL_MIN, POOL_MAX = 2, 10
 EVENT_RETENTION = 100_000
 STREAM_BATCH = 256
 IMPORT_BATCH = 500
+WATCH_BATCH = 256
+WATCH_POLL_SECONDS = 5.0
 _CREATED = 1  # EventType.CREATED
 _PG_PAGE = f"SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"  # noqa: S608
 _PG_FIRST_PAGE = f"SELECT {USER_COLUMNS} FROM users ORDER BY id LIMIT $1"  # noqa: S608
@@ -84,6 +91,15 @@ def new_row(user: user_pb2.User) -> tuple[Any, ...]:
 class Store(Protocol):
     """The storage work of each RPC a floor answers."""
 
+    async def events_after(self, sequence: int, limit: int) -> list[Row]:
+        """Up to limit event rows after sequence (snapshot columns, sequence, type, time)."""
+
+    async def latest_sequence(self) -> int:
+        """The newest event's sequence."""
+
+    async def wait_for_events(self, timeout: float) -> None:
+        """Return once an event may have been committed since the last call, or on timeout."""
+
     async def get(self, user_id: str) -> Row | None:
         """The user row with this id."""
 
@@ -111,6 +127,28 @@ class SqliteStore:
         self._write_conn = connect(path)
         self._cache: dict[str, Row] = {}
         self._loop = asyncio.get_running_loop()
+        self._committed = asyncio.Event()
+
+    async def events_after(self, sequence: int, limit: int) -> list[Row]:
+        """The store's event query on the reader thread."""
+        # Cleared before the read: a commit after this point wakes the next wait.
+        self._committed.clear()
+        return await self._loop.run_in_executor(self._reader, self._events, sequence, limit)
+
+    def _events(self, sequence: int, limit: int) -> list[Row]:
+        return self._read_conn.execute(lite.SELECT_EVENTS, (sequence, limit)).fetchall()
+
+    async def latest_sequence(self) -> int:
+        """max(sequence) on the reader thread."""
+        return await self._loop.run_in_executor(self._reader, self._latest)
+
+    def _latest(self) -> int:
+        return int(self._read_conn.execute(lite.EVENT_BOUNDS).fetchone()[1] or 0)
+
+    async def wait_for_events(self, timeout: float) -> None:
+        """Woken in-process by a commit, as the store's change feed is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._committed.wait(), timeout)
 
     async def get(self, user_id: str) -> Row | None:
         """From the dict once read, as the store's cache answers; else on the reader thread."""
@@ -142,6 +180,7 @@ class SqliteStore:
     async def create(self, row: tuple[Any, ...]) -> None:
         """Insert the user and its event in one transaction on the writer thread."""
         await self._loop.run_in_executor(self._writer, self._create, row)
+        self._committed.set()
 
     def _create(self, row: tuple[Any, ...]) -> None:
         conn = self._write_conn
@@ -157,6 +196,7 @@ class SqliteStore:
     async def create_many(self, rows: list[tuple[Any, ...]]) -> None:
         """The store's import batch: taken emails, then one executemany per table."""
         await self._loop.run_in_executor(self._writer, self._create_many, rows)
+        self._committed.set()
 
     def _create_many(self, rows: list[tuple[Any, ...]]) -> None:
         conn = self._write_conn
@@ -184,16 +224,42 @@ class SqliteStore:
 class PostgresStore:
     """The PostgreSQL store's queries through an asyncpg pool of the service's size."""
 
-    def __init__(self, pool: Any) -> None:
-        """Use an open asyncpg pool."""
+    def __init__(self, pool: Any, listener: Any) -> None:
+        """Use an open asyncpg pool, and listener (a connection of its own) for NOTIFY."""
         self._pool = pool
+        self._listener = listener
+        self._notified = asyncio.Event()
+
+    async def _listen(self) -> None:
+        await self._listener.add_listener("user_events", self._notify)
+
+    def _notify(self, *_: object) -> None:
+        self._notified.set()
+
+    async def events_after(self, sequence: int, limit: int) -> list[Row]:
+        """The store's event query on a pooled connection."""
+        self._notified.clear()  # before the read: a later NOTIFY wakes the next wait
+        rows: list[Row] = await self._pool.fetch(pg.SELECT_EVENTS, sequence, limit)
+        return rows
+
+    async def latest_sequence(self) -> int:
+        """The event counter."""
+        return int(await self._pool.fetchval(pg.SELECT_LATEST_SEQUENCE))
+
+    async def wait_for_events(self, timeout: float) -> None:
+        """Woken by the NOTIFY every commit sends, as the store's listener is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._notified.wait(), timeout)
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:
         """Connect the pool."""
         import asyncpg
 
-        return cls(await asyncpg.create_pool(url, min_size=POOL_MIN, max_size=POOL_MAX))
+        pool = await asyncpg.create_pool(url, min_size=POOL_MIN, max_size=POOL_MAX)
+        store = cls(pool, await asyncpg.connect(url))
+        await store._listen()
+        return store
 
     async def get(self, user_id: str) -> Row | None:
         """One statement on a pooled connection."""
@@ -229,7 +295,8 @@ class PostgresStore:
             await conn.fetchval(pg.APPEND_EVENTS, *_event_arrays(new))
 
     async def close(self) -> None:
-        """Close the pool."""
+        """Close the listener and the pool."""
+        await self._listener.close()
         await self._pool.close()
 
 
@@ -266,6 +333,7 @@ class StoreUserService(user_service_pb2_grpc.UserServiceServicer):
         """Serve from store; after_ids maps each page token the bench sends to its position."""
         self._store = store
         self._after_ids = after_ids
+        self._feed = Feed(store)
 
     async def GetUser(
         self, request: user_service_pb2.GetUserRequest, context: Context
@@ -325,6 +393,57 @@ class StoreUserService(user_service_pb2_grpc.UserServiceServicer):
         """Insert the stream's users in batches."""
         count = await import_batches(self._store, request_iterator)
         return user_service_pb2.ImportUsersResponse(created_count=count)
+
+    async def WatchUsers(
+        self, request: user_service_pb2.WatchUsersRequest, context: Context
+    ) -> AsyncIterator[user_service_pb2.WatchUsersResponse]:
+        """Events from now on, from the one pump (no replay: the bench watches from now)."""
+        await context.send_initial_metadata(())
+        queue = await self._feed.attach()
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._feed.detach(queue)
+
+
+class Feed:
+    """One pump reading new events once per wake-up and queueing each for every watcher."""
+
+    def __init__(self, store: Store) -> None:
+        """Fan out store's events."""
+        self._store = store
+        self._queues: set[asyncio.Queue[user_service_pb2.WatchUsersResponse]] = set()
+        self._pump: asyncio.Task[None] | None = None
+        self._cursor = 0
+
+    async def attach(self) -> asyncio.Queue[user_service_pb2.WatchUsersResponse]:
+        """A queue of every event committed from now on."""
+        if self._pump is None:
+            self._cursor = await self._store.latest_sequence()
+            self._pump = asyncio.create_task(self._run())
+        queue: asyncio.Queue[user_service_pb2.WatchUsersResponse] = asyncio.Queue()
+        self._queues.add(queue)
+        return queue
+
+    def detach(self, queue: asyncio.Queue[user_service_pb2.WatchUsersResponse]) -> None:
+        """Stop feeding queue."""
+        self._queues.discard(queue)
+
+    async def _run(self) -> None:
+        while True:
+            rows = await self._store.events_after(self._cursor, WATCH_BATCH)
+            for row in rows:
+                response = user_service_pb2.WatchUsersResponse(sequence=row[-3], type=row[-2])
+                fill_user(response.user, row)
+                seconds, micros = divmod(row[-1], 1_000_000)
+                response.event_time.seconds, response.event_time.nanos = seconds, micros * 1000
+                for queue in self._queues:
+                    queue.put_nowait(response)
+            if rows:
+                self._cursor = rows[-1][-3]
+            if len(rows) < WATCH_BATCH:
+                await self._store.wait_for_events(WATCH_POLL_SECONDS)
 
 
 async def import_batches(

@@ -253,7 +253,7 @@ def render(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
     lines = [
         f"{summary['command']}: {settings['rounds']} interleaved rounds "
-        f"({settings['bulk_rounds']} of export, import and start-up),",
+        f"({settings['bulk_rounds']} of export, import, watch and start-up),",
         f"{settings['seconds']:g} s windows (+{settings['warmup']:g} s warm-up), "
         f"{settings['stream_users']} users per export and import.",
         "Medians over rounds. x floor: median of the per-round paired ratios to the",

@@ -35,7 +35,7 @@ class Scenario:
 
     key: str
     label: str
-    kind: str  # a benchmarks.loadgen command (load, export, import) or "startup"
+    kind: str  # a benchmarks.loadgen command (load, export, import, watch) or "startup"
     configs: tuple[str, ...]
     group: str
     method: str = "get"
@@ -50,6 +50,8 @@ class Scenario:
         """What one operation is, for the figures column."""
         if self.kind in ("export", "import"):
             return "users/s"
+        if self.kind == "watch":
+            return "events/s"
         if self.kind == "startup":
             return "ms"
         return "calls/s"
@@ -191,6 +193,25 @@ SCENARIOS: tuple[Scenario, ...] = (
         "import",
         floor="floor-pg",
         pg=True,
+    ),
+    Scenario(
+        "watch",
+        "WatchUsers fan-out",
+        "watch",
+        ("floor-write", "full-write"),
+        "watch",
+        floor="floor-write",
+        concurrency=8,
+    ),
+    Scenario(
+        "watch-pg",
+        "WatchUsers fan-out, PG",
+        "watch",
+        ("floor-pg", "full-pg"),
+        "watch",
+        floor="floor-pg",
+        pg=True,
+        concurrency=8,
     ),
     Scenario("startup", "start-up to SERVING", "startup", ("bare", "full"), "startup"),
     Scenario(

@@ -41,6 +41,7 @@ def _bench(tmp_path: Path, only: str, *extra: str) -> tuple[str, dict[str, Any]]
     output = tmp_path / "results.json"
     argv = [sys.executable, "-m", "benchmarks", "--only", only, "--rounds", "1"]
     argv += ["--seconds", "0.3", "--warmup", "0", "--stream-users", "300", "--small-rows", "300"]
+    argv += ["--watchers", "3", "--watch-events", "40"]
     argv += ["--cache-dir", str(tmp_path), "--output", str(output), *extra]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -62,7 +63,7 @@ def _check_cells(scenarios: dict[str, Any], expected: dict[str, set[str]]) -> No
 
 
 def test_bench_measures_each_scenario_against_its_floor(tmp_path: Path) -> None:
-    stdout, summary = _bench(tmp_path, "get-c1,list-10k,import,startup")
+    stdout, summary = _bench(tmp_path, "get-c1,list-10k,import,watch,startup")
     assert "x floor" in stdout
     assert "GetUser c1" in stdout
     assert "*floor " in stdout  # the floor's row is marked
@@ -73,6 +74,7 @@ def test_bench_measures_each_scenario_against_its_floor(tmp_path: Path) -> None:
             "get-c1": {"floor", "bare", "bare+uvloop", "full"},
             "list-10k": {"floor", "bare", "full"},
             "import": {"floor-write", "bare", "full-write"},
+            "watch": {"floor-write", "full-write"},
             "startup": {"bare", "full"},
         },
     )
@@ -80,6 +82,8 @@ def test_bench_measures_each_scenario_against_its_floor(tmp_path: Path) -> None:
     for config in ("floor-write", "full-write"):
         # Both sides really wrote every user: the floor inserts as the store does.
         assert scenarios["import"]["configs"][config]["rounds"][0]["created"] == 300
+        # Every watcher got every event created while it watched.
+        assert scenarios["watch"]["configs"][config]["rounds"][0]["operations"] == 3 * 40
     assert scenarios["startup"]["configs"]["full"]["median"]["startup_ms"] > 0
     assert summary["memory"]["full"]["peak_rss_mib"] >= summary["memory"]["full"]["idle_rss_mib"]
     headlines = {headline["name"]: headline for headline in summary["headlines"]}
@@ -107,7 +111,9 @@ def test_bench_runs_the_postgres_scenarios_in_a_database_of_its_own(tmp_path: Pa
     pg = {"floor-pg", "full-pg"}
     _check_cells(
         summary["scenarios"],
-        dict.fromkeys(("get-pg-c16", "create-pg-c16", "list-pg", "export-pg", "import-pg"), pg),
+        dict.fromkeys(
+            ("get-pg-c16", "create-pg-c16", "list-pg", "export-pg", "import-pg", "watch-pg"), pg
+        ),
     )
     exported = summary["scenarios"]["export-pg"]["configs"]
     # The export ends with the table (300 rows), on both sides.
