@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -157,6 +158,7 @@ class Bench:
             if any(name in s.configs for s in scenarios if s.kind != "startup")
             and name not in self.failed
         ]
+        needed += [name for name in _venv_configs(self.args) if name not in needed]
         for name in needed:
             try:
                 self.servers[name] = self.start_one(name)
@@ -174,7 +176,7 @@ class Bench:
             )
 
     def _database(self, name: str) -> Path:
-        target = self.workdir / f"{name}.db"
+        target = self.workdir / f"{name.replace('@', '-at-')}.db"
         if name == "full-write":
             return target  # an empty store: the service migrates it at start
         if name == "floor-write":
@@ -185,6 +187,14 @@ class Bench:
 
     def start_one(self, name: str) -> Server:
         """Start the long-lived server of configuration `name` and wait until it listens."""
+        if "@" in name:
+            # The same configuration run by another environment's interpreter (--venv).
+            base, _, label = name.partition("@")
+            venv = self.args.venvs[label]
+            if base == "bare+uvloop":
+                return start_bare(name, uvloop=True, python=str(venv / "bin" / "python"))
+            database = f"sqlite:///{self._database(name)}"
+            return start_full(name, self._full_env(database), self.workdir, 1, venv / "bin")
         if name.startswith("bare"):
             return start_bare(name, uvloop=name == "bare+uvloop")
         if name in STORE_FLOORS:
@@ -433,6 +443,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="",
         help="comma-separated scenarios or groups: " + ", ".join(GROUPS),
     )
+    parser.add_argument(
+        "--venv",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run GetUser's bare+uvloop and full with another virtualenv's packages "
+        "(e.g. another grpcio), as configurations bare+uvloop@LABEL and full@LABEL in the "
+        "same rounds; repeatable",
+    )
     parser.add_argument("--output", type=Path, default=REPO / ".bench" / "results.json")
     parser.add_argument(
         "--cache-dir", type=Path, default=REPO / ".bench", help="seeded stores (.bench/)"
@@ -462,7 +481,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.scenarios = select(args.only)
     except ValueError as error:
         parser.error(str(error))
+    args.venvs = {}
+    for entry in args.venv:
+        label, _, path = entry.partition("=")
+        if not label or not path or not (Path(path) / "bin" / "userservice").exists():
+            parser.error(f"--venv {entry!r}: LABEL=PATH of a virtualenv with userservice installed")
+        args.venvs[label] = Path(path)
+    extra = _venv_configs(args)
+    args.scenarios = [
+        dataclasses.replace(s, configs=(*s.configs, *extra)) if s.key.startswith("get-c") else s
+        for s in args.scenarios
+    ]
     return args
+
+
+def _venv_configs(args: argparse.Namespace) -> list[str]:
+    """The configurations --venv adds to the SQLite GetUser scenarios: bare+uvloop and full."""
+    return [f"{base}@{label}" for label in args.venvs for base in ("bare+uvloop", "full")]
 
 
 @contextlib.contextmanager

@@ -146,9 +146,11 @@ def run_json(
     return text if raw else json.loads(text)
 
 
-def start_bare(name: str, uvloop: bool, extra: Sequence[str] = ()) -> Server:
+def start_bare(
+    name: str, uvloop: bool, extra: Sequence[str] = (), python: str = sys.executable
+) -> Server:
     """Start `python -m benchmarks.bare_server` (plus extra flags) and wait until it listens."""
-    argv = [sys.executable, "-m", "benchmarks.bare_server", "--port", "0"]
+    argv = [python, "-m", "benchmarks.bare_server", "--port", "0"]
     if uvloop:
         argv.append("--uvloop")
     argv += extra
@@ -169,12 +171,14 @@ def start_bare(name: str, uvloop: bool, extra: Sequence[str] = ()) -> Server:
         raise
 
 
-def start_full(name: str, env: dict[str, str], workdir: Path, workers: int) -> Server:
+def start_full(
+    name: str, env: dict[str, str], workdir: Path, workers: int, bin_dir: Path = BIN
+) -> Server:
     """Start `userservice serve` with env (plus a fresh port) and wait until it listens."""
     port = free_port()
     env = {**env, "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}"}
     log_path = workdir / f"{name}.log"
-    argv = [str(BIN / "userservice"), "serve"]
+    argv = [str(bin_dir / "userservice"), "serve"]
     if workers > 1:
         argv += ["--workers", str(workers)]
     started = time.monotonic()

@@ -205,7 +205,7 @@ def progress(scenario: Scenario, row: dict[str, Any]) -> str:
 
 
 _HEADER = (
-    f"{'scenario':<24} {'config':<12} {'figure':>18} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'scenario':<24} {'config':<16} {'figure':>18} {'p50 ms':>7} {'p99 ms':>7} "
     f"{'srv us/op':>9} {'x floor':>7} {'p99 x':>6} {'+us/op':>7} {'err':>4}"
 )
 
@@ -213,7 +213,7 @@ _HEADER = (
 def _line(label: str, config: str, figure: str, cells: tuple[str, ...]) -> str:
     p50, p99, cpu, ratio, p99x, added, errors = cells
     return (
-        f"{label:<24} {config:<12} {figure:>18} {p50:>7} {p99:>7} {cpu:>9} {ratio:>7} "
+        f"{label:<24} {config:<16} {figure:>18} {p50:>7} {p99:>7} {cpu:>9} {ratio:>7} "
         f"{p99x:>6} {added:>7} {errors:>4}"
     )
 
@@ -224,7 +224,7 @@ def _scenario_lines(entry: dict[str, Any]) -> list[str]:
     for config, cell in entry["configs"].items():
         median = cell.get("median")
         if median is None:
-            lines.append(f"{label:<24} {config:<12} not measured")
+            lines.append(f"{label:<24} {config:<16} not measured")
             label = ""
             continue
         vs = cell.get("vs_floor", {})
