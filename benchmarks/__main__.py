@@ -416,7 +416,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="rounds of export, import, watch and start-up, at most --rounds (default 2)",
     )
     parser.add_argument(
-        "--stream-users", type=int, default=100_000, help="users exported/imported (100000)"
+        "--stream-users", type=int, default=50_000, help="users exported/imported (50000)"
     )
     parser.add_argument("--watchers", type=int, default=16, help="WatchUsers streams (16)")
     parser.add_argument(
@@ -441,7 +441,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated scenarios or groups: " + ", ".join(GROUPS),
+        help="comma-separated scenarios or groups (" + ", ".join(GROUPS) + "), or all; "
+        "default: all but GetUser c1 and c64",
     )
     parser.add_argument(
         "--venv",

@@ -44,6 +44,7 @@ class Scenario:
     big: bool = False  # ListUsers: page tokens of the big store
     floor: str = FLOOR  # the configuration every other one is paired with
     pg: bool = False  # ids and page tokens of the PostgreSQL store
+    default: bool = True  # run without --only (the others: --only all, a group or the key)
 
     @property
     def unit(self) -> str:
@@ -70,6 +71,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("floor", "bare", "bare+uvloop", "full"),
         "getuser",
         floor="floor",
+        default=False,
     ),
     Scenario(
         "get-c16",
@@ -90,6 +92,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         floor="floor",
         concurrency=64,
         channels=2,
+        default=False,
     ),
     Scenario(
         "get-pg-c16",
@@ -234,11 +237,13 @@ def _groups(scenario: Scenario) -> set[str]:
 
 
 def select(only: str) -> list[Scenario]:
-    """Return the scenarios named (by key or group) in `only`; all of them if it is empty."""
+    """Return the scenarios named (by key or group) in `only`; the default ones if it is empty."""
     names = {name.strip() for name in only.split(",") if name.strip()}
     if not names:
+        return [s for s in SCENARIOS if s.default]
+    if "all" in names:
         return list(SCENARIOS)
-    known = {s.key for s in SCENARIOS} | set(GROUPS)
+    known = {s.key for s in SCENARIOS} | set(GROUPS) | {"all"}
     unknown = sorted(names - known)
     if unknown:
         raise ValueError(f"unknown scenario {', '.join(unknown)}; choose from {sorted(known)}")

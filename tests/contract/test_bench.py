@@ -168,6 +168,9 @@ def test_every_scenario_is_paired_with_a_floor_it_runs() -> None:
         # A PostgreSQL scenario is compared only with the PostgreSQL floor.
         assert scenario.pg == (scenario.floor == "floor-pg"), scenario.key
     assert {s.key for s in select("pg")} == {s.key for s in SCENARIOS if s.pg}
+    assert select("all") == list(SCENARIOS)
+    assert {s.key for s in select("")} == {s.key for s in SCENARIOS if s.default}
+    assert [s.key for s in select("import")] == ["import"]  # the key, not its group
     assert {s.key for s in select("sqlite")} == {s.key for s in SCENARIOS if not s.pg}
 
 
