@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -41,10 +42,11 @@ from benchmarks.procs import (
     tail,
     token_env,
 )
-from benchmarks.scenarios import GROUPS, Scenario, select
-from benchmarks.seed import copy_seeded, seeded_file, user_ids
+from benchmarks.scenarios import GROUPS, PG_CONFIGS, STORE_FLOORS, Scenario, select
+from benchmarks.seed import copy_seeded, drop_postgres, seed_postgres, seeded_file, user_ids
 from userservice.domain.filtering import canonical_filter, parse_filter
 from userservice.domain.pagination import PageTokenCodec
+from userservice.storage.sqlite import migrate_sqlite
 
 # Where page tokens resume: positions spread over the second half of the listing, so a
 # page measures the cost deep into it; more than one, so not every call reads the same
@@ -53,7 +55,11 @@ _TOKEN_POSITIONS = 64
 
 
 def _page_tokens(path: Path, rows: int, secret: str, output: Path) -> Path:
-    """Write page tokens for positions deep into a `rows`-row listing to `output`."""
+    """Write page tokens for positions deep into a `rows`-row listing to `output`.
+
+    The ids they resume after go, line for line, to `output` with the suffix `.ids`: the
+    storage floors read them instead of decoding the service's signed tokens.
+    """
     first, last = rows // 2, max(rows // 2 + 1, rows - 100)
     step = max(1, (last - first) // _TOKEN_POSITIONS)
     ids = user_ids(path, list(range(first, last, step))[:_TOKEN_POSITIONS])
@@ -62,6 +68,7 @@ def _page_tokens(path: Path, rows: int, secret: str, output: Path) -> Path:
     # The total is carried in the token as the service does after the first page, so
     # these pages do not count the rows again.
     output.write_text("".join(codec.encode(i, no_filter, rows) + "\n" for i in ids))
+    output.with_suffix(".ids").write_text("".join(i + "\n" for i in ids))
     return output
 
 
@@ -79,6 +86,8 @@ class Bench:
         self.token = ""
         self.rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.run_id = secrets.token_hex(4)
+        self.pg_url = ""
+        self.pg_database = ""
 
     def prepare(self, scenarios: list[Scenario]) -> None:
         """Seed the SQLite files and write the request inputs the scenarios need."""
@@ -92,20 +101,64 @@ class Bench:
         self.files["tokens_small"] = _page_tokens(
             small, self.args.small_rows, self.page_secret, self.workdir / "tokens-small.txt"
         )
-        if needed & {"full-1m"}:
+        if needed & PG_CONFIGS:
+            self._prepare_postgres()
+        if needed & {"full-1m", "floor-1m"}:
             big = seeded_file(self.args.cache_dir, self.args.big_rows)
             self.files["big"] = big
             self.files["tokens_big"] = _page_tokens(
                 big, self.args.big_rows, self.page_secret, self.workdir / "tokens-big.txt"
             )
 
+    def _prepare_postgres(self) -> None:
+        """Seed this run's own PostgreSQL database; the PG configurations fail if it cannot."""
+        source = seeded_file(self.args.cache_dir, self.args.pg_rows)
+        positions = range(0, self.args.pg_rows, max(1, self.args.pg_rows // 1000))
+        self.files["pg_user_ids"] = self.workdir / "pg-user-ids.txt"
+        self.files["pg_user_ids"].write_text(
+            "".join(i + "\n" for i in user_ids(source, list(positions)))
+        )
+        self.files["tokens_pg"] = _page_tokens(
+            source, self.args.pg_rows, self.page_secret, self.workdir / "tokens-pg.txt"
+        )
+        self.pg_database = f"userservice_bench_{self.run_id}"
+        try:
+            self.pg_url = seed_postgres(self.args.postgres_url, self.pg_database, source)
+        except Exception as error:  # any driver or OS error: PostgreSQL is then not measured
+            for name in PG_CONFIGS:
+                self.failed[name] = f"PostgreSQL at {self.args.postgres_url}: {error}"
+            print(f"[bench] PostgreSQL not available: {error}", file=sys.stderr)
+            self.drop_postgres()
+
+    def drop_postgres(self) -> None:
+        """Drop this run's PostgreSQL database, if it made one."""
+        if not self.pg_database:
+            return
+        with contextlib.suppress(Exception):
+            drop_postgres(self.args.postgres_url, self.pg_database)
+        self.pg_database = ""
+
     def start(self, scenarios: list[Scenario]) -> None:
         """Start every long-lived server the scenarios use; record why one could not."""
         needed = [
             name
-            for name in ("bare", "bare+uvloop", "full", "full-1m", "full-write", "full-2w")
+            for name in (
+                "bare",
+                "bare+uvloop",
+                "floor",
+                "floor-1m",
+                "floor-write",
+                "floor-pg",
+                "full",
+                "full-1m",
+                "full-write",
+                "full-2w",
+                "full-pg",
+            )
             if any(name in s.configs for s in scenarios if s.kind != "startup")
+            and name not in self.failed
         ]
+        needed += [name for name in _venv_configs(self.args) if name not in needed]
         for name in needed:
             try:
                 self.servers[name] = self.start_one(name)
@@ -123,18 +176,40 @@ class Bench:
             )
 
     def _database(self, name: str) -> Path:
-        target = self.workdir / f"{name}.db"
+        target = self.workdir / f"{name.replace('@', '-at-')}.db"
         if name == "full-write":
             return target  # an empty store: the service migrates it at start
-        source = self.files["big"] if name == "full-1m" else self.files["small"]
+        if name == "floor-write":
+            migrate_sqlite(target)  # empty too, with the same schema
+            return target
+        source = self.files["big"] if name in ("full-1m", "floor-1m") else self.files["small"]
         return copy_seeded(source, target)
 
     def start_one(self, name: str) -> Server:
         """Start the long-lived server of configuration `name` and wait until it listens."""
+        if "@" in name:
+            # The same configuration run by another environment's interpreter (--venv).
+            base, _, label = name.partition("@")
+            venv = self.args.venvs[label]
+            if base == "bare+uvloop":
+                return start_bare(name, uvloop=True, python=str(venv / "bin" / "python"))
+            database = f"sqlite:///{self._database(name)}"
+            return start_full(name, self._full_env(database), self.workdir, 1, venv / "bin")
         if name.startswith("bare"):
             return start_bare(name, uvloop=name == "bare+uvloop")
+        if name in STORE_FLOORS:
+            # On uvloop, as the service runs.
+            if name == "floor-pg":
+                url, tokens = self.pg_url, self.files["tokens_pg"]
+            else:
+                url = f"sqlite:///{self._database(name)}"
+                tokens = self.files["tokens_big" if name == "floor-1m" else "tokens_small"]
+            extra = ["--store", url, "--page-tokens", str(tokens)]
+            extra += ["--page-after-ids", str(tokens.with_suffix(".ids"))]
+            return start_bare(name, uvloop=True, extra=extra)
         workers = 2 if name == "full-2w" else 1
-        server = start_full(name, self._full_env(self._database(name)), self.workdir, workers)
+        database = self.pg_url if name == "full-pg" else f"sqlite:///{self._database(name)}"
+        server = start_full(name, self._full_env(database), self.workdir, workers)
         if workers > 1:
             # Wait until every worker listens: connections made before would all land
             # on the first one.
@@ -146,13 +221,13 @@ class Bench:
                 time.sleep(0.05)
         return server
 
-    def _full_env(self, database: Path) -> dict[str, str]:
+    def _full_env(self, database: str) -> dict[str, str]:
         # Inherited USERSERVICE_* settings (a developer's shell) must not change what we
         # measure.
         env = {k: v for k, v in os.environ.items() if not k.startswith("USERSERVICE_")}
         env.update(
             {
-                "USERSERVICE_DATABASE_URL": f"sqlite:///{database}",
+                "USERSERVICE_DATABASE_URL": database,
                 "USERSERVICE_AUTH_JWT_SECRET": self.secret,
                 "USERSERVICE_AUTH_ISSUER": "https://issuer.bench.invalid",
                 "USERSERVICE_AUTH_AUDIENCE": "userservice-bench",
@@ -173,7 +248,7 @@ class Bench:
 
     def mint_token(self) -> None:
         """Mint the bearer token every load generator sends, with `userservice token`."""
-        env = self._full_env(self.workdir / "unused.db")
+        env = self._full_env(f"sqlite:///{self.workdir / 'unused.db'}")
         argv = [str(Path(sys.executable).parent / "userservice"), "token"]
         argv += [
             "--subject",
@@ -204,14 +279,26 @@ class Bench:
             argv += ["--method", scenario.method, "--concurrency", str(scenario.concurrency)]
             argv += ["--channels", str(scenario.channels), "--email-prefix", prefix]
             argv += ["--warmup", str(self.args.warmup), "--seconds", str(self.args.seconds)]
-            argv += ["--user-ids-file", str(self.files["user_ids"])]
-            tokens = self.files["tokens_big" if scenario.big else "tokens_small"]
+            argv += [
+                "--user-ids-file",
+                str(self.files["pg_user_ids" if scenario.pg else "user_ids"]),
+            ]
+            tokens = self.files[
+                "tokens_pg" if scenario.pg else "tokens_big" if scenario.big else "tokens_small"
+            ]
             argv += ["--page-tokens-file", str(tokens)]
             timeout = self.args.warmup + self.args.seconds + 60.0
         else:
-            argv += ["--count", str(self.args.stream_users)]
-            if scenario.kind == "import":
+            count = self.args.stream_users
+            if scenario.pg and scenario.kind == "export":
+                count = min(count, self.args.pg_rows)  # the export ends with the table
+            if scenario.kind == "watch":
+                count = self.args.watch_events
+                argv += ["--watchers", str(self.args.watchers)]
+                argv += ["--concurrency", str(scenario.concurrency)]
+            if scenario.kind in ("import", "watch"):
                 argv += ["--email-prefix", prefix]
+            argv += ["--count", str(count)]
             timeout = 600.0
         # The floor gets the same token: the same request headers on both sides keep
         # HPACK and metadata handling out of the difference.
@@ -242,7 +329,7 @@ class Bench:
                 if not database.exists():
                     copy_seeded(self.files["small"], database)
                 argv = [str(Path(sys.executable).parent / "userservice"), "serve"]
-                env = self._full_env(database)
+                env = self._full_env(f"sqlite:///{database}")
                 env["USERSERVICE_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
             started = time.monotonic()
             server_process = spawn(argv, env, subprocess.DEVNULL, subprocess.DEVNULL)
@@ -313,34 +400,58 @@ class Bench:
         """Stop every server."""
         for server in self.servers.values():
             stop(server.process)
+        self.drop_postgres()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="timed window (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--seconds", type=float, default=1.5, help="timed window (default 1.5)")
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up (default 0.5)")
     parser.add_argument(
         "--bulk-rounds",
         type=int,
-        default=3,
-        help="rounds of export, import and start-up, at most --rounds (default 3)",
+        default=2,
+        help="rounds of export, import, watch and start-up, at most --rounds (default 2)",
     )
     parser.add_argument(
-        "--stream-users", type=int, default=100_000, help="users exported/imported (100000)"
+        "--stream-users", type=int, default=50_000, help="users exported/imported (50000)"
+    )
+    parser.add_argument("--watchers", type=int, default=16, help="WatchUsers streams (16)")
+    parser.add_argument(
+        "--watch-events", type=int, default=1000, help="users created while watched (1000)"
     )
     parser.add_argument("--small-rows", type=int, default=10_000, help="small store (10000)")
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="big store (1000000)")
+    parser.add_argument("--pg-rows", type=int, default=100_000, help="PostgreSQL store (100000)")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="a database to connect to as a user who may CREATE DATABASE; the run creates "
+        "its own beside it and drops it at the end ($BENCH_POSTGRES_URL)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="2 rounds, 1 s windows, 20000 streamed users: a smoke run, not figures to quote",
+        help="2 rounds, 1 s windows, 20000 streamed users, 300 watched: a smoke run, not figures",
     )
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated scenarios or groups: " + ", ".join(GROUPS),
+        help="comma-separated scenarios or groups (" + ", ".join(GROUPS) + "), or all; "
+        "default: all but GetUser c1 and c64",
+    )
+    parser.add_argument(
+        "--venv",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run GetUser's bare+uvloop and full with another virtualenv's packages "
+        "(e.g. another grpcio), as configurations bare+uvloop@LABEL and full@LABEL in the "
+        "same rounds; repeatable",
     )
     parser.add_argument("--output", type=Path, default=REPO / ".bench" / "results.json")
     parser.add_argument(
@@ -350,6 +461,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.bulk_rounds, args.seconds, args.warmup = 2, 2, 1.0, 0.3
         args.stream_users = min(args.stream_users, 20_000)
+        args.watch_events = min(args.watch_events, 300)
     args.bulk_rounds = min(args.bulk_rounds, args.rounds)
     if (
         args.rounds < 1
@@ -357,17 +469,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         or args.seconds <= 0
         or args.warmup < 0
         or args.stream_users < 1
+        or args.watchers < 1
+        or args.watch_events < 1
     ):
         parser.error(
-            "--rounds and --bulk-rounds >= 1, --seconds > 0, --warmup >= 0 and --stream-users >= 1"
+            "--rounds, --bulk-rounds, --stream-users, --watchers and --watch-events >= 1,"
+            " --seconds > 0, --warmup >= 0"
         )
-    if args.small_rows < 200 or args.big_rows < 200:
-        parser.error("--small-rows and --big-rows must be at least 200")
+    if args.small_rows < 200 or args.big_rows < 200 or args.pg_rows < 200:
+        parser.error("--small-rows, --big-rows and --pg-rows must be at least 200")
     try:
         args.scenarios = select(args.only)
     except ValueError as error:
         parser.error(str(error))
+    args.venvs = {}
+    for entry in args.venv:
+        label, _, path = entry.partition("=")
+        if not label or not path or not (Path(path) / "bin" / "userservice").exists():
+            parser.error(f"--venv {entry!r}: LABEL=PATH of a virtualenv with userservice installed")
+        args.venvs[label] = Path(path)
+    extra = _venv_configs(args)
+    args.scenarios = [
+        dataclasses.replace(s, configs=(*s.configs, *extra)) if s.key.startswith("get-c") else s
+        for s in args.scenarios
+    ]
     return args
+
+
+def _venv_configs(args: argparse.Namespace) -> list[str]:
+    """The configurations --venv adds to the SQLite GetUser scenarios: bare+uvloop and full."""
+    return [f"{base}@{label}" for label in args.venvs for base in ("bare+uvloop", "full")]
 
 
 @contextlib.contextmanager
@@ -414,8 +545,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds",
             "warmup",
             "stream_users",
+            "watchers",
+            "watch_events",
             "small_rows",
             "big_rows",
+            "pg_rows",
         )
     }
     summary["settings"]["quick"] = args.quick

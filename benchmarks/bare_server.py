@@ -6,8 +6,14 @@ until the client stops reading, ImportUsers receives and counts the messages. He
 answers SERVING once the server has started, so start-up is timed the same way as the full
 service's.
 
-Run as `python -m benchmarks.bare_server --port N [--uvloop]`; prints `LISTENING <port>` once
-it accepts calls (port 0 picks a free port) and stops on SIGTERM or SIGINT.
+With `--store URL` (sqlite:///path or postgresql://...) it is a storage floor instead: every
+call runs the query the service's store runs for it (benchmarks/floors.py) and builds the
+response from the rows; `--page-tokens` and `--page-after-ids` (two files, line for line) say
+which id each page token the bench sends resumes after.
+
+Run as `python -m benchmarks.bare_server --port N [--uvloop] [--store URL]`; prints
+`LISTENING <port>` once it accepts calls (port 0 picks a free port) and stops on SIGTERM or
+SIGINT.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -87,6 +94,13 @@ class BareUserService(user_service_pb2_grpc.UserServiceServicer):
         return user_service_pb2.ImportUsersResponse(created_count=count)
 
 
+def _after_ids(tokens: str, after_ids: str) -> dict[str, str]:
+    if not tokens:
+        return {}
+    keys = Path(tokens).read_text().split()
+    return dict(zip(keys, Path(after_ids).read_text().split(), strict=True))
+
+
 class BareHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     """Health Check that is SERVING as soon as the server answers at all."""
 
@@ -97,14 +111,23 @@ class BareHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 
-async def serve(port: int) -> None:
-    """Serve on 127.0.0.1:`port` until SIGTERM or SIGINT."""
+async def serve(port: int, store_url: str = "", after_ids: dict[str, str] | None = None) -> None:
+    """Serve on 127.0.0.1:`port` until SIGTERM or SIGINT; from store_url's rows if given."""
     # SO_REUSEPORT is on by default in gRPC: off, so a port clash fails loudly instead of
     # silently sharing traffic with some other server.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     # The generated stub marks every RPC abstract; at runtime the missing ones answer
     # UNIMPLEMENTED, which is exactly the bare server's contract.
-    servicer = BareUserService()  # type: ignore[abstract]
+    store = None
+    servicer: user_service_pb2_grpc.UserServiceServicer
+    if store_url:
+        # Imported only here: the in-memory floor's start-up time must not include the store.
+        from benchmarks.floors import StoreUserService, open_store
+
+        store = await open_store(store_url)
+        servicer = StoreUserService(store, after_ids or {})  # type: ignore[abstract]
+    else:
+        servicer = BareUserService()  # type: ignore[abstract]
     user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(BareHealth(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -116,6 +139,8 @@ async def serve(port: int) -> None:
     print(f"LISTENING {bound}", flush=True)
     await stop.wait()
     await server.stop(grace=1)
+    if store is not None:
+        await store.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,14 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bare_server", description=__doc__)
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--store", default="", help="sqlite:///path or postgresql://... floor")
+    parser.add_argument("--page-tokens", default="", help="page tokens, one a line")
+    parser.add_argument("--page-after-ids", default="", help="the id each token resumes after")
     args = parser.parse_args(argv)
+    after_ids = _after_ids(args.page_tokens, args.page_after_ids)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if args.uvloop:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(args.port))
+        runner.run(serve(args.port, args.store, after_ids))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Commands, each printing one JSON object on stdout:
   `--channels` connections, a warm-up, then a timed window;
 - `export --count N`: one StreamUsers call, read until N users arrived, then cancelled;
 - `import --count N`: one ImportUsers call of N prebuilt users;
+- `watch --watchers W --count N`: W WatchUsers streams from now on, then N CreateUser calls
+  (`--concurrency` in flight); deliveries/s (W x N events) until every watcher has all N;
 - `startup --target`: prints `READY`, then polls until the target listens and health Check
   says SERVING, and prints when (time.monotonic(), comparable with the harness's clock).
 
@@ -247,6 +249,52 @@ async def import_users(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def _watch_one(stub: Stub, metadata: Metadata | None, count: int) -> int:
+    call = stub.WatchUsers(user_service_pb2.WatchUsersRequest(), metadata=metadata, timeout=300)
+    await call.initial_metadata()  # established: the server has begun the stream
+    received = 0
+    try:
+        async for response in call:
+            if response.sequence:  # not a progress marker
+                received += 1
+                if received >= count:
+                    break
+    finally:
+        call.cancel()
+    return received
+
+
+async def watch(args: argparse.Namespace) -> dict[str, Any]:
+    """W watchers from now on, then N creates; deliveries/s until every watcher has all N."""
+    metadata = _metadata(args.token)
+    async with _channel(args.target) as watch_channel, _channel(args.target) as write_channel:
+        watch_stub = user_service_pb2_grpc.UserServiceStub(watch_channel)
+        write_stub = user_service_pb2_grpc.UserServiceStub(write_channel)
+        watchers = [
+            asyncio.ensure_future(_watch_one(watch_stub, metadata, args.count))
+            for _ in range(args.watchers)
+        ]
+        # Every stream established, and a moment for the server to attach it to its feed:
+        # an event committed before that would not be "from now on" for it.
+        await asyncio.sleep(0.5)
+        numbers = iter(range(args.count))
+
+        async def writer() -> None:
+            for number in numbers:
+                request = user_service_pb2.CreateUserRequest(
+                    user=_new_user(args.email_prefix, number)
+                )
+                await write_stub.CreateUser(request, metadata=metadata, timeout=10)
+
+        meter = _Meter(args.server_pid)
+        meter.start()
+        await asyncio.gather(*(writer() for _ in range(args.concurrency)))
+        received = await asyncio.gather(*watchers)
+        result = meter.stop(sum(received))
+    result["errors"] = sum(args.count - r for r in received)
+    return result
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -295,16 +343,19 @@ def _parser() -> argparse.ArgumentParser:
     load_cmd.add_argument("--warmup", type=float, default=1.0)
     load_cmd.add_argument("--seconds", type=float, default=3.0)
     export_cmd = commands.add_parser("export", help="one StreamUsers call")
+    watch_cmd = commands.add_parser("watch", help="watchers, then creates")
+    watch_cmd.add_argument("--watchers", type=int, default=16)
+    watch_cmd.add_argument("--concurrency", type=int, default=8, help="creates in flight")
     import_cmd = commands.add_parser("import", help="one ImportUsers call")
-    for command in (export_cmd, import_cmd):
+    for command in (export_cmd, import_cmd, watch_cmd):
         command.add_argument("--count", type=int, default=100_000)
-    for command in (load_cmd, import_cmd):
+    for command in (load_cmd, import_cmd, watch_cmd):
         command.add_argument("--email-prefix", default="bench", help="new users' emails")
-    for command in (load_cmd, export_cmd, import_cmd):
+    for command in (load_cmd, export_cmd, import_cmd, watch_cmd):
         command.add_argument("--server-pid", type=int, required=True, help="process to meter")
     startup_cmd = commands.add_parser("startup", help="time until health SERVING")
     startup_cmd.add_argument("--timeout", type=float, default=60.0)
-    for command in (load_cmd, export_cmd, import_cmd, startup_cmd):
+    for command in (load_cmd, export_cmd, import_cmd, watch_cmd, startup_cmd):
         command.add_argument("--target", required=True, help="127.0.0.1:PORT")
     return parser
 
@@ -313,6 +364,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str
     "load": load,
     "export": export,
     "import": import_users,
+    "watch": watch,
     "startup": startup,
 }
 

@@ -146,15 +146,18 @@ def run_json(
     return text if raw else json.loads(text)
 
 
-def start_bare(name: str, uvloop: bool) -> Server:
-    """Start `python -m benchmarks.bare_server` and wait until it listens."""
-    argv = [sys.executable, "-m", "benchmarks.bare_server", "--port", "0"]
+def start_bare(
+    name: str, uvloop: bool, extra: Sequence[str] = (), python: str = sys.executable
+) -> Server:
+    """Start `python -m benchmarks.bare_server` (plus extra flags) and wait until it listens."""
+    argv = [python, "-m", "benchmarks.bare_server", "--port", "0"]
     if uvloop:
         argv.append("--uvloop")
+    argv += extra
     started = time.monotonic()
     process = spawn(argv, None, subprocess.PIPE, None)
     try:
-        line = read_line(process, 15.0)
+        line = read_line(process, 30.0)
         if not line.startswith("LISTENING "):
             raise BenchError(f"{name}: unexpected output {line!r} (exit {process.poll()})")
         return Server(
@@ -168,12 +171,14 @@ def start_bare(name: str, uvloop: bool) -> Server:
         raise
 
 
-def start_full(name: str, env: dict[str, str], workdir: Path, workers: int) -> Server:
+def start_full(
+    name: str, env: dict[str, str], workdir: Path, workers: int, bin_dir: Path = BIN
+) -> Server:
     """Start `userservice serve` with env (plus a fresh port) and wait until it listens."""
     port = free_port()
     env = {**env, "USERSERVICE_LISTEN_ADDRESS": f"127.0.0.1:{port}"}
     log_path = workdir / f"{name}.log"
-    argv = [str(BIN / "userservice"), "serve"]
+    argv = [str(bin_dir / "userservice"), "serve"]
     if workers > 1:
         argv += ["--workers", str(workers)]
     started = time.monotonic()

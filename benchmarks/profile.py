@@ -1,8 +1,9 @@
 """Profile one server of the bench under one scenario's load with py-spy; print where it goes.
 
 `python -m benchmarks.profile import` starts the service's configuration of that scenario
-(`full-write` for import, `full-1m` for export, `full` for the GetUser ones; `--config bare`
-for the floor itself), records it with `py-spy record --format raw` while the bench's
+(`full-write` for import, `full-1m` for export, `full` for the GetUser ones, `full-pg` for the
+PostgreSQL ones; `--config floor`, or another of the scenario's configurations, for a floor),
+records it with `py-spy record --format raw` while the bench's
 own load generator runs the scenario once, and prints the share of samples per function:
 self (the innermost frame) and inclusive (anywhere on the stack), over the samples in which
 the server was not idle. The raw stacks stay in `--output` for a flame graph (speedscope,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.__main__ import Bench, parse_args
 from benchmarks._proc import thread_cpu_seconds
-from benchmarks.procs import REPO, BenchError, stop
+from benchmarks.procs import REPO, BenchError
 from benchmarks.scenarios import SCENARIOS
 
 # py-spy raw frames read "function (path/to/file.py:line)"; the line is dropped when totals
@@ -174,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[profile] {error}", file=sys.stderr)
         return 1
     finally:
-        for running in bench.servers.values():
-            stop(running.process)
+        bench.stop()  # the servers, and the run's PostgreSQL database if it made one
         shutil.rmtree(workdir, ignore_errors=True)
     cpu = result.get("server_cpu_us_per_op")
     print(

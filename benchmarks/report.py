@@ -1,7 +1,8 @@
-"""Summaries of the measured rounds: medians, paired ratios to the floor, the printed table."""
+"""Summaries of the measured rounds: medians, paired ratios to the floors, the printed table."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import tomllib
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.scenarios import FLOOR, Scenario
+from benchmarks.scenarios import Scenario
 
 Rows = dict[str, dict[str, list[dict[str, Any]]]]  # scenario key -> config -> rounds
 
@@ -42,6 +43,24 @@ class Headline:
     difference: bool  # a - b instead of a / b
     target: str
 
+    def met(self, value: float) -> bool | None:
+        """Whether value meets the target; None when there is none ("-")."""
+        return target_met(self.target, value)
+
+
+_TARGET = re.compile(r"^(?P<op>>=|<=)\s*(?P<bound>[0-9.]+)\s*(?P<unit>x|us)$")
+
+
+def target_met(target: str, value: float) -> bool | None:
+    """Evaluate a target of targets.toml (">= 0.95x", "<= 30 us"); None for "-"."""
+    if target == "-":
+        return None
+    match = _TARGET.match(target.strip())
+    if match is None:
+        raise ValueError(f"target {target!r} is not '>= N x', '<= N x', '<= N us' or '-'")
+    bound = float(match["bound"])
+    return value >= bound if match["op"] == ">=" else value <= bound
+
 
 def load_targets(path: Path = TARGETS_FILE) -> tuple[Headline, ...]:
     """Read the targets the report compares against from a targets.toml."""
@@ -50,6 +69,10 @@ def load_targets(path: Path = TARGETS_FILE) -> tuple[Headline, ...]:
     for entry in entries:
         if entry["compare"] not in ("ratio", "difference") or entry["metric"] not in _KEYS:
             raise ValueError(f"{path}: {entry['name']}: unknown compare or metric")
+        target_met(entry["target"], 0.0)  # a malformed target fails here, not after a run
+        unit = "us" if entry["compare"] == "difference" else "x"
+        if entry["target"] != "-" and not entry["target"].endswith(unit):
+            raise ValueError(f"{path}: {entry['name']}: a {entry['compare']} target is in {unit}")
         headlines.append(
             Headline(
                 name=entry["name"],
@@ -126,15 +149,21 @@ def summarize(
     summary: dict[str, Any] = {"scenarios": {}, "memory": memory, "failed": failed}
     for scenario in scenarios:
         cells = rows.get(scenario.key, {})
-        floor = cells.get(FLOOR, [])
-        entry: dict[str, Any] = {"label": scenario.label, "unit": scenario.unit, "configs": {}}
+        floor = cells.get(scenario.floor, [])
+        entry: dict[str, Any] = {
+            "label": scenario.label,
+            "unit": scenario.unit,
+            "floor": scenario.floor,
+            "configs": {},
+        }
         for config in scenario.configs:
             cell = _cell(cells.get(config, []))
-            if config != FLOOR:
+            if config != scenario.floor:
                 cell["vs_floor"] = _vs_floor(cells.get(config, []), floor)
             entry["configs"][config] = cell
         summary["scenarios"][scenario.key] = entry
-    floor_memory = memory.get(FLOOR, {})
+    # Memory against the in-memory floor: what the service holds beyond grpc.aio itself.
+    floor_memory = memory.get("bare", {})
     for values in memory.values():
         for key in ("idle_rss_mib", "peak_rss_mib"):
             base, value = floor_memory.get(key), values.get(key)
@@ -144,16 +173,19 @@ def summarize(
     for headline in load_targets():
         a = rows.get(headline.a[0], {}).get(headline.a[1], [])
         b = rows.get(headline.b[0], {}).get(headline.b[1], [])
+        if headline.a[0] not in rows or headline.b[0] not in rows:
+            continue  # a scenario it compares was not selected (--only)
         value = _paired(a, b, headline.key, _minus if headline.difference else _ratio)
-        if value is not None:
-            headlines.append(
-                {
-                    "name": headline.name,
-                    "value": value,
-                    "unit": "us" if headline.difference else "x",
-                    "target": headline.target,
-                }
-            )
+        headlines.append(
+            {
+                "name": headline.name,
+                "value": value,
+                "unit": "us" if headline.difference else "x",
+                "target": headline.target,
+                "against": f"{headline.b[0]} {headline.b[1]}",
+                "met": None if value is None else headline.met(value),
+            }
+        )
     summary["headlines"] = headlines
     return summary
 
@@ -173,7 +205,7 @@ def progress(scenario: Scenario, row: dict[str, Any]) -> str:
 
 
 _HEADER = (
-    f"{'scenario':<24} {'config':<12} {'figure':>18} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'scenario':<24} {'config':<16} {'figure':>18} {'p50 ms':>7} {'p99 ms':>7} "
     f"{'srv us/op':>9} {'x floor':>7} {'p99 x':>6} {'+us/op':>7} {'err':>4}"
 )
 
@@ -181,17 +213,18 @@ _HEADER = (
 def _line(label: str, config: str, figure: str, cells: tuple[str, ...]) -> str:
     p50, p99, cpu, ratio, p99x, added, errors = cells
     return (
-        f"{label:<24} {config:<12} {figure:>18} {p50:>7} {p99:>7} {cpu:>9} {ratio:>7} "
+        f"{label:<24} {config:<16} {figure:>18} {p50:>7} {p99:>7} {cpu:>9} {ratio:>7} "
         f"{p99x:>6} {added:>7} {errors:>4}"
     )
 
 
 def _scenario_lines(entry: dict[str, Any]) -> list[str]:
     lines, label = [], entry["label"]
+    floor = entry.get("floor")
     for config, cell in entry["configs"].items():
         median = cell.get("median")
         if median is None:
-            lines.append(f"{label:<24} {config:<12} not measured")
+            lines.append(f"{label:<24} {config:<16} not measured")
             label = ""
             continue
         vs = cell.get("vs_floor", {})
@@ -210,7 +243,7 @@ def _scenario_lines(entry: dict[str, Any]) -> list[str]:
                 _fmt(vs.get("server_cpu_added_us"), "+.1f"),
                 str(cell["errors"]),
             )
-        lines.append(_line(label, config, figure, cells))
+        lines.append(_line(label, "*" + config if config == floor else config, figure, cells))
         label = ""
     return lines
 
@@ -220,11 +253,11 @@ def render(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
     lines = [
         f"{summary['command']}: {settings['rounds']} interleaved rounds "
-        f"({settings['bulk_rounds']} of export, import and start-up),",
+        f"({settings['bulk_rounds']} of export, import, watch and start-up),",
         f"{settings['seconds']:g} s windows (+{settings['warmup']:g} s warm-up), "
         f"{settings['stream_users']} users per export and import.",
-        f"Medians over rounds. x floor: median of the per-round paired ratios to `{FLOOR}`;",
-        f"+us/op: server CPU per operation above `{FLOOR}`'s.",
+        "Medians over rounds. x floor: median of the per-round paired ratios to the",
+        "scenario's floor, marked *; +us/op: server CPU per operation above the floor's.",
         "",
         _HEADER,
     ]
@@ -240,11 +273,21 @@ def render(summary: dict[str, Any]) -> str:
     for name, reason in summary["failed"].items():
         lines.append(f"{name} not started: {reason.splitlines()[0]}")
     if summary["headlines"]:
-        lines += ["", f"{'target (benchmarks/targets.toml)':<52} {'measured':>10} {'target':>10}"]
+        lines += [
+            "",
+            f"{'target (benchmarks/targets.toml)':<46} {'against':<22} {'measured':>9} "
+            f"{'target':>10}  verdict",
+        ]
+    verdicts = {True: "met", False: "MISSED", None: "-"}
     for headline in summary["headlines"]:
         spec = "+.1f" if headline["unit"] == "us" else ".2f"
-        value = format(headline["value"], spec) + ("" if headline["unit"] == "us" else "x")
-        lines.append(f"{headline['name']:<52} {value:>10} {headline['target']:>10}")
+        suffix = " us" if headline["unit"] == "us" else "x"
+        value = "-" if headline["value"] is None else format(headline["value"], spec) + suffix
+        verdict = verdicts[headline["met"]] if headline["value"] is not None else "not measured"
+        lines.append(
+            f"{headline['name']:<46} {headline['against']:<22} {value:>9} "
+            f"{headline['target']:>10}  {verdict}"
+        )
     load = summary["loadavg"]
     lines.append(
         f"\n{summary['cpus']} CPUs, load average {load['before']:.2f} before / "

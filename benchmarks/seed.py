@@ -9,6 +9,7 @@ by the row count and the migrations' checksums, so a rerun copies instead of see
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import os
@@ -113,3 +114,57 @@ def user_ids(path: Path, positions: list[int]) -> list[str]:
     finally:
         conn.close()
     return [found[p] for p in positions if p in found]
+
+
+async def _seed_postgres(admin_url: str, url: str, database: str, source: Path) -> None:
+    import asyncpg
+
+    from userservice.storage.postgres.migrations import migrate_postgres
+
+    admin = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    await migrate_postgres(url)
+    columns = [column.strip() for column in INSERT_COLUMNS.split(",")]
+    lite = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        cursor = lite.execute(f"SELECT {INSERT_COLUMNS} FROM users ORDER BY id")  # noqa: S608
+        while batch := cursor.fetchmany(_BATCH):
+            await conn.copy_records_to_table("users", records=batch, columns=columns)
+        # Fresh statistics, as a long-running database has: the planner then picks the
+        # indexes every query of the bench is meant to use.
+        await conn.execute("VACUUM ANALYZE users")
+    finally:
+        await conn.close()
+        lite.close()
+
+
+def seed_postgres(admin_url: str, database: str, source: Path) -> str:
+    """Create `database` beside admin_url's, migrate it, copy source's users; return its URL."""
+    url = f"{admin_url.rpartition('/')[0]}/{database}"
+    started = time.monotonic()
+    asyncio.run(_seed_postgres(admin_url, url, database, source))
+    print(
+        f"[bench] PostgreSQL database {database} seeded from {source.name} in "
+        f"{time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+    )
+    return url
+
+
+async def _drop_postgres(admin_url: str, database: str) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def drop_postgres(admin_url: str, database: str) -> None:
+    """Drop a database seed_postgres created (its servers may still be connected)."""
+    asyncio.run(_drop_postgres(admin_url, database))
