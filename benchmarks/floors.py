@@ -286,10 +286,7 @@ class PostgresStore:
         async with self._pool.acquire() as conn, conn.transaction():
             inserted = {
                 found[0]
-                for found in await conn.fetch(
-                    pg.INSERT_MANY,
-                    *(list(columns[i]) for i in (0, 1, 8, 2, 3, 4, 5, 6, 9, 7)),
-                )
+                for found in await conn.fetch(pg.INSERT_MANY, *(list(column) for column in columns))
             }
             new = [row for row in rows if row[0] in inserted]
             await conn.fetchval(pg.APPEND_EVENTS, *_event_arrays(new))
@@ -301,20 +298,10 @@ class PostgresStore:
 
 
 def _event_arrays(rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """APPEND_EVENTS' parameters for CREATED events of these users rows."""
-    return (
-        [_CREATED] * len(rows),
-        [row[0] for row in rows],
-        [row[1] for row in rows],
-        [row[2] for row in rows],
-        [row[3] for row in rows],
-        [row[4] for row in rows],
-        [row[5] for row in rows],
-        [row[6] for row in rows],
-        [row[4] for row in rows],
-        EVENT_RETENTION,
-        [row[7] for row in rows],
-    )
+    """APPEND_EVENTS' parameters for CREATED events of these users rows: the retention, then
+    one array per event column (type, event time, then the row's USER_COLUMNS)."""
+    events = [(_CREATED, row[4], *row[:8]) for row in rows]
+    return (EVENT_RETENTION, *(list(column) for column in zip(*events, strict=True)))
 
 
 async def open_store(url: str) -> Store:
