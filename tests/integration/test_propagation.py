@@ -23,6 +23,7 @@ from helpers.interceptor_harness import AccessLog
 from helpers.servers import connect, eventually, make_settings, running_app
 from helpers.tokens import bearer
 from helpers.users import create
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from examples.gateway import Gateway, start
 from user.v1 import user_pb2, user_service_pb2_grpc
@@ -30,6 +31,11 @@ from user.v1 import user_service_pb2 as pb
 from userservice.client import UserServiceClient
 from userservice.client.downstream import downstream_status
 from userservice.client.propagation import BudgetSpentError
+from userservice.interceptors.chain import InterceptorChain
+from userservice.interceptors.logging import AccessLogInterceptor
+from userservice.interceptors.matcher import MethodMatcher
+from userservice.interceptors.recovery import RecoveryInterceptor
+from userservice.observability import otel
 
 HOLD = "hold"
 FAIL = "fail-"
@@ -410,3 +416,36 @@ async def test_300_streams_make_progress_through_a_pool(sqlite_url: str) -> None
             assert all(task.result().user.id == user.id for task in done)
             for call in calls:
                 call.cancel()
+
+
+@pytest.mark.asyncio
+async def test_the_trace_continues_through_the_gateway() -> None:
+    exporter = InMemorySpanExporter()
+    tracing = otel.from_environment({}, "1.2.3", exporter)
+    layers = [RecoveryInterceptor(), tracing.interceptor(MethodMatcher(())), AccessLogInterceptor()]
+    trace_id, edge_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with recording_inner() as (recorder, inner_port):
+        client = UserServiceClient(f"127.0.0.1:{inner_port}", propagate=True, health_check=False)
+        server = grpc.aio.server()
+        user_service_pb2_grpc.add_UserServiceServicer_to_server(
+            Gateway(client), InterceptorChain(layers).registrar(server)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with client, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                edge = user_service_pb2_grpc.UserServiceStub(channel)
+                traceparent = f"00-{trace_id}-{edge_span}-01"
+                await edge.GetUser(
+                    pb.GetUserRequest(id="u1"), timeout=5, metadata=(("traceparent", traceparent),)
+                )
+        finally:
+            await server.stop(None)
+            await tracing.aclose()
+    (gateway_span,) = exporter.get_finished_spans()
+    assert f"{gateway_span.context.trace_id:032x}" == trace_id
+    (seen,) = recorder.seen
+    # The inner call continues the trace, as a child of the gateway's server span.
+    version, inner_trace, parent, _ = seen.metadata["traceparent"].split("-")
+    assert (version, inner_trace) == ("00", trace_id)
+    assert parent == f"{gateway_span.context.span_id:016x}"
