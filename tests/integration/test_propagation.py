@@ -376,9 +376,10 @@ async def _open_watches(
     client: UserServiceClient, count: int
 ) -> tuple[list[Any], list[asyncio.Task[Any]]]:
     metadata = (("authorization", bearer()),)
-    calls = [
-        client.stub.WatchUsers(pb.WatchUsersRequest(), metadata=metadata) for _ in range(count)
-    ]
+    # From the start of the (fresh) history: a watch whose metadata arrived may not have
+    # joined the live feed yet, and one opened "from now" could miss an event in between.
+    request = pb.WatchUsersRequest(after_sequence=0)
+    calls = [client.stub.WatchUsers(request, metadata=metadata) for _ in range(count)]
     # The server sends a watch's initial metadata as it opens: the stream is established.
     opened = [asyncio.ensure_future(call.initial_metadata()) for call in calls]
     return calls, opened
