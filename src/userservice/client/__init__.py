@@ -1,6 +1,7 @@
-"""The Python client of user.v1.UserService: `UserServiceClient` and its typed errors."""
+"""The Python client of user.v1.UserService, its typed errors, and what inter-service calls need."""
 
 from userservice.client.client import UserServiceClient
+from userservice.client.downstream import DownstreamStatus, downstream_status
 from userservice.client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -16,12 +17,15 @@ from userservice.client.errors import (
     UserServiceError,
     from_rpc_error,
 )
+from userservice.client.propagation import BudgetSpentError, propagation_interceptors
 from userservice.client.tokens import TokenFile, TokenSource
 
 __all__ = [
     "AbortedError",
     "AlreadyExistsError",
+    "BudgetSpentError",
     "DeadlineExceededError",
+    "DownstreamStatus",
     "FieldViolation",
     "InvalidArgumentError",
     "NotFoundError",
@@ -34,5 +38,7 @@ __all__ = [
     "UnavailableError",
     "UserServiceClient",
     "UserServiceError",
+    "downstream_status",
     "from_rpc_error",
+    "propagation_interceptors",
 ]
