@@ -1,4 +1,4 @@
-"""The Python client of user.v1.UserService, its typed errors, and what inter-service calls need."""
+"""The client of user.v1.UserService, its typed errors, and what inter-service calls need."""
 
 from userservice.client.client import UserServiceClient
 from userservice.client.downstream import DownstreamStatus, downstream_status
