@@ -47,6 +47,7 @@ class IncomingCall:
     def __init__(self, context: Context) -> None:
         """Describe the call context serves."""
         self._context = context
+        # -1.0: not read from grpc yet (a deadline on the monotonic clock is never negative).
         self._deadline: float | None = -1.0
         self._outgoing: set[Any] | None = None
         self._ended = False
