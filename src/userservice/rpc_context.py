@@ -11,6 +11,7 @@ once the inner call returns or raises.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from typing import Any, Final, TypeAlias
@@ -30,6 +31,76 @@ SCOPES: Final[ContextVar[frozenset[str]]] = ContextVar("userservice_scopes", def
 TRACE_LOG_FIELDS: Final[ContextVar[str]] = ContextVar("userservice_trace_log_fields", default="")
 """The access line's trace fields (``,"trace_id":...,"span_id":...``), set by the tracing layer."""
 _METADATA: Final[ContextVar[Any]] = ContextVar("userservice_metadata", default=None)
+
+
+class IncomingCall:
+    """The server call being handled: its deadline, and the outgoing calls that follow it.
+
+    The access log layer sets one per call (INCOMING_CALL); the client's propagation
+    interceptors (userservice.client.propagation) read it to bound the calls a handler
+    makes. The absolute deadline is read from grpc on first use, not per call: most calls
+    never make one.
+    """
+
+    __slots__ = ("_context", "_deadline", "_ended", "_outgoing")
+
+    def __init__(self, context: Context) -> None:
+        """Describe the call context serves."""
+        self._context = context
+        # -1.0: not read from grpc yet (a deadline on the monotonic clock is never negative).
+        self._deadline: float | None = -1.0
+        self._outgoing: set[Any] | None = None
+        self._ended = False
+
+    @property
+    def deadline(self) -> float | None:
+        """The call's deadline on time.monotonic()'s clock, or None if it has none."""
+        deadline = self._deadline
+        if deadline is not None and deadline < 0:
+            remaining = self._context.time_remaining()
+            deadline = self._deadline = (
+                None if remaining is None else time.monotonic() + max(remaining, 0.0)
+            )
+        return deadline
+
+    def remaining(self) -> float | None:
+        """Return the seconds the call has left (<= 0 once spent), or None without a deadline."""
+        deadline = self.deadline
+        return None if deadline is None else deadline - time.monotonic()
+
+    def follow(self, call: Any) -> None:
+        """Cancel call (an outgoing grpc.aio call) when this call ends, unless it ended first.
+
+        A call awaited in the handler is cancelled with the handler's task anyway; a stream
+        kept open across awaits (or handed to another task) is not, so it is tracked here.
+        """
+        if self._ended:
+            call.cancel()
+            return
+        outgoing = self._outgoing
+        if outgoing is None:
+            outgoing = self._outgoing = set()
+            # The stubs name a class of their own here; grpc takes any callable of the context.
+            self._context.add_done_callback(self._end)  # type: ignore[arg-type]
+        outgoing.add(call)
+        call.add_done_callback(outgoing.discard)
+
+    def _end(self, _context: Any) -> None:
+        self._ended = True
+        outgoing, self._outgoing = self._outgoing or set(), None
+        for call in outgoing:
+            call.cancel()
+
+
+INCOMING_CALL: Final[ContextVar[IncomingCall | None]] = ContextVar(
+    "userservice_incoming_call", default=None
+)
+"""The server call this task serves (set once per call by the access log layer), or None."""
+
+
+def enter_call(context: Context) -> None:
+    """Record context as the call this task serves: one object and one contextvar set."""
+    INCOMING_CALL.set(IncomingCall(context))
 
 
 def invocation_metadata(context: Context) -> Any:

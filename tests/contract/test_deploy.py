@@ -564,3 +564,156 @@ def test_the_migrate_job_connects_as_its_own_role() -> None:
     env = environment(docs, migrate)
     assert env["USERSERVICE_TLS_CERT_FILE"] == env["USERSERVICE_TLS_KEY_FILE"] == ""
     assert not [v for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+
+
+@pytest.fixture(scope="module")
+def with_mesh(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    """The production overlay with the service-mesh component added."""
+    return production_with("service-mesh", tmp_path_factory.mktemp("with-mesh"))
+
+
+SERVER_LABELS = {"app.kubernetes.io/name": "userservice", "app.kubernetes.io/component": "server"}
+
+
+def test_mesh_objects_are_istio_v1_in_the_overlay_namespace(with_mesh: list[Doc]) -> None:
+    istio = {
+        "DestinationRule": "networking.istio.io/v1",
+        "VirtualService": "networking.istio.io/v1",
+        "PeerAuthentication": "security.istio.io/v1",
+        "AuthorizationPolicy": "security.istio.io/v1",
+    }
+    for kind, api_version in istio.items():
+        (doc,) = of_kind(with_mesh, kind)
+        assert doc["apiVersion"] == api_version
+        assert doc["metadata"]["namespace"] == "userservice"
+    for kind in ("PeerAuthentication", "AuthorizationPolicy"):
+        assert of_kind(with_mesh, kind)[0]["spec"]["selector"]["matchLabels"] == SERVER_LABELS
+
+
+def test_mesh_subsets_select_the_pods_by_version(with_mesh: list[Doc]) -> None:
+    rule = one(with_mesh, "DestinationRule", "userservice")
+    services = {service["metadata"]["name"] for service in of_kind(with_mesh, "Service")}
+    assert rule["spec"]["host"] in services
+    policy = rule["spec"]["trafficPolicy"]
+    assert policy["loadBalancer"] == {"simple": "ROUND_ROBIN"}
+    assert policy["tls"] == {"mode": "ISTIO_MUTUAL"}
+    pool = policy["connectionPool"]
+    assert pool["tcp"]["maxConnections"] > 0
+    assert pool["http"]["http2MaxRequests"] > 0
+    # A limit on calls per connection would cut long watch streams.
+    assert pool["http"]["maxRequestsPerConnection"] == 0
+    outliers = policy["outlierDetection"]
+    assert outliers["consecutive5xxErrors"] > 0
+    # Never eject every pod: a shared dependency's outage fails them all at once.
+    assert 0 < outliers["maxEjectionPercent"] < 100
+    subsets = {subset["name"]: subset["labels"] for subset in rule["spec"]["subsets"]}
+    assert subsets == {"stable": {"version": "stable"}, "canary": {"version": "canary"}}
+    labels = one(with_mesh, "Deployment", "userservice")["spec"]["template"]["metadata"]["labels"]
+    assert selects(subsets["stable"], labels)
+    assert labels["sidecar.istio.io/inject"] == "true"
+    # The selector stays as it was: a Deployment's selector cannot change once applied.
+    assert one(with_mesh, "Deployment", "userservice")["spec"]["selector"]["matchLabels"] == (
+        SERVER_LABELS
+    )
+
+
+def test_mesh_routes_canaries_by_header_and_retries_only_idempotent_reads(
+    with_mesh: list[Doc],
+) -> None:
+    from userservice.policy import METHODS
+
+    service = one(with_mesh, "VirtualService", "userservice")
+    rule = one(with_mesh, "DestinationRule", "userservice")
+    assert service["spec"]["hosts"] == [rule["spec"]["host"]]
+    subsets = {subset["name"] for subset in rule["spec"]["subsets"]}
+    reads = {
+        policy.path
+        for policy in METHODS.values()
+        if policy.idempotent and not policy.client_streaming and not policy.server_streaming
+    }
+    routes = service["spec"]["http"]
+    # The last route catches everything else, for stable.
+    assert "match" not in routes[-1]
+    for route in routes:
+        (destination,) = route["route"]
+        assert destination["destination"]["host"] == rule["spec"]["host"]
+        subset = destination["destination"]["subset"]
+        assert subset in subsets
+        matches = route.get("match", [{}])
+        canary = [m.get("headers") == {"x-canary": {"exact": "true"}} for m in matches]
+        # Every match of a route agrees on the header, and the header picks the subset.
+        assert all(canary) or not any(canary), route["name"]
+        assert subset == ("canary" if all(canary) and "match" in route else "stable")
+        retries = route["retries"]
+        paths = {m["uri"]["exact"] for m in matches if "uri" in m}
+        if retries["attempts"]:
+            # Only idempotent unary reads, on UNAVAILABLE only, each try bounded.
+            assert paths == reads, route["name"]
+            assert retries["retryOn"] == "unavailable"
+            assert promql_parser.parse_duration(retries["perTryTimeout"]).total_seconds() > 0
+        else:
+            # Istio's default retries would replay writes and streams: turned off explicitly.
+            assert retries == {"attempts": 0}
+    retried = [route for route in routes if route["retries"]["attempts"]]
+    assert {route["route"][0]["destination"]["subset"] for route in retried} == subsets
+
+
+def test_mesh_requires_mutual_tls_and_names_the_callers(with_mesh: list[Doc]) -> None:
+    peer = one(with_mesh, "PeerAuthentication", "userservice")["spec"]
+    assert peer["mtls"] == {"mode": "STRICT"}
+    deployment = one(with_mesh, "Deployment", "userservice")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = container_ports(container)
+    # Only the probe listener (grpc.health.v1 alone) may be reached without mutual TLS.
+    assert {int(port) for port in peer.get("portLevelMtls", {})} <= {ports["probe"]}
+    policy = one(with_mesh, "AuthorizationPolicy", "userservice")["spec"]
+    assert policy["action"] == "ALLOW"
+    grpc_rules = [
+        rule
+        for rule in policy["rules"]
+        for to in rule["to"]
+        if str(ports["grpc"]) in to["operation"]["ports"]
+    ]
+    assert grpc_rules
+    for rule in grpc_rules:
+        # The API is reached only by named service accounts, never by anyone or a namespace.
+        (source,) = [each["source"] for each in rule["from"]]
+        assert set(source) == {"principals"}
+        for principal in source["principals"]:
+            assert re.fullmatch(r"cluster\.local/ns/[a-z0-9-]+/sa/[a-z0-9-]+", principal)
+    for rule in policy["rules"]:
+        for to in rule["to"]:
+            operation = to["operation"]
+            if "from" not in rule:
+                # Open to anyone (the kubelet): only health checks on the probe port.
+                assert operation["ports"] == [str(ports["probe"])]
+                assert all(p.startswith("/grpc.health.v1.Health/") for p in operation["paths"])
+
+
+def test_mesh_takes_over_tls_and_lets_the_sidecar_drain_last(with_mesh: list[Doc]) -> None:
+    deployment = one(with_mesh, "Deployment", "userservice")
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = environment(tuple(with_mesh), container)
+    # Plain gRPC to the sidecar, which routes it; the server's own TLS would hide the calls.
+    assert env["USERSERVICE_TLS_CERT_FILE"] == env["USERSERVICE_TLS_KEY_FILE"] == ""
+    assert not [v for v in spec["volumes"] if "secret" in v]
+    assert all(m["mountPath"] != "/etc/userservice/tls" for m in container["volumeMounts"])
+    for service in of_kind(with_mesh, "Service"):
+        for port in service["spec"]["ports"]:
+            if port["name"] == "grpc":
+                assert port["appProtocol"] == "grpc"
+    proxy = yaml.safe_load(
+        deployment["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"]
+    )
+    assert proxy["holdApplicationUntilProxyStarts"] is True
+    drain = float(env["USERSERVICE_SHUTDOWN_DRAIN_SECONDS"])
+    grace = float(env["USERSERVICE_SHUTDOWN_GRACE_SECONDS"])
+    sidecar_drain = promql_parser.parse_duration(proxy["terminationDrainDuration"]).total_seconds()
+    # The sidecar keeps carrying calls until the server has finished its own drain and grace.
+    assert drain + grace <= sidecar_drain < spec["terminationGracePeriodSeconds"]
+    # The sidecar reaches istiod through the default-deny egress.
+    mesh = egress_ports(one(with_mesh, "NetworkPolicy", "userservice-mesh"))
+    assert set(mesh) == {(15012, "TCP")}
+    (job,) = of_kind(with_mesh, "Job")
+    assert "sidecar.istio.io/inject" not in job["spec"]["template"]["metadata"].get("labels", {})

@@ -1,6 +1,7 @@
-"""The Python client of user.v1.UserService: `UserServiceClient` and its typed errors."""
+"""The client of user.v1.UserService, its typed errors, and what inter-service calls need."""
 
 from userservice.client.client import UserServiceClient
+from userservice.client.downstream import DownstreamStatus, downstream_status
 from userservice.client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -19,12 +20,15 @@ from userservice.client.errors import (
     from_rpc_error,
 )
 from userservice.client.operations import PurgeOperation
+from userservice.client.propagation import BudgetSpentError, propagation_interceptors
 from userservice.client.tokens import TokenFile, TokenSource
 
 __all__ = [
     "AbortedError",
     "AlreadyExistsError",
+    "BudgetSpentError",
     "DeadlineExceededError",
+    "DownstreamStatus",
     "FailedPreconditionError",
     "FieldViolation",
     "InvalidArgumentError",
@@ -40,5 +44,7 @@ __all__ = [
     "UnavailableError",
     "UserServiceClient",
     "UserServiceError",
+    "downstream_status",
     "from_rpc_error",
+    "propagation_interceptors",
 ]

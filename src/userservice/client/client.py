@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
@@ -18,6 +27,7 @@ from user.v1 import user_pb2, user_service_pb2_grpc
 from user.v1 import user_service_pb2 as pb
 from userservice.client.errors import from_rpc_error
 from userservice.client.operations import OperationsStub, PurgeOperation
+from userservice.client.propagation import propagation_interceptors
 from userservice.client.retries import (
     WATCH_RESUME_ATTEMPTS,
     retry_delay,
@@ -26,6 +36,7 @@ from userservice.client.retries import (
 )
 from userservice.client.service_config import MAX_ATTEMPTS, channel_options
 from userservice.client.tokens import TOKEN_ENDED_REASONS, TokenFile, TokenSource
+from userservice.rpc_context import INCOMING_CALL
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_SECONDS = 5.0
@@ -47,6 +58,19 @@ class UserServiceClient:
     `token` is a fixed bearer token, or a token source: a callable (plain or async)
     returning the current token, asked before every call and every resumed stream.
     `token_file` names a file holding the token, re-read when it changes (`TokenFile`).
+
+    `propagate` (for a client used inside a service's handlers) installs the propagation
+    interceptors (``userservice.client.propagation``): each call gets what is left of the
+    incoming call's deadline, its x-request-id and trace context, and ends with it.
+    `interceptors` are more grpc.aio client interceptors, after those.
+
+    `channels` > 1 opens a pool of that many channels, each on its own connection (a local
+    subchannel pool: grpc otherwise shares one connection per address among the channels of
+    a process), and spreads calls over them round robin. One HTTP/2 connection carries at
+    most the server's MAX_CONCURRENT_STREAMS calls at once (commonly 100 to 256; more wait
+    for a free stream, queued in the client), and its calls share one TCP flow window and
+    one I/O thread's work: a pool is for a client keeping more than that many streams open
+    (watchers, imports) or pushing enough throughput to saturate one connection.
     """
 
     def __init__(
@@ -64,6 +88,9 @@ class UserServiceClient:
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT_SECONDS,
         health_check: bool = True,
         extra_options: Sequence[tuple[str, Any]] = (),
+        propagate: bool = False,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        channels: int = 1,
     ) -> None:
         """Configure the client; nothing connects until the first call."""
         self.target = target
@@ -87,9 +114,19 @@ class UserServiceClient:
         options = channel_options(health_check=health_check)
         if server_name_override:
             options.append(("grpc.ssl_target_name_override", server_name_override))
+        if channels < 1:
+            raise ValueError("channels must be at least 1")
+        if channels > 1:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         self._options = [*options, *extra_options]
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: user_service_pb2_grpc.UserServiceAsyncStub | None = None
+        self._propagate = propagate
+        self._interceptors = [
+            *(propagation_interceptors() if propagate else ()),
+            *interceptors,
+        ]
+        self.channel_count = channels
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: Iterator[user_service_pb2_grpc.UserServiceAsyncStub] | None = None
         self._operations: OperationsStub | None = None
 
     async def __aenter__(self) -> UserServiceClient:
@@ -101,33 +138,36 @@ class UserServiceClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel (in-flight calls are cancelled)."""
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-            self._stub = None
-            self._operations = None
+        """Close the channels (in-flight calls are cancelled)."""
+        channels, self._channels, self._stubs = self._channels, [], None
+        self._operations = None
+        for channel in channels:
+            await channel.close()
 
     @property
     def stub(self) -> user_service_pb2_grpc.UserServiceAsyncStub:
-        """Return the generated stub over the shared channel, creating the channel once."""
-        if self._stub is None:
-            self._channel = self._open_channel()
-            self._stub = user_service_pb2_grpc.UserServiceStub(self._channel)
-        return self._stub
+        """Return a generated stub: the next channel's of the pool, opening them on first use."""
+        if self._stubs is None:
+            self._channels = [self._open_channel() for _ in range(self.channel_count)]
+            self._stubs = itertools.cycle(
+                [user_service_pb2_grpc.UserServiceStub(channel) for channel in self._channels]
+            )
+        return next(self._stubs)
 
     @property
     def operations(self) -> OperationsStub:
         """Return the google.longrunning.Operations stub over the shared channel."""
         if self._operations is None:
-            self.stub  # noqa: B018 (opens the channel once)
-            assert self._channel is not None
-            self._operations = OperationsStub(self._channel)
+            self.stub  # noqa: B018 (opens the channels once)
+            self._operations = OperationsStub(self._channels[0])
         return self._operations
 
     def _open_channel(self) -> grpc.aio.Channel:
+        interceptors = self._interceptors or None
         if not self._tls:
-            return grpc.aio.insecure_channel(self.target, options=self._options)
+            return grpc.aio.insecure_channel(
+                self.target, options=self._options, interceptors=interceptors
+            )
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self._root_certificates,
             private_key=self._client_key,
@@ -138,7 +178,9 @@ class UserServiceClient:
             credentials = grpc.composite_channel_credentials(
                 credentials, grpc.access_token_call_credentials(self._token)
             )
-        return grpc.aio.secure_channel(self.target, credentials, options=self._options)
+        return grpc.aio.secure_channel(
+            self.target, credentials, options=self._options, interceptors=interceptors
+        )
 
     async def _authorization(self) -> tuple[str, Metadata]:
         """Return the token for the next call and the metadata that carries it."""
@@ -168,6 +210,10 @@ class UserServiceClient:
         for the other methods grpc core already retried it per the service config.
         """
         deadline = time.monotonic() + (timeout or self.timeout)
+        incoming = INCOMING_CALL.get() if self._propagate else None
+        if incoming is not None:
+            # No retry is worth waiting for past the deadline of the call this one serves.
+            deadline = min(deadline, incoming.deadline or deadline)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             remaining = deadline - time.monotonic()
             try:

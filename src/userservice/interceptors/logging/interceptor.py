@@ -3,9 +3,12 @@
 One layer runs the three concerns of a call's completion, each kept in its own package:
 the request id (``interceptors.requestid``: sent back in the trailers of every call, and in
 the initial metadata of a stream as it opens), the RPC metrics (``interceptors.metrics``)
-and the line itself (``line.py``, written by ``sink.py``). The level of the
-``userservice.access`` logger decides whether lines are written. With tracing on, the line
-carries the call's trace and span ids (set by the tracing layer, outside this one).
+and the line itself (``line.py``, written by ``sink.py``). It also records the call in
+``rpc_context`` (``enter_call``: the deadline and end that the client's propagation
+interceptors carry to the calls a handler makes), as it is the layer every call passes.
+The level of the ``userservice.access`` logger decides whether lines are written. With
+tracing on, the line carries the call's trace and span ids (set by the tracing layer,
+outside this one).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from userservice.interceptors.recovery import final_code
 from userservice.interceptors.requestid import announce_request_id, echo_request_id
 from userservice.interceptors.status import error_reason
 from userservice.metrics import ACCESS_LOG_ERRORS, MethodMetrics, method_metrics
-from userservice.rpc_context import TRACE_LOG_FIELDS, request_id
+from userservice.rpc_context import TRACE_LOG_FIELDS, enter_call, request_id
 
 _log: Final = logging.getLogger(LOGGER_NAME)
 _OK: Final = grpc.StatusCode.OK
@@ -60,6 +63,7 @@ class AccessLogInterceptor(WrappingInterceptor):
                 started = time.perf_counter()
                 metrics.started += 1
                 metrics.received += 1
+                enter_call(context)
                 correlation = request_id(context)
                 code = _OK
                 try:
@@ -81,6 +85,7 @@ class AccessLogInterceptor(WrappingInterceptor):
             started = time.perf_counter()
             metrics.started += 1
             metrics.open_streams += 1
+            enter_call(context)
             correlation = request_id(context)
             counting = CountingContext(context, metrics)
             if streams_requests:
