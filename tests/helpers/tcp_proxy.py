@@ -38,6 +38,8 @@ class TcpProxy:
         self.source = source
         self.port = 0
         self.client_chunks = 0
+        self.accepted = 0
+        """Connections accepted so far (paused or not)."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -107,6 +109,7 @@ class TcpProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # kill_connections cancels this inner task, never the server's own
         # callback task: Python 3.11 reports a cancelled callback as an error.
+        self.accepted += 1
         forward = asyncio.create_task(self._forward(reader, writer))
         self._tasks.add(forward)
         try:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from helpers.ports import free_port
-from helpers.processes import Replica, env_for, wait_serving
-from helpers.servers import make_settings, run_userservice, running_app
+from helpers.processes import STARTUP_SECONDS, Replica, env_for, wait_serving
+from helpers.servers import eventually, make_settings, run_userservice, running_app
 from helpers.tcp_proxy import TcpProxy
 
 
@@ -126,7 +126,12 @@ async def test_sigterm_during_start_up_stops_cleanly(postgres_url: str, tmp_path
         process = await _serve(
             sys.executable, "-m", "userservice", "serve", env=env, log_path=log_path
         )
-        await asyncio.sleep(1.5)
+
+        # Connecting to the database is start-up work: the signal handlers are in place by then.
+        async def connecting() -> bool:
+            return proxy.accepted > 0
+
+        await eventually(connecting, "the server connects to the database", within=STARTUP_SECONDS)
         assert process.returncode is None, log_path.read_text()
         process.send_signal(signal.SIGTERM)
         code = await _ended(process, 10)
