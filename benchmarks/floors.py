@@ -36,7 +36,7 @@ import grpc
 from user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from userservice.domain.ids import new_user_id
 from userservice.storage.postgres import queries as pg
-from userservice.storage.rows import USER_COLUMNS
+from userservice.storage.rows import INSERT_TYPES, USER_COLUMNS, USER_DATA_TYPES
 from userservice.storage.sqlite import queries as lite
 from userservice.storage.sqlite.connection import connect
 
@@ -50,6 +50,13 @@ IMPORT_BATCH = 500
 WATCH_BATCH = 256
 WATCH_POLL_SECONDS = 5.0
 _CREATED = 1  # EventType.CREATED
+_INSERT_NAMES = [name for name, _ in INSERT_TYPES]
+# A column this floor does not fill (one a service added since) gets its type's empty value,
+# as its migration's default gives existing rows.
+_EMPTY: dict[str, Any] = {"text": "", "bigint": 0, "smallint": 0}
+_SNAPSHOT_WIDTH = 1 + len(USER_DATA_TYPES)  # an event's snapshot: the id, then the user data
+_CREATE_TIME = _INSERT_NAMES.index("create_time_us")
+_EMAIL_KEY = _INSERT_NAMES.index("email_normalized")
 _PG_PAGE = f"SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"  # noqa: S608
 _PG_FIRST_PAGE = f"SELECT {USER_COLUMNS} FROM users ORDER BY id LIMIT $1"  # noqa: S608
 _LITE_PAGE = lite.SELECT_PAGE.format(where=" WHERE id > ?")
@@ -74,18 +81,24 @@ def new_row(user: user_pb2.User) -> tuple[Any, ...]:
     """The users row (INSERT_COLUMNS order) of a user to create, keys lower-cased."""
     now = time.time_ns() // 1000
     email = user.email
-    return (
-        new_user_id(),
-        email,
-        user.display_name,
-        int(user.role),
-        now,
-        now,
-        1,
-        None,
-        email.lower(),
-        user.display_name.lower(),
-    )
+    known: dict[str, Any] = {
+        "id": new_user_id(),
+        "email": email,
+        "display_name": user.display_name,
+        "role": int(user.role),
+        "create_time_us": now,
+        "update_time_us": now,
+        "revision": 1,
+        "subject": None,
+        "email_normalized": email.lower(),
+        "display_name_key": user.display_name.lower(),
+    }
+    return tuple(known[name] if name in known else _EMPTY[kind] for name, kind in INSERT_TYPES)
+
+
+def created_event(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The CREATED event of a users row: type, event time, then its snapshot columns."""
+    return (_CREATED, row[_CREATE_TIME], *row[:_SNAPSHOT_WIDTH])
 
 
 class Store(Protocol):
@@ -187,7 +200,7 @@ class SqliteStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(lite.INSERT_USER, row)
-            conn.execute(lite.INSERT_EVENT, (_CREATED, row[4], *row[:8])).fetchone()
+            conn.execute(lite.INSERT_EVENT, created_event(row)).fetchone()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -202,11 +215,11 @@ class SqliteStore:
         conn = self._write_conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            keys = json.dumps([row[8] for row in rows])
+            keys = json.dumps([row[_EMAIL_KEY] for row in rows])
             taken = {found[0] for found in conn.execute(lite.SELECT_TAKEN_EMAILS, (keys,))}
-            new = [row for row in rows if row[8] not in taken]
+            new = [row for row in rows if row[_EMAIL_KEY] not in taken]
             conn.executemany(lite.INSERT_USER, new)
-            conn.executemany(lite.INSERT_EVENTS, [(_CREATED, row[4], *row[:8]) for row in new])
+            conn.executemany(lite.INSERT_EVENTS, [created_event(row) for row in new])
             conn.execute(lite.LAST_SEQUENCE).fetchone()
             conn.execute("COMMIT")
         except BaseException:
@@ -300,7 +313,7 @@ class PostgresStore:
 def _event_arrays(rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
     """APPEND_EVENTS' parameters for CREATED events of these users rows: the retention, then
     one array per event column (type, event time, then the row's USER_COLUMNS)."""
-    events = [(_CREATED, row[4], *row[:8]) for row in rows]
+    events = [created_event(row) for row in rows]
     return (EVENT_RETENTION, *(list(column) for column in zip(*events, strict=True)))
 
 

@@ -652,8 +652,10 @@ def test_mesh_routes_canaries_by_header_and_retries_only_idempotent_reads(
         retries = route["retries"]
         paths = {m["uri"]["exact"] for m in matches if "uri" in m}
         if retries["attempts"]:
-            # Only idempotent unary reads, on UNAVAILABLE only, each try bounded.
-            assert paths == reads, route["name"]
+            # Only idempotent unary reads, on UNAVAILABLE only, each try bounded. (A read
+            # added later and not listed yet is merely not retried by the mesh: safe.)
+            assert paths, route["name"]
+            assert paths <= reads, route["name"]
             assert retries["retryOn"] == "unavailable"
             assert promql_parser.parse_duration(retries["perTryTimeout"]).total_seconds() > 0
         else:

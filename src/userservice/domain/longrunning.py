@@ -50,7 +50,8 @@ CLAIM_LIMIT: Final = 10
 STOP_SECONDS: Final = 5.0
 """How long close() lets a runner finish its batch before cancelling it."""
 MAX_WAIT_SECONDS: Final = 60.0
-"""How long WaitOperation waits at most when neither a timeout nor a deadline bounds it."""
+"""How long WaitOperation waits at most, whatever timeout it asks for (AIP-151 lets a server
+answer earlier); the call's deadline may bound it further."""
 _FIRST_POLL_SECONDS: Final = 0.05
 _MAX_POLL_SECONDS: Final = 1.0
 
@@ -269,7 +270,7 @@ class OperationService:
         if timeout is not None and timeout < 0:
             raise InvalidArgumentError.single("timeout", "must not be negative")
         loop = asyncio.get_running_loop()
-        budget = MAX_WAIT_SECONDS if timeout is None else timeout
+        budget = MAX_WAIT_SECONDS if timeout is None else min(timeout, MAX_WAIT_SECONDS)
         give_up = loop.time() + budget
         interval = _FIRST_POLL_SECONDS
         while True:

@@ -70,8 +70,11 @@ class OperationsServicer:
         self, request: operations_pb2.WaitOperationRequest, context: Context
     ) -> operations_pb2.Operation:
         """Return the operation once done, or as it is when the timeout or deadline comes."""
+        # Seconds and nanos as they are: ToTimedelta() overflows on a Duration out of range.
         timeout = (
-            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+            request.timeout.seconds + request.timeout.nanos / 1e9
+            if request.HasField("timeout")
+            else None
         )
         remaining = context.time_remaining()
         if remaining is not None and (timeout is None or timeout >= 0):
