@@ -177,11 +177,16 @@ class Spender(Gateway):
         # Blocking the loop stands for CPU-bound work: nothing can cancel the handler while it
         # runs, so it reaches the next call with its deadline already past.
         time.sleep(remaining + 0.05)
-        try:
-            return await self.client.stub.GetUser(request, timeout=self.client.timeout)
-        except BaseException as error:
-            type(self).outcome = error
-            raise
+        # The call runs in a task of its own (it copies this call's context), shielded: grpc
+        # also cancels this handler now, and the outcome asserted is the call's, not that race's.
+        call = asyncio.ensure_future(self.client.stub.GetUser(request, timeout=self.client.timeout))
+        call.add_done_callback(Spender.record)
+        return await asyncio.shield(call)
+
+    @staticmethod
+    def record(call: asyncio.Future[Any]) -> None:
+        """Keep how the outgoing call ended."""
+        Spender.outcome = call.exception() if not call.cancelled() else asyncio.CancelledError()
 
 
 @pytest.mark.asyncio
@@ -190,6 +195,11 @@ async def test_a_spent_budget_is_refused_without_reaching_the_inner_server() -> 
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await servers.edge.GetUser(pb.GetUserRequest(id="u1"), timeout=0.3)
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        async def call_ended() -> bool:
+            return Spender.outcome is not None
+
+        await eventually(call_ended, "the gateway's outgoing call to end")
         outcome = Spender.outcome
         assert isinstance(outcome, BudgetSpentError)
         assert outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED
