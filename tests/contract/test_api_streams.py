@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -103,7 +104,26 @@ async def test_import_commits_valid_rows_and_reports_each_rejection(client: Clie
 @pytest.mark.asyncio
 async def test_watch_reports_changes_live(client: Client) -> None:
     call = client.stub.WatchUsers(pb.WatchUsersRequest(), metadata=client.metadata)
-    await asyncio.wait_for(call.initial_metadata(), 5)
+    # The stream's initial metadata leaves the server before the watch takes its position
+    # ("from now"), so a write right after it may fall before that position: sentinels are
+    # written until one arrives live, and the ones after it are read, before the writes
+    # under test start.
+    live: asyncio.Queue[pb.WatchUsersResponse] = asyncio.Queue()
+
+    async def read_all() -> None:
+        while True:
+            live.put_nowait(await next_event(call, 30))
+
+    reader = asyncio.create_task(read_all())
+    sentinels: list[str] = []
+    first: pb.WatchUsersResponse | None = None
+    while first is None:
+        assert len(sentinels) < 50, "the watch never delivered a live event"
+        sentinels.append((await create(client, f"sentinel{len(sentinels)}@example.com")).id)
+        with contextlib.suppress(TimeoutError):
+            first = await asyncio.wait_for(live.get(), 0.5)
+    for _ in sentinels[sentinels.index(first.user.id) + 1 :]:
+        await asyncio.wait_for(live.get(), 5)
     created = await create(client, "watched@example.com", display_name="Before")
     await client.stub.UpdateUser(
         pb.UpdateUserRequest(
@@ -113,7 +133,8 @@ async def test_watch_reports_changes_live(client: Client) -> None:
         metadata=client.metadata,
     )
     await client.stub.DeleteUser(pb.DeleteUserRequest(id=created.id), metadata=client.metadata)
-    events = [await next_event(call) for _ in range(3)]
+    events = [await asyncio.wait_for(live.get(), 5) for _ in range(3)]
+    reader.cancel()
     call.cancel()
     assert [e.type for e in events] == [
         user_pb2.USER_EVENT_TYPE_CREATED,

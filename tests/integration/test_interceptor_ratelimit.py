@@ -17,7 +17,7 @@ from helpers.databases import REDIS_URL
 from helpers.databases import unavailable as _unavailable
 from helpers.interceptor_harness import Result, serve, settings
 from helpers.ports import free_port
-from helpers.servers import connect, make_settings, rich_details, running_app
+from helpers.servers import connect, eventually, make_settings, rich_details, running_app
 from helpers.tcp_proxy import TcpProxy
 from helpers.tokens import bearer, token
 from helpers.users import new_user
@@ -310,7 +310,13 @@ async def test_redis_stopped_mid_test_then_back(
             assert await limiter.limit("k", 1) == fallback
         assert not limiter.available
         await proxy.start()
-        await asyncio.sleep(0.06)
+
+        async def back() -> bool:
+            # Another key, so "k"'s bucket is untouched until it is asked again.
+            return await limiter.limit("probe", 1) == ALLOWED and limiter.available
+
+        # Polled rather than slept: the first call after recheck_seconds finds it back.
+        await eventually(back, "Redis used again after the restart")
         # Redis is back with the bucket as it was: one token left, then empty.
         assert await limiter.limit("k", 1) == ALLOWED
         assert limiter.available
